@@ -1,0 +1,133 @@
+//! Admin HTTP endpoint shared by every tier: `/metrics` (Prometheus text from an
+//! explicit registry), `/healthz` (the process is alive) and `/readyz` (it
+//! accepts work: not starting up, not draining).
+//!
+//! accept → hyper http1 connection → [`respond`] → registry gather / health flag.
+//! Tiers that already speak HTTP (dbproxy) call [`respond`] from their own
+//! service instead of running [`serve`].
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Readiness flag: false while starting and once draining starts.
+#[derive(Clone, Default, Debug)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Answers the admin paths; `None` for any other path.
+pub fn respond(path: &str, registry: &Registry, health: &Health) -> Option<Response<Full<Bytes>>> {
+    let (status, content_type, body) = match path {
+        "/metrics" => {
+            let mut buf = Vec::new();
+            let encoder = TextEncoder::new();
+            if let Err(e) = encoder.encode(&registry.gather(), &mut buf) {
+                tracing::error!(error = %e, "encoding metrics failed");
+                return Some(text(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n"));
+            }
+            (StatusCode::OK, encoder.format_type().to_string(), Bytes::from(buf))
+        }
+        "/healthz" => (StatusCode::OK, "text/plain".into(), Bytes::from_static(b"ok\n")),
+        "/readyz" if health.is_ready() => {
+            (StatusCode::OK, "text/plain".into(), Bytes::from_static(b"ready\n"))
+        }
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain".into(),
+            Bytes::from_static(b"not ready\n"),
+        ),
+        _ => return None,
+    };
+    Some(
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .body(Full::new(body))
+            .expect("static response parts are valid"),
+    )
+}
+
+pub fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("static response parts are valid")
+}
+
+/// Admin connections are few (scrapers, probes): this caps them anyway.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// Serves the admin endpoint until `shutdown`, then lets open requests finish
+/// for at most `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    health: Health,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (registry, health, shutdown) = (registry.clone(), health.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let resp = respond(req.uri().path(), &registry, &health)
+                    .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "not found\n"));
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(grace, tracker.wait()).await;
+    Ok(())
+}

@@ -1,0 +1,320 @@
+//! The dbproxy HTTP/JSON API: request and response bodies, shared by the
+//! server (through [`crate::client::DbClient`]) and the dbproxy itself.
+//!
+//! Every call is `POST <path>` with a JSON body; a success is `200` with the
+//! response body, a failure a non-2xx status with [`ErrorBody`]. Names are the
+//! identities (user and room names are unique); numeric ids never leave storage,
+//! except the ids of direct messages, which clients see.
+//!
+//! Read-your-writes: every write answer carries `pos`, the storage position
+//! of that write (a GTID on MySQL/MariaDB; `None` on SQLite, where every read
+//! sees every committed write). A read may carry `min_pos`: the dbproxy then
+//! serves it from a backend that has applied that position.
+
+use serde::{Deserialize, Serialize};
+
+pub const PATH_LOGIN: &str = "/v1/login";
+pub const PATH_GUEST: &str = "/v1/guest";
+pub const PATH_RESUME: &str = "/v1/resume";
+pub const PATH_TOUCH: &str = "/v1/touch";
+pub const PATH_JOIN: &str = "/v1/join";
+pub const PATH_PART: &str = "/v1/part";
+pub const PATH_USER_ROOMS: &str = "/v1/user_rooms";
+pub const PATH_ROOMS: &str = "/v1/rooms";
+pub const PATH_ROOM_INFO: &str = "/v1/room_info";
+pub const PATH_APPEND: &str = "/v1/append";
+pub const PATH_HISTORY: &str = "/v1/history";
+pub const PATH_SEND_DMS: &str = "/v1/send_dms";
+pub const PATH_PENDING_DMS: &str = "/v1/pending_dms";
+pub const PATH_MARK_RECEIVED: &str = "/v1/mark_received";
+
+/// Classified failure. `Unavailable` is the only retryable kind: nothing was
+/// written and the same request may be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    AuthFailed,
+    NameTaken,
+    TokenInvalid,
+    NoSuchRoom,
+    NoSuchUser,
+    BadRequest,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::AuthFailed => "auth_failed",
+            ErrorKind::NameTaken => "name_taken",
+            ErrorKind::TokenInvalid => "token_invalid",
+            ErrorKind::NoSuchRoom => "no_such_room",
+            ErrorKind::NoSuchUser => "no_such_user",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::AuthFailed | ErrorKind::TokenInvalid => 401,
+            ErrorKind::NameTaken => 409,
+            ErrorKind::NoSuchRoom | ErrorKind::NoSuchUser => 404,
+            ErrorKind::BadRequest => 400,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::Internal => 500,
+        }
+    }
+
+    pub fn retryable(self) -> bool {
+        self == ErrorKind::Unavailable
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Body of every non-2xx answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ApiError,
+}
+
+// ---- identities --------------------------------------------------------
+
+/// `PATH_LOGIN`: register on first use, else check the password.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginReq {
+    pub user: String,
+    pub password: String,
+    /// Token lifetime policy is the chat server's: it passes its setting.
+    pub token_idle_ttl_ms: i64,
+}
+
+/// `PATH_GUEST`: take a guest name (fails with `NameTaken` if it is registered
+/// or a guest holding it still has a live token; an expired guest's name is
+/// taken over and the old guest's memberships are dropped).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestReq {
+    pub name: String,
+    pub token_idle_ttl_ms: i64,
+}
+
+/// `PATH_RESUME`: the identity of a live token; refreshes its last use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResumeReq {
+    pub token: String,
+    pub token_idle_ttl_ms: i64,
+}
+
+/// Answer of login, guest and resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub user: String,
+    pub token: String,
+    pub guest: bool,
+    pub pos: Option<String>,
+}
+
+/// `PATH_TOUCH`: marks tokens as used now (sent while connections stay open
+/// and when they close). Unknown tokens are ignored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TouchReq {
+    pub tokens: Vec<String>,
+}
+
+/// Answer of writes that return nothing else.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteAck {
+    pub pos: Option<String>,
+}
+
+// ---- rooms ------------------------------------------------------------
+
+/// `PATH_JOIN`: creates the room if needed and records the membership.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinReq {
+    pub room: String,
+    pub user: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinResp {
+    pub last_seq: u64,
+    pub pos: Option<String>,
+}
+
+/// `PATH_PART`: removes the membership (answers `WriteAck`; parting a room you
+/// are not in is not an error).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartReq {
+    pub room: String,
+    pub user: String,
+}
+
+/// `PATH_USER_ROOMS`: the rooms a user is a member of.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserRoomsReq {
+    pub user: String,
+    pub min_pos: Option<String>,
+}
+
+/// `PATH_ROOMS`: rooms by name, at most `limit`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoomsReq {
+    pub limit: u32,
+    pub min_pos: Option<String>,
+}
+
+/// `PATH_ROOM_INFO`: one room; `NoSuchRoom` if it does not exist.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoomInfoReq {
+    pub room: String,
+    pub min_pos: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInfo {
+    pub room: String,
+    pub last_seq: u64,
+    /// Stored members (online or not).
+    pub members: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomList {
+    pub rooms: Vec<RoomInfo>,
+}
+
+// ---- room messages ----------------------------------------------------
+
+/// One message to store. The sender must be a member (checked by the chat
+/// server, not here: membership can change while a message is in flight).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendItem {
+    pub room: String,
+    pub sender: String,
+    pub client_id: Option<String>,
+    pub body: String,
+}
+
+/// `PATH_APPEND`: many messages, possibly to many rooms, committed together.
+/// Within one room, items are stored in request order (seq ascending).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppendReq {
+    pub items: Vec<AppendItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appended {
+    pub seq: u64,
+    pub ts: i64,
+    /// The (sender, client_id) pair was stored before: `seq`/`ts` are the
+    /// original message's and nothing new was written.
+    pub duplicate: bool,
+}
+
+/// One result per item, in request order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendResp {
+    pub results: Vec<Result<Appended, ApiError>>,
+    pub pos: Option<String>,
+}
+
+/// `PATH_HISTORY`: messages with seq > `after`, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryReq {
+    pub room: String,
+    pub after: u64,
+    pub limit: u32,
+    pub min_pos: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub room: String,
+    pub seq: u64,
+    pub ts: i64,
+    pub sender: String,
+    pub body: String,
+}
+
+/// `NoSuchRoom` if the room does not exist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryResp {
+    pub messages: Vec<StoredMessage>,
+}
+
+// ---- direct messages ----------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmItem {
+    pub sender: String,
+    pub recipient: String,
+    pub client_id: Option<String>,
+    pub body: String,
+}
+
+/// `PATH_SEND_DMS`: group-committed like appends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendDmsReq {
+    pub items: Vec<DmItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmSent {
+    pub id: i64,
+    pub ts: i64,
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendDmsResp {
+    /// `NoSuchUser` per item when the recipient does not exist.
+    pub results: Vec<Result<DmSent, ApiError>>,
+    pub pos: Option<String>,
+}
+
+/// `PATH_PENDING_DMS`: DMs to `user` not yet marked received, oldest first.
+/// Always served by the primary (it is a read on a write path).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingDmsReq {
+    pub user: String,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredDm {
+    pub id: i64,
+    pub ts: i64,
+    pub sender: String,
+    pub recipient: String,
+    pub body: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingDmsResp {
+    pub dms: Vec<StoredDm>,
+}
+
+/// `PATH_MARK_RECEIVED`: sets received_at on these DMs if it is not set yet
+/// (answers `WriteAck`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MarkReceivedReq {
+    pub ids: Vec<i64>,
+}

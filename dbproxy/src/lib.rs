@@ -1,0 +1,2 @@
+//! dbproxy (being built): see api.rs for the contract.
+pub mod api;
