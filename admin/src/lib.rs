@@ -46,14 +46,27 @@ pub fn respond(path: &str, registry: &Registry, health: &Health) -> Option<Respo
             let encoder = TextEncoder::new();
             if let Err(e) = encoder.encode(&registry.gather(), &mut buf) {
                 tracing::error!(error = %e, "encoding metrics failed");
-                return Some(text(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n"));
+                return Some(text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "metrics encoding failed\n",
+                ));
             }
-            (StatusCode::OK, encoder.format_type().to_string(), Bytes::from(buf))
+            (
+                StatusCode::OK,
+                encoder.format_type().to_string(),
+                Bytes::from(buf),
+            )
         }
-        "/healthz" => (StatusCode::OK, "text/plain".into(), Bytes::from_static(b"ok\n")),
-        "/readyz" if health.is_ready() => {
-            (StatusCode::OK, "text/plain".into(), Bytes::from_static(b"ready\n"))
-        }
+        "/healthz" => (
+            StatusCode::OK,
+            "text/plain".into(),
+            Bytes::from_static(b"ok\n"),
+        ),
+        "/readyz" if health.is_ready() => (
+            StatusCode::OK,
+            "text/plain".into(),
+            Bytes::from_static(b"ready\n"),
+        ),
         "/readyz" => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain".into(),

@@ -143,7 +143,10 @@ mod tests {
         for bb in [false, true] {
             let mut c = LineCodec::new(16);
             let got = feed(&mut c, b"PING\r\nJOIN a\n\nQUIT", bb);
-            assert_eq!(got, vec![line("PING"), line("JOIN a"), line(""), line("QUIT")]);
+            assert_eq!(
+                got,
+                vec![line("PING"), line("JOIN a"), line(""), line("QUIT")]
+            );
         }
     }
 
@@ -164,7 +167,10 @@ mod tests {
         for bb in [false, true] {
             let mut c = LineCodec::new(4);
             let got = feed(&mut c, b"abcd\r\nabcd\nabcde\nz\n", bb);
-            assert_eq!(got, vec![line("abcd"), line("abcd"), Frame::TooLong, line("z")]);
+            assert_eq!(
+                got,
+                vec![line("abcd"), line("abcd"), Frame::TooLong, line("z")]
+            );
         }
     }
 

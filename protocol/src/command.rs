@@ -10,17 +10,43 @@ pub const HISTORY_MAX_LIMIT: u32 = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Login { user: String, password: String },
-    Resume { token: String },
+    Login {
+        user: String,
+        password: String,
+    },
+    Resume {
+        token: String,
+    },
     /// `guest` is only allowed (and required) on the first line.
-    Join { room: String, guest: Option<String> },
-    Part { room: String },
-    Msg { cid: Option<String>, room: String, text: String },
-    Dm { cid: Option<String>, to: String, text: String },
-    History { room: String, after: u64, limit: Option<u32> },
+    Join {
+        room: String,
+        guest: Option<String>,
+    },
+    Part {
+        room: String,
+    },
+    Msg {
+        cid: Option<String>,
+        room: String,
+        text: String,
+    },
+    Dm {
+        cid: Option<String>,
+        to: String,
+        text: String,
+    },
+    History {
+        room: String,
+        after: u64,
+        limit: Option<u32>,
+    },
     Rooms,
-    Who { room: String },
-    Ping { word: Option<String> },
+    Who {
+        room: String,
+    },
+    Ping {
+        word: Option<String>,
+    },
     Quit,
 }
 
@@ -52,7 +78,10 @@ impl Command {
             "LOGIN" => {
                 let (user, password) = split_word(rest);
                 let password = password.trim_end_matches(' ');
-                check(names::is_user(user), "LOGIN <user> <password>: bad user name")?;
+                check(
+                    names::is_user(user),
+                    "LOGIN <user> <password>: bad user name",
+                )?;
                 check(
                     !password.is_empty() && password.len() <= names::MAX_PASSWORD,
                     "LOGIN <user> <password>: password must be 1-128 bytes",
@@ -94,7 +123,10 @@ impl Command {
             "MSG" => {
                 let (cid, rest) = cid_arg(rest)?;
                 let (room, text) = split_word(rest);
-                check(names::is_room(room), "MSG [id=<cid>] <room> <text>: bad room")?;
+                check(
+                    names::is_room(room),
+                    "MSG [id=<cid>] <room> <text>: bad room",
+                )?;
                 check(!text.is_empty(), "MSG [id=<cid>] <room> <text>: empty text")?;
                 Ok(Command::Msg {
                     cid,
@@ -203,7 +235,10 @@ fn cid_arg(rest: &str) -> Result<(Option<String>, &str), ParseError> {
     let (first, after) = split_word(rest);
     match first.strip_prefix("id=") {
         Some(cid) => {
-            check(names::is_cid(cid), "id=<cid>: 1-64 bytes of A-Z a-z 0-9 _ . : -")?;
+            check(
+                names::is_cid(cid),
+                "id=<cid>: 1-64 bytes of A-Z a-z 0-9 _ . : -",
+            )?;
             Ok((Some(cid.into()), after))
         }
         None => Ok((None, rest)),
@@ -301,7 +336,12 @@ mod tests {
             }
         );
         assert_eq!(p("disconnect").unwrap(), Command::Quit);
-        assert_eq!(p("PING x").unwrap(), Command::Ping { word: Some("x".into()) });
+        assert_eq!(
+            p("PING x").unwrap(),
+            Command::Ping {
+                word: Some("x".into())
+            }
+        );
     }
 
     #[test]
@@ -335,8 +375,7 @@ mod tests {
             (room(), proptest::option::of(user()))
                 .prop_map(|(room, guest)| Command::Join { room, guest }),
             room().prop_map(|room| Command::Part { room }),
-            (cid(), room(), text())
-                .prop_map(|(cid, room, text)| Command::Msg { cid, room, text }),
+            (cid(), room(), text()).prop_map(|(cid, room, text)| Command::Msg { cid, room, text }),
             (cid(), user(), text()).prop_map(|(cid, to, text)| Command::Dm { cid, to, text }),
             (room(), any::<u64>(), proptest::option::of(1u32..=1000))
                 .prop_map(|(room, after, limit)| Command::History { room, after, limit }),

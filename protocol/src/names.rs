@@ -29,7 +29,9 @@ pub fn is_cid(s: &str) -> bool {
 }
 
 pub fn is_token(s: &str) -> bool {
-    s.len() == TOKEN_LEN && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == TOKEN_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]

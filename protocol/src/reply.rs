@@ -48,27 +48,96 @@ impl PartReason {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerLine {
-    OkLogin { user: String, token: String },
-    OkResume { user: String, token: String },
-    OkJoin { room: String, last_seq: u64 },
-    OkPart { room: String },
-    OkMsg { room: String, seq: u64, ts: i64, cid: Option<String> },
-    OkDm { to: String, id: i64, ts: i64, cid: Option<String> },
-    OkHistory { room: String, count: u32 },
-    OkRooms { count: u32 },
-    OkWho { room: String, count: u32 },
-    Hist { room: String, seq: u64, ts: i64, sender: String, text: String },
-    Room { room: String, last_seq: u64, members: u64 },
-    Member { room: String, user: String },
-    Pong { word: Option<String> },
-    Bye { reason: String },
-    Msg { room: String, seq: u64, ts: i64, sender: String, text: String },
-    Dm { id: i64, ts: i64, sender: String, text: String },
-    Joined { room: String, user: String },
-    Parted { room: String, user: String, reason: PartReason },
+    OkLogin {
+        user: String,
+        token: String,
+    },
+    OkResume {
+        user: String,
+        token: String,
+    },
+    OkJoin {
+        room: String,
+        last_seq: u64,
+    },
+    OkPart {
+        room: String,
+    },
+    OkMsg {
+        room: String,
+        seq: u64,
+        ts: i64,
+        cid: Option<String>,
+    },
+    OkDm {
+        to: String,
+        id: i64,
+        ts: i64,
+        cid: Option<String>,
+    },
+    OkHistory {
+        room: String,
+        count: u32,
+    },
+    OkRooms {
+        count: u32,
+    },
+    OkWho {
+        room: String,
+        count: u32,
+    },
+    Hist {
+        room: String,
+        seq: u64,
+        ts: i64,
+        sender: String,
+        text: String,
+    },
+    Room {
+        room: String,
+        last_seq: u64,
+        members: u64,
+    },
+    Member {
+        room: String,
+        user: String,
+    },
+    Pong {
+        word: Option<String>,
+    },
+    Bye {
+        reason: String,
+    },
+    Msg {
+        room: String,
+        seq: u64,
+        ts: i64,
+        sender: String,
+        text: String,
+    },
+    Dm {
+        id: i64,
+        ts: i64,
+        sender: String,
+        text: String,
+    },
+    Joined {
+        room: String,
+        user: String,
+    },
+    Parted {
+        room: String,
+        user: String,
+        reason: PartReason,
+    },
     /// The proxy moves the client to another server: reconnect with `RESUME`.
-    Reconnect { reason: String },
-    Err { code: ErrorCode, detail: String },
+    Reconnect {
+        reason: String,
+    },
+    Err {
+        code: ErrorCode,
+        detail: String,
+    },
 }
 
 impl ServerLine {

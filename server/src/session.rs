@@ -1,0 +1,558 @@
+//! One client connection: first line (login), then the command loop.
+//!
+//! socket → `LineCodec` frames → `Command::parse` → [`Session::apply`] → hub /
+//! room / dbproxy → replies and events through the session's bounded queue →
+//! `outbound::write_loop` → socket.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chat_dbproxy::api::{ApiError, DmItem, ErrorKind, Identity};
+use chat_protocol::{Command, ErrorCode, Frame, LineCodec, PartReason, ServerLine};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::{sleep_until, timeout};
+use tokio_util::codec::FramedRead;
+
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::outbound::{self, Out, SessionHandle};
+use crate::room::{with_cid, Publish};
+
+/// Pending DMs handed over at login, at most (the rest come at the next login).
+const PENDING_DM_LIMIT: u32 = 1000;
+const HISTORY_DEFAULT_LIMIT: u32 = 100;
+const ROOMS_LIMIT: u32 = 1000;
+
+/// Maps a storage failure to the client's `ERR` line.
+pub fn storage_error(metrics: &Metrics, e: &ApiError, cid: &Option<String>) -> ServerLine {
+    let code = match e.kind {
+        ErrorKind::AuthFailed => ErrorCode::AuthFailed,
+        ErrorKind::NameTaken => ErrorCode::NameTaken,
+        ErrorKind::TokenInvalid => ErrorCode::TokenInvalid,
+        ErrorKind::NoSuchRoom => ErrorCode::NoSuchRoom,
+        ErrorKind::NoSuchUser => ErrorCode::NoSuchUser,
+        ErrorKind::BadRequest => ErrorCode::BadArgs,
+        ErrorKind::Unavailable => ErrorCode::Unavailable,
+        ErrorKind::Internal => ErrorCode::Internal,
+    };
+    let detail = match e.kind {
+        ErrorKind::Unavailable => "storage unavailable, nothing stored; retry".to_string(),
+        ErrorKind::Internal => "storage failed".to_string(),
+        _ => e.message.clone(),
+    };
+    metrics
+        .errors_total
+        .with_label_values(&[code.as_str()])
+        .inc();
+    ServerLine::err(code, with_cid(cid, &detail))
+}
+
+enum Flow {
+    Continue,
+    Quit,
+}
+
+/// Serves one connection to the end.
+pub async fn run(
+    hub: Arc<Hub>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    receipts: mpsc::Sender<i64>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (rd, mut wr) = stream.into_split();
+    let mut frames = FramedRead::new(rd, LineCodec::new(hub.config.max_line_bytes));
+    let idle = Duration::from_secs(hub.config.idle_timeout_secs);
+
+    // ---- first line -------------------------------------------------------
+    let first = tokio::select! {
+        f = timeout(idle, frames.next()) => f,
+        _ = hub.shutdown.cancelled() => return,
+    };
+    let (identity, guest_room, resumed) = match first {
+        Ok(Some(Ok(Frame::Line(line)))) => match login(&hub, &line).await {
+            Ok(ok) => ok,
+            Err(err) => {
+                tracing::debug!(%peer, "first line refused");
+                let _ = wr.write_all(&err.to_bytes()).await;
+                let _ = wr.shutdown().await;
+                return;
+            }
+        },
+        Ok(Some(Ok(Frame::TooLong))) => {
+            let err = first_line_error(&hub, ErrorCode::LineTooLong, "first line too long");
+            let _ = wr.write_all(&err.to_bytes()).await;
+            return;
+        }
+        Ok(Some(Ok(Frame::BadUtf8))) => {
+            let err = first_line_error(&hub, ErrorCode::BadUtf8, "first line is not UTF-8");
+            let _ = wr.write_all(&err.to_bytes()).await;
+            return;
+        }
+        _ => return,
+    };
+    let user: Arc<str> = Arc::from(identity.user.as_str());
+    tracing::debug!(%peer, user = %user, "logged in");
+
+    let (handle, rx) = outbound::channel(id, user.clone(), hub.config.send_queue_lines);
+    let writer = hub
+        .tasks
+        .spawn(outbound::write_loop(handle.clone(), rx, wr, receipts));
+    hub.add_session(handle.clone(), identity.token.clone());
+    let mut session = Session {
+        hub: hub.clone(),
+        handle: handle.clone(),
+        user,
+        inflight: Arc::new(Semaphore::new(hub.config.max_inflight_per_conn)),
+        bucket: TokenBucket::new(hub.config.rate_per_sec, hub.config.rate_burst),
+        limited_in_a_row: 0,
+    };
+    let reason = match session.welcome(&identity, guest_room, resumed).await {
+        Ok(()) => session.command_loop(&mut frames, idle).await,
+        Err(line) => {
+            session.reply(line.to_bytes()).await;
+            PartReason::Disconnected
+        }
+    };
+
+    // ---- teardown ---------------------------------------------------------
+    if reason == PartReason::Shutdown {
+        // Let MSG/DM already read get their answers before saying goodbye.
+        let grace = Duration::from_secs(hub.config.shutdown_grace_secs);
+        let all = hub.config.max_inflight_per_conn as u32;
+        let _ = timeout(grace, session.inflight.acquire_many(all)).await;
+    }
+    hub.remove_session(&handle, reason);
+    let bye = match reason {
+        PartReason::Quit => Bytes::from_static(b"BYE quit\n"),
+        PartReason::Idle => Bytes::from_static(b"BYE idle\n"),
+        PartReason::Shutdown => Bytes::from_static(b"BYE shutdown\n"),
+        PartReason::Slow => Bytes::new(),
+        _ => Bytes::new(),
+    };
+    if !handle.send(Out::Close(bye)) {
+        handle.close_now();
+    }
+    drop(session);
+    drop(handle);
+    let _ = writer.await;
+    let db = hub.db.clone();
+    let token = identity.token;
+    hub.tasks.spawn(async move {
+        let _ = db.touch(vec![token]).await;
+    });
+}
+
+fn first_line_error(hub: &Hub, code: ErrorCode, detail: &str) -> ServerLine {
+    hub.metrics
+        .errors_total
+        .with_label_values(&[code.as_str()])
+        .inc();
+    ServerLine::err(code, detail)
+}
+
+/// Handles the first line: the identity, the room of a guest start, and
+/// whether it was a RESUME.
+async fn login(hub: &Hub, line: &str) -> Result<(Identity, Option<String>, bool), ServerLine> {
+    let ttl = (hub.config.token_idle_ttl_secs * 1000) as i64;
+    let cmd =
+        match Command::parse(line) {
+            Ok(c) => c,
+            Err(e) if e.code == ErrorCode::BadArgs => {
+                return Err(first_line_error(hub, e.code, &e.detail))
+            }
+            Err(_) => return Err(first_line_error(
+                hub,
+                ErrorCode::BadFirstLine,
+                "first line must be LOGIN <user> <password>, RESUME <token> or JOIN <room> <name>",
+            )),
+        };
+    hub.metrics
+        .commands_total
+        .with_label_values(&[cmd.name()])
+        .inc();
+    let res =
+        match cmd {
+            Command::Login { user, password } => hub
+                .db
+                .login(&user, &password, ttl)
+                .await
+                .map(|i| (i, None, false)),
+            Command::Resume { token } => hub.db.resume(&token, ttl).await.map(|i| (i, None, true)),
+            Command::Join {
+                room,
+                guest: Some(name),
+            } => hub
+                .db
+                .guest(&name, ttl)
+                .await
+                .map(|i| (i, Some(room), false)),
+            _ => return Err(first_line_error(
+                hub,
+                ErrorCode::BadFirstLine,
+                "first line must be LOGIN <user> <password>, RESUME <token> or JOIN <room> <name>",
+            )),
+        };
+    res.map_err(|e| storage_error(&hub.metrics, &e, &None))
+}
+
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        TokenBucket {
+            rate: rate as f64,
+            burst: burst as f64,
+            tokens: burst as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Session {
+    hub: Arc<Hub>,
+    handle: SessionHandle,
+    user: Arc<str>,
+    inflight: Arc<Semaphore>,
+    bucket: TokenBucket,
+    limited_in_a_row: u32,
+}
+
+impl Session {
+    /// Queues a reply, waiting for room in the queue: replies are produced by
+    /// this client's own commands, so waiting only slows this client down.
+    /// A client that reads nothing for the idle time is dropped as slow.
+    async fn reply(&self, bytes: Bytes) {
+        let idle = Duration::from_secs(self.hub.config.idle_timeout_secs);
+        if !self.handle.send_wait(Out::Line(bytes), idle).await {
+            self.hub.metrics.slow_consumers_total.inc();
+        }
+    }
+
+    async fn error(&self, code: ErrorCode, detail: impl Into<String>) {
+        self.hub
+            .metrics
+            .errors_total
+            .with_label_values(&[code.as_str()])
+            .inc();
+        self.reply(ServerLine::err(code, detail).to_bytes()).await;
+    }
+
+    async fn welcome(
+        &mut self,
+        id: &Identity,
+        guest_room: Option<String>,
+        resumed: bool,
+    ) -> Result<(), ServerLine> {
+        let m = &self.hub.metrics;
+        let (user, token) = (id.user.clone(), id.token.clone());
+        let ok = if resumed {
+            ServerLine::OkResume { user, token }
+        } else {
+            ServerLine::OkLogin { user, token }
+        };
+        self.reply(ok.to_bytes()).await;
+        if let Some(room) = guest_room {
+            self.hub
+                .db
+                .join(&room, &id.user)
+                .await
+                .map_err(|e| storage_error(m, &e, &None))?;
+        }
+        let rooms = self
+            .hub
+            .db
+            .user_rooms(&id.user, id.pos.clone())
+            .await
+            .map_err(|e| storage_error(m, &e, &None))?;
+        for r in rooms.rooms {
+            self.hub.enter_room(&self.user, &r.room);
+            let ok = ServerLine::OkJoin {
+                room: r.room,
+                last_seq: r.last_seq,
+            };
+            self.reply(ok.to_bytes()).await;
+        }
+        let pending = self
+            .hub
+            .db
+            .pending_dms(&id.user, PENDING_DM_LIMIT)
+            .await
+            .map_err(|e| storage_error(m, &e, &None))?;
+        for dm in pending.dms {
+            let line = ServerLine::Dm {
+                id: dm.id,
+                ts: dm.ts,
+                sender: dm.sender,
+                text: dm.body,
+            };
+            if self.handle.send(Out::Dm(line.to_bytes(), dm.id)) {
+                m.deliveries_total.inc();
+            }
+        }
+        Ok(())
+    }
+
+    async fn command_loop(
+        &mut self,
+        frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, LineCodec>,
+        idle: Duration,
+    ) -> PartReason {
+        let mut deadline = tokio::time::Instant::now() + idle;
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = self.handle.kicked().cancelled() => {
+                    return self.handle.kick_reason().unwrap_or(PartReason::Disconnected);
+                }
+                _ = self.hub.shutdown.cancelled() => return PartReason::Shutdown,
+                _ = sleep_until(deadline) => return PartReason::Idle,
+                f = frames.next() => f,
+            };
+            deadline = tokio::time::Instant::now() + idle;
+            let line = match frame {
+                None | Some(Err(_)) => return PartReason::Disconnected,
+                Some(Ok(Frame::Line(l))) => l,
+                Some(Ok(Frame::TooLong)) => {
+                    let max = self.hub.config.max_line_bytes;
+                    self.error(
+                        ErrorCode::LineTooLong,
+                        format!("lines are limited to {max} bytes; discarded"),
+                    )
+                    .await;
+                    continue;
+                }
+                Some(Ok(Frame::BadUtf8)) => {
+                    self.error(ErrorCode::BadUtf8, "line is not valid UTF-8; ignored")
+                        .await;
+                    continue;
+                }
+            };
+            if line.trim().is_empty() {
+                continue;
+            }
+            if !self.bucket.take() {
+                self.limited_in_a_row += 1;
+                if self.limited_in_a_row >= self.hub.config.rate_limit_kick {
+                    tracing::info!(user = %self.user, "closing a connection that keeps flooding");
+                    return PartReason::Disconnected;
+                }
+                self.error(ErrorCode::RateLimited, "too many commands; not executed")
+                    .await;
+                continue;
+            }
+            self.limited_in_a_row = 0;
+            let cmd = match Command::parse(&line) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.error(e.code, e.detail).await;
+                    continue;
+                }
+            };
+            self.hub
+                .metrics
+                .commands_total
+                .with_label_values(&[cmd.name()])
+                .inc();
+            if let Flow::Quit = self.apply(cmd).await {
+                return PartReason::Quit;
+            }
+        }
+    }
+
+    async fn apply(&mut self, cmd: Command) -> Flow {
+        let hub = self.hub.clone();
+        let m = &hub.metrics;
+        match cmd {
+            Command::Login { .. } | Command::Resume { .. } => {
+                self.error(ErrorCode::AlreadyLoggedIn, "already logged in")
+                    .await;
+            }
+            Command::Join { guest: Some(_), .. } => {
+                self.error(
+                    ErrorCode::BadArgs,
+                    "JOIN <room> (a name only on the first line)",
+                )
+                .await;
+            }
+            Command::Join { room, guest: None } => match hub.db.join(&room, &self.user).await {
+                Ok(j) => {
+                    hub.enter_room(&self.user, &room);
+                    let ok = ServerLine::OkJoin {
+                        room,
+                        last_seq: j.last_seq,
+                    };
+                    self.reply(ok.to_bytes()).await;
+                }
+                Err(e) => self.reply(storage_error(m, &e, &None).to_bytes()).await,
+            },
+            Command::Part { room } => match hub.db.part(&room, &self.user).await {
+                Ok(_) => {
+                    hub.leave_room(&self.user, &room);
+                    self.reply(ServerLine::OkPart { room }.to_bytes()).await;
+                }
+                Err(e) => self.reply(storage_error(m, &e, &None).to_bytes()).await,
+            },
+            Command::Msg { cid, room, text } => {
+                let Some(r) = hub.present_room(&self.user, &room) else {
+                    self.error(
+                        ErrorCode::NotMember,
+                        with_cid(&cid, &format!("JOIN {room} first")),
+                    )
+                    .await;
+                    return Flow::Continue;
+                };
+                let received = Instant::now();
+                let Ok(permit) = self.inflight.clone().acquire_owned().await else {
+                    return Flow::Continue;
+                };
+                r.publish(Publish {
+                    session: self.handle.clone(),
+                    cid,
+                    text,
+                    received,
+                    permit,
+                })
+                .await;
+            }
+            Command::Dm { cid, to, text } => {
+                let received = Instant::now();
+                let Ok(permit) = self.inflight.clone().acquire_owned().await else {
+                    return Flow::Continue;
+                };
+                let item = DmItem {
+                    sender: self.user.to_string(),
+                    recipient: to.clone(),
+                    client_id: cid.clone(),
+                    body: text.clone(),
+                };
+                let (hub2, handle) = (hub.clone(), self.handle.clone());
+                hub.tasks.spawn(async move {
+                    let reply = send_dm(&hub2, item, &handle, received).await;
+                    handle.line(reply.to_bytes());
+                    drop(permit);
+                });
+            }
+            Command::History { room, after, limit } => {
+                let limit = limit.unwrap_or(HISTORY_DEFAULT_LIMIT);
+                match hub.db.history(&room, after, limit, None).await {
+                    Ok(h) => {
+                        let count = h.messages.len() as u32;
+                        for msg in h.messages {
+                            let line = ServerLine::Hist {
+                                room: msg.room,
+                                seq: msg.seq,
+                                ts: msg.ts,
+                                sender: msg.sender,
+                                text: msg.body,
+                            };
+                            self.reply(line.to_bytes()).await;
+                        }
+                        self.reply(ServerLine::OkHistory { room, count }.to_bytes())
+                            .await;
+                    }
+                    Err(e) => self.reply(storage_error(m, &e, &None).to_bytes()).await,
+                }
+            }
+            Command::Rooms => match hub.db.rooms(ROOMS_LIMIT, None).await {
+                Ok(list) => {
+                    let count = list.rooms.len() as u32;
+                    for r in list.rooms {
+                        let line = ServerLine::Room {
+                            room: r.room,
+                            last_seq: r.last_seq,
+                            members: r.members,
+                        };
+                        self.reply(line.to_bytes()).await;
+                    }
+                    self.reply(ServerLine::OkRooms { count }.to_bytes()).await;
+                }
+                Err(e) => self.reply(storage_error(m, &e, &None).to_bytes()).await,
+            },
+            Command::Who { room } => {
+                let members = match hub.present_members(&room) {
+                    Some(v) => v,
+                    None => match hub.db.room_info(&room, None).await {
+                        Ok(_) => Vec::new(),
+                        Err(e) => {
+                            self.reply(storage_error(m, &e, &None).to_bytes()).await;
+                            return Flow::Continue;
+                        }
+                    },
+                };
+                let count = members.len() as u32;
+                for user in members {
+                    let line = ServerLine::Member {
+                        room: room.clone(),
+                        user,
+                    };
+                    self.reply(line.to_bytes()).await;
+                }
+                self.reply(ServerLine::OkWho { room, count }.to_bytes())
+                    .await;
+            }
+            Command::Ping { word } => self.reply(ServerLine::Pong { word }.to_bytes()).await,
+            Command::Quit => return Flow::Quit,
+        }
+        Flow::Continue
+    }
+}
+
+async fn send_dm(hub: &Hub, item: DmItem, sender: &SessionHandle, received: Instant) -> ServerLine {
+    let m = &hub.metrics;
+    let cid = item.client_id.clone();
+    let started = Instant::now();
+    let result = hub.db.send_dms(vec![item.clone()]).await;
+    m.storage_latency
+        .with_label_values(&["send_dm"])
+        .observe(started.elapsed().as_secs_f64());
+    let sent = match result.map(|r| r.results.into_iter().next()) {
+        Ok(Some(Ok(sent))) => sent,
+        Ok(Some(Err(e))) | Err(e) => return storage_error(m, &e, &cid),
+        Ok(None) => {
+            let e = ApiError::new(ErrorKind::Internal, "storage answered no result");
+            return storage_error(m, &e, &cid);
+        }
+    };
+    if !sent.duplicate {
+        m.dms_total.inc();
+        let line = ServerLine::Dm {
+            id: sent.id,
+            ts: sent.ts,
+            sender: sender.user.to_string(),
+            text: item.body,
+        };
+        hub.deliver_dm(&item.recipient, &line.to_bytes(), sent.id);
+    }
+    m.ack_latency.observe(received.elapsed().as_secs_f64());
+    ServerLine::OkDm {
+        to: item.recipient,
+        id: sent.id,
+        ts: sent.ts,
+        cid,
+    }
+}
