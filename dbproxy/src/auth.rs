@@ -1,0 +1,59 @@
+//! Password hashing (argon2id, PHC strings) and session tokens. The hashing is
+//! CPU-heavy on purpose: callers run it in `spawn_blocking`.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use sha2::{Digest, Sha256};
+
+use crate::api::ApiError;
+use crate::error::internal;
+
+pub(crate) fn hash_password(password: &str) -> Result<String, ApiError> {
+    let salt_bytes: [u8; 16] = rand::random();
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| internal(format!("salt: {e}")))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| internal(format!("hashing: {e}")))
+}
+
+pub(crate) fn verify_password(password: &str, phc: &str) -> Result<bool, ApiError> {
+    let parsed = PasswordHash::new(phc).map_err(|e| internal(format!("stored hash: {e}")))?;
+    Ok(Argon2::default()
+        .verify_password(password.as_bytes(), &parsed)
+        .is_ok())
+}
+
+/// A new token: 16 random bytes as 32 lower-case hex digits.
+pub(crate) fn new_token() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+/// What is stored instead of the token, so a leaked database holds no live tokens.
+pub(crate) fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_roundtrip() {
+        let h = hash_password("s3cret").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("s3cret", &h).unwrap());
+        assert!(!verify_password("wrong", &h).unwrap());
+        assert_ne!(h, hash_password("s3cret").unwrap(), "salt is random");
+    }
+
+    #[test]
+    fn token_shape() {
+        let t = new_token();
+        assert_eq!(t.len(), 32);
+        assert!(t
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)));
+        assert_eq!(token_hash(&t).len(), 32);
+    }
+}

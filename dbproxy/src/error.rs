@@ -1,0 +1,49 @@
+//! Errors at the crate boundary: [`DbProxyError`] for starting and running the
+//! service; request failures travel as [`ApiError`] (see `api.rs`).
+
+use crate::api::{ApiError, ErrorKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbProxyError {
+    /// A configuration value is invalid (operator error).
+    #[error("config key `{key}`: {message}")]
+    Config { key: &'static str, message: String },
+    /// Socket or filesystem failure.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// Opening or migrating the database failed.
+    #[error("database {path}: {source}")]
+    Database {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// Metric registration failed (e.g. registered twice on one registry).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+pub(crate) fn unavailable(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::Unavailable, message)
+}
+
+pub(crate) fn internal(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::Internal, message)
+}
+
+/// Transient SQLite conditions (busy, full disk, I/O) are retryable; anything
+/// else is a fault of ours.
+pub(crate) fn from_sqlite(e: &rusqlite::Error) -> ApiError {
+    use rusqlite::ErrorCode as C;
+    match e.sqlite_error_code() {
+        Some(
+            C::DatabaseBusy
+            | C::DatabaseLocked
+            | C::DiskFull
+            | C::SystemIoFailure
+            | C::CannotOpen
+            | C::OutOfMemory,
+        ) => unavailable(format!("storage: {e}")),
+        _ => internal(format!("storage: {e}")),
+    }
+}

@@ -1,0 +1,248 @@
+//! The HTTP side: accept loop (bounded by a semaphore), one tracked task per
+//! hyper http1 connection, and the router from API paths to [`Backend`] calls.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chat_admin::Health;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus::Registry;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, ApiError, ErrorBody, ErrorKind};
+use crate::backend::Backend;
+use crate::metrics::Metrics;
+
+pub(crate) struct Shared {
+    pub backend: Arc<dyn Backend>,
+    pub metrics: Arc<Metrics>,
+    pub registry: Registry,
+    pub health: Health,
+    pub max_body_bytes: usize,
+}
+
+/// Accepts until `shutdown`, then gives open connections `grace` to finish.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let tracker = TaskTracker::new();
+    // Bounds memory and file descriptors; the chat servers pool their
+    // connections, so the limit is far above what they need.
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut conn_id: u64 = 0;
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        conn_id += 1;
+        let _ = stream.set_nodelay(true);
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        let span = tracing::debug_span!("conn", %peer, id = conn_id);
+        tracker.spawn(tracing::Instrument::instrument(
+            async move {
+                let _permit = permit;
+                let svc = service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+                });
+                let conn = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with error");
+                }
+            },
+            span,
+        ));
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            open = tracker.len(),
+            "connections still open after the grace period"
+        );
+    }
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+fn error_response(status: StatusCode, error: ApiError) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&ErrorBody { error }).unwrap_or_default();
+    json_response(status, body)
+}
+
+async fn call<Req, Resp, Fut>(body: &[u8], f: impl FnOnce(Req) -> Fut) -> Result<Vec<u8>, ApiError>
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    Fut: Future<Output = Result<Resp, ApiError>>,
+{
+    let req: Req = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("bad request body: {e}")))?;
+    let resp = f(req).await?;
+    serde_json::to_vec(&resp).map_err(|e| crate::error::internal(format!("encoding: {e}")))
+}
+
+/// The label for a path: API paths as themselves, everything else "other"
+/// (keeps the metric's cardinality bounded).
+fn path_label(path: &str) -> &'static str {
+    use api::*;
+    [
+        PATH_LOGIN,
+        PATH_GUEST,
+        PATH_RESUME,
+        PATH_TOUCH,
+        PATH_JOIN,
+        PATH_PART,
+        PATH_USER_ROOMS,
+        PATH_ROOMS,
+        PATH_ROOM_INFO,
+        PATH_APPEND,
+        PATH_HISTORY,
+        PATH_SEND_DMS,
+        PATH_PENDING_DMS,
+        PATH_MARK_RECEIVED,
+    ]
+    .into_iter()
+    .find(|p| *p == path)
+    .unwrap_or("other")
+}
+
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    if let Some(resp) = chat_admin::respond(&path, &shared.registry, &shared.health) {
+        return resp;
+    }
+    let label = path_label(&path);
+    if label == "other" {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            ApiError::new(ErrorKind::BadRequest, "no such path"),
+        );
+    }
+    let started = Instant::now();
+    let (status, outcome, resp) = match dispatch(shared, label, req).await {
+        Ok(body) => (StatusCode::OK, "ok", json_response(StatusCode::OK, body)),
+        Err((status, e)) => {
+            let kind = e.kind.as_str();
+            shared.metrics.errors.with_label_values(&[kind]).inc();
+            (status, kind, error_response(status, e))
+        }
+    };
+    if status.is_server_error() {
+        tracing::warn!(path = label, status = status.as_u16(), "request failed");
+    }
+    shared
+        .metrics
+        .requests
+        .with_label_values(&[label, outcome])
+        .inc();
+    shared
+        .metrics
+        .request_duration
+        .with_label_values(&[label])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+async fn dispatch(
+    shared: &Shared,
+    path: &'static str,
+    req: Request<Incoming>,
+) -> Result<Vec<u8>, (StatusCode, ApiError)> {
+    if req.method() != Method::POST {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::new(ErrorKind::BadRequest, "use POST"),
+        ));
+    }
+    let body = match Limited::new(req.into_body(), shared.max_body_bytes)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ApiError::new(ErrorKind::BadRequest, "request body too large"),
+            ))
+        }
+        Err(e) => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                ApiError::new(ErrorKind::BadRequest, format!("reading body: {e}")),
+            ))
+        }
+    };
+    let b = shared.backend.as_ref();
+    use api::*;
+    let result = match path {
+        PATH_LOGIN => call(&body, |r| b.login(r)).await,
+        PATH_GUEST => call(&body, |r| b.guest(r)).await,
+        PATH_RESUME => call(&body, |r| b.resume(r)).await,
+        PATH_TOUCH => call(&body, |r| b.touch(r)).await,
+        PATH_JOIN => call(&body, |r| b.join(r)).await,
+        PATH_PART => call(&body, |r| b.part(r)).await,
+        PATH_USER_ROOMS => call(&body, |r| b.user_rooms(r)).await,
+        PATH_ROOMS => call(&body, |r| b.rooms(r)).await,
+        PATH_ROOM_INFO => call(&body, |r| b.room_info(r)).await,
+        PATH_APPEND => call(&body, |r| b.append(r)).await,
+        PATH_HISTORY => call(&body, |r| b.history(r)).await,
+        PATH_SEND_DMS => call(&body, |r| b.send_dms(r)).await,
+        PATH_PENDING_DMS => call(&body, |r| b.pending_dms(r)).await,
+        PATH_MARK_RECEIVED => call(&body, |r| b.mark_received(r)).await,
+        _ => Err(ApiError::new(ErrorKind::BadRequest, "no such path")),
+    };
+    result.map_err(|e| {
+        let status =
+            StatusCode::from_u16(e.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, e)
+    })
+}

@@ -1,0 +1,122 @@
+//! Opening SQLite connections and migrating the schema (versioned by
+//! `PRAGMA user_version`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+/// Each entry moves the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE users (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    password_hash TEXT,            -- NULL for guests
+    guest INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE tokens (
+    token_hash BLOB PRIMARY KEY,   -- SHA-256 of the token; the token itself is never stored
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    created_at INTEGER NOT NULL,
+    last_used_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX tokens_user ON tokens(user_id, last_used_ms);
+CREATE TABLE rooms (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE memberships (
+    room_id INTEGER NOT NULL REFERENCES rooms(id),
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    joined_at INTEGER NOT NULL,
+    PRIMARY KEY (room_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX memberships_user ON memberships(user_id);
+-- Room messages (room_id, seq set) and DMs (recipient_id set) share one table,
+-- so (sender, client_id) idempotency spans both.
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    room_id INTEGER REFERENCES rooms(id),
+    seq INTEGER,
+    sender_id INTEGER NOT NULL REFERENCES users(id),
+    recipient_id INTEGER REFERENCES users(id),
+    client_id TEXT,
+    sent_at_ms INTEGER NOT NULL,
+    received_at_ms INTEGER,
+    body TEXT NOT NULL,
+    UNIQUE (room_id, seq),
+    UNIQUE (sender_id, client_id)
+);
+CREATE INDEX messages_pending ON messages(recipient_id, received_at_ms);
+"#];
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens the writer connection, creating the file and its parent directories,
+/// and brings the schema up to date.
+pub(crate) fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                    Some(format!("creating {}: {e}", parent.display())),
+                )
+            })?;
+        }
+    }
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // WAL lets readers run next to the writer; FULL because an ack promises durability.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+pub(crate) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "migrated schema");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b/chat.db");
+        drop(open_writer(&path).unwrap());
+        let conn = open_writer(&path).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        open_reader(&path).unwrap();
+    }
+}

@@ -1,0 +1,754 @@
+//! SQLite backend: writes go through the group-commit writer (`writer.rs`),
+//! reads through a small pool of read-only connections; both in
+//! `spawn_blocking`. `pos` is always `None` and `min_pos` is ignored: with one
+//! file every read sees every committed write.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::*;
+use crate::auth;
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::error::{from_sqlite, internal, DbProxyError};
+use crate::metrics::Metrics;
+use crate::schema;
+use crate::writer::{self, now_ms, Batch, JobResult, WriterHandle};
+
+/// Largest page of history, rooms or pending DMs in one answer.
+const MAX_PAGE: u32 = 1000;
+
+pub(crate) struct SqliteBackend {
+    writer: WriterHandle,
+    readers: ReadPool,
+    stop: CancellationToken,
+    // std Mutex: only taken once, in `close`, to move the handle out.
+    writer_task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SqliteBackend {
+    /// Opens (and migrates) the database and starts the writer.
+    pub(crate) fn open(config: &Config, metrics: Arc<Metrics>) -> Result<Self, DbProxyError> {
+        let path = PathBuf::from(&config.sqlite_path);
+        let db_err = |source| DbProxyError::Database {
+            path: config.sqlite_path.clone(),
+            source,
+        };
+        let conn = schema::open_writer(&path).map_err(db_err)?;
+        let readers = ReadPool::open(&path, config.read_connections).map_err(db_err)?;
+        let stop = CancellationToken::new();
+        let (writer, task) = writer::spawn(
+            conn,
+            config.write_queue,
+            config.batch_max_items,
+            metrics,
+            stop.clone(),
+        );
+        Ok(SqliteBackend {
+            writer,
+            readers,
+            stop,
+            writer_task: Mutex::new(Some(task)),
+        })
+    }
+}
+
+/// Read-only connections; the semaphore bounds concurrent reads to the pool size.
+struct ReadPool {
+    permits: Semaphore,
+    // std Mutex: held only to push/pop a connection, never across an await.
+    conns: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl ReadPool {
+    fn open(path: &Path, n: usize) -> rusqlite::Result<Self> {
+        let conns = (0..n)
+            .map(|_| schema::open_reader(path))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(ReadPool {
+            permits: Semaphore::new(n),
+            conns: Arc::new(Mutex::new(conns)),
+        })
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> JobResult<T> + Send + 'static,
+    {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| internal("read pool closed"))?;
+        let conns = self.conns.clone();
+        let conn = conns
+            .lock()
+            .map_err(|_| internal("read pool poisoned"))?
+            .pop()
+            .ok_or_else(|| internal("read pool empty"))?;
+        let (conn, result) = tokio::task::spawn_blocking(move || {
+            let result = f(&conn);
+            (conn, result)
+        })
+        .await
+        .map_err(|e| {
+            // The connection died with the task: the pool is one smaller for good.
+            permit.forget();
+            internal(format!("read task failed: {e}"))
+        })?;
+        if let Ok(mut pool) = conns.lock() {
+            pool.push(conn);
+        }
+        result.map_err(|e| from_sqlite(&e))?
+    }
+}
+
+fn no_such_user(name: &str) -> ApiError {
+    ApiError::new(ErrorKind::NoSuchUser, format!("no such user {name}"))
+}
+
+fn no_such_room(name: &str) -> ApiError {
+    ApiError::new(ErrorKind::NoSuchRoom, format!("no such room {name}"))
+}
+
+fn name_taken(name: &str) -> ApiError {
+    ApiError::new(ErrorKind::NameTaken, format!("name {name} is taken"))
+}
+
+fn clamp_page(limit: u32) -> i64 {
+    i64::from(limit.clamp(1, MAX_PAGE))
+}
+
+fn user_id(c: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {
+    c.prepare_cached("SELECT id FROM users WHERE name = ?1")?
+        .query_row(params![name], |r| r.get(0))
+        .optional()
+}
+
+fn room_id(c: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {
+    c.prepare_cached("SELECT id FROM rooms WHERE name = ?1")?
+        .query_row(params![name], |r| r.get(0))
+        .optional()
+}
+
+/// A token is live while `now - last_used_ms <= ttl`.
+fn has_live_token(c: &Connection, user: i64, now: i64, ttl: i64) -> rusqlite::Result<bool> {
+    c.prepare_cached(
+        "SELECT EXISTS(SELECT 1 FROM tokens WHERE user_id = ?1 AND last_used_ms >= ?2)",
+    )?
+    .query_row(params![user, now.saturating_sub(ttl)], |r| r.get(0))
+}
+
+fn insert_token(c: &Connection, user: i64, token: &str, now: i64) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO tokens (token_hash, user_id, created_at, last_used_ms) VALUES (?1, ?2, ?3, ?3)",
+    )?
+    .execute(params![auth::token_hash(token), user, now])?;
+    Ok(())
+}
+
+/// Forgets a previous holder of a name: its tokens and rooms (DMs stay).
+fn forget_holder(c: &Connection, user: i64) -> rusqlite::Result<()> {
+    c.prepare_cached("DELETE FROM tokens WHERE user_id = ?1")?
+        .execute(params![user])?;
+    c.prepare_cached("DELETE FROM memberships WHERE user_id = ?1")?
+        .execute(params![user])?;
+    Ok(())
+}
+
+struct UserRow {
+    id: i64,
+    password_hash: Option<String>,
+    guest: bool,
+    live: bool,
+}
+
+fn load_user(c: &Connection, name: &str, now: i64, ttl: i64) -> rusqlite::Result<Option<UserRow>> {
+    let row = c
+        .prepare_cached("SELECT id, password_hash, guest FROM users WHERE name = ?1")?
+        .query_row(params![name], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, bool>(2)?,
+            ))
+        })
+        .optional()?;
+    match row {
+        None => Ok(None),
+        Some((id, password_hash, guest)) => Ok(Some(UserRow {
+            id,
+            password_hash,
+            guest,
+            live: has_live_token(c, id, now, ttl)?,
+        })),
+    }
+}
+
+enum Registered {
+    Done,
+    /// Someone registered the name between our read and our write: check the
+    /// password against theirs.
+    Retry,
+}
+
+fn room_info_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoomInfo> {
+    Ok(RoomInfo {
+        room: r.get(0)?,
+        last_seq: r.get::<_, i64>(1)? as u64,
+        members: r.get::<_, i64>(2)? as u64,
+    })
+}
+
+const ROOM_INFO_COLUMNS: &str =
+    "r.name, r.last_seq, (SELECT COUNT(*) FROM memberships m WHERE m.room_id = r.id)";
+
+fn append_one(c: &Connection, b: &mut Batch, item: &AppendItem) -> JobResult<Appended> {
+    let Some(sender) = user_id(c, &item.sender)? else {
+        return Ok(Err(no_such_user(&item.sender)));
+    };
+    if let Some(cid) = &item.client_id {
+        let prior = c
+            .prepare_cached(
+                "SELECT seq, sent_at_ms FROM messages WHERE sender_id = ?1 AND client_id = ?2",
+            )?
+            .query_row(params![sender, cid], |r| {
+                Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?))
+            })
+            .optional()?;
+        match prior {
+            Some((Some(seq), ts)) => {
+                return Ok(Ok(Appended {
+                    seq: seq as u64,
+                    ts,
+                    duplicate: true,
+                }))
+            }
+            Some((None, _)) => {
+                return Ok(Err(ApiError::new(
+                    ErrorKind::BadRequest,
+                    "client_id already used for a direct message",
+                )))
+            }
+            None => {}
+        }
+    }
+    let next = c
+        .prepare_cached(
+            "UPDATE rooms SET last_seq = last_seq + 1 WHERE name = ?1 RETURNING id, last_seq",
+        )?
+        .query_row(params![item.room], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })
+        .optional()?;
+    let Some((room, seq)) = next else {
+        return Ok(Err(no_such_room(&item.room)));
+    };
+    c.prepare_cached(
+        "INSERT INTO messages (room_id, seq, sender_id, client_id, sent_at_ms, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![room, seq, sender, item.client_id, b.now, item.body])?;
+    b.stored += 1;
+    Ok(Ok(Appended {
+        seq: seq as u64,
+        ts: b.now,
+        duplicate: false,
+    }))
+}
+
+fn send_dm(c: &Connection, b: &mut Batch, item: &DmItem) -> JobResult<DmSent> {
+    let Some(sender) = user_id(c, &item.sender)? else {
+        return Ok(Err(no_such_user(&item.sender)));
+    };
+    if let Some(cid) = &item.client_id {
+        let prior = c
+            .prepare_cached(
+                "SELECT id, sent_at_ms, recipient_id FROM messages WHERE sender_id = ?1 AND client_id = ?2",
+            )?
+            .query_row(params![sender, cid], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<i64>>(2)?))
+            })
+            .optional()?;
+        match prior {
+            Some((id, ts, Some(_))) => {
+                return Ok(Ok(DmSent {
+                    id,
+                    ts,
+                    duplicate: true,
+                }))
+            }
+            Some((_, _, None)) => {
+                return Ok(Err(ApiError::new(
+                    ErrorKind::BadRequest,
+                    "client_id already used for a room message",
+                )))
+            }
+            None => {}
+        }
+    }
+    let Some(recipient) = user_id(c, &item.recipient)? else {
+        return Ok(Err(no_such_user(&item.recipient)));
+    };
+    c.prepare_cached(
+        "INSERT INTO messages (sender_id, recipient_id, client_id, sent_at_ms, body)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![sender, recipient, item.client_id, b.now, item.body])?;
+    b.stored += 1;
+    Ok(Ok(DmSent {
+        id: c.last_insert_rowid(),
+        ts: b.now,
+        duplicate: false,
+    }))
+}
+
+/// Runs `f` per item in its own savepoint, so a failing item leaves the others.
+fn per_item<I, T>(
+    c: &Connection,
+    b: &mut Batch,
+    items: &[I],
+    f: impl Fn(&Connection, &mut Batch, &I) -> JobResult<T>,
+) -> rusqlite::Result<Vec<Result<T, ApiError>>> {
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        c.execute_batch("SAVEPOINT item")?;
+        let stored = b.stored;
+        match f(c, b, item) {
+            Ok(Ok(v)) => {
+                c.execute_batch("RELEASE item")?;
+                out.push(Ok(v));
+            }
+            Ok(Err(e)) => {
+                c.execute_batch("ROLLBACK TO item; RELEASE item")?;
+                b.stored = stored;
+                out.push(Err(e));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "item failed");
+                c.execute_batch("ROLLBACK TO item; RELEASE item")?;
+                b.stored = stored;
+                out.push(Err(from_sqlite(&e)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal(format!("blocking task failed: {e}")))?
+}
+
+fn require(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
+            format!("{field} must not be empty"),
+        ));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    async fn login(&self, req: LoginReq) -> Result<Identity, ApiError> {
+        require("user", &req.user)?;
+        require("password", &req.password)?;
+        let ttl = req.token_idle_ttl_ms;
+        let password = Arc::new(req.password);
+        // Argon2 runs between a read and a write, never while holding the writer.
+        for _ in 0..3 {
+            let name = req.user.clone();
+            let now = now_ms();
+            let user = self
+                .readers
+                .read(move |c| load_user(c, &name, now, ttl).map(Ok))
+                .await?;
+            let token = auth::new_token();
+            match user {
+                Some(UserRow {
+                    id,
+                    password_hash: Some(phc),
+                    guest: false,
+                    ..
+                }) => {
+                    let pw = password.clone();
+                    if !blocking(move || auth::verify_password(&pw, &phc)).await? {
+                        return Err(ApiError::new(ErrorKind::AuthFailed, "wrong password"));
+                    }
+                    let t = token.clone();
+                    self.writer
+                        .submit(1, move |c, b| insert_token(c, id, &t, b.now).map(Ok))
+                        .await?;
+                    return Ok(Identity {
+                        user: req.user,
+                        token,
+                        guest: false,
+                        pos: None,
+                    });
+                }
+                Some(UserRow { live: true, .. }) => return Err(name_taken(&req.user)),
+                _ => {
+                    let pw = password.clone();
+                    let phc = blocking(move || auth::hash_password(&pw)).await?;
+                    let (name, t) = (req.user.clone(), token.clone());
+                    let outcome = self
+                        .writer
+                        .submit(1, move |c, b| register(c, b, &name, &phc, ttl, &t))
+                        .await?;
+                    if let Registered::Done = outcome {
+                        return Ok(Identity {
+                            user: req.user,
+                            token,
+                            guest: false,
+                            pos: None,
+                        });
+                    }
+                }
+            }
+        }
+        Err(ApiError::new(
+            ErrorKind::Unavailable,
+            "name changed hands repeatedly during login",
+        ))
+    }
+
+    async fn guest(&self, req: GuestReq) -> Result<Identity, ApiError> {
+        require("name", &req.name)?;
+        let token = auth::new_token();
+        let (name, t, ttl) = (req.name.clone(), token.clone(), req.token_idle_ttl_ms);
+        self.writer
+            .submit(1, move |c, b| {
+                let id = match load_user(c, &name, b.now, ttl)? {
+                    None => {
+                        c.prepare_cached(
+                            "INSERT INTO users (name, password_hash, guest, created_at) VALUES (?1, NULL, 1, ?2)",
+                        )?
+                        .execute(params![name, b.now])?;
+                        c.last_insert_rowid()
+                    }
+                    Some(UserRow { guest: false, .. }) | Some(UserRow { live: true, .. }) => {
+                        return Ok(Err(name_taken(&name)))
+                    }
+                    Some(UserRow { id, .. }) => {
+                        forget_holder(c, id)?;
+                        id
+                    }
+                };
+                insert_token(c, id, &t, b.now)?;
+                Ok(Ok(()))
+            })
+            .await?;
+        Ok(Identity {
+            user: req.name,
+            token,
+            guest: true,
+            pos: None,
+        })
+    }
+
+    async fn resume(&self, req: ResumeReq) -> Result<Identity, ApiError> {
+        let hash = auth::token_hash(&req.token);
+        let ttl = req.token_idle_ttl_ms;
+        let (user, guest) = self
+            .writer
+            .submit(1, move |c, b| {
+                let row = c
+                    .prepare_cached(
+                        "SELECT u.name, u.guest, t.last_used_ms FROM tokens t
+                         JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?1",
+                    )?
+                    .query_row(params![hash], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, bool>(1)?,
+                            r.get::<_, i64>(2)?,
+                        ))
+                    })
+                    .optional()?;
+                let invalid = || ApiError::new(ErrorKind::TokenInvalid, "unknown or expired token");
+                let Some((name, guest, last_used)) = row else {
+                    return Ok(Err(invalid()));
+                };
+                if b.now.saturating_sub(last_used) > ttl {
+                    return Ok(Err(invalid()));
+                }
+                c.prepare_cached("UPDATE tokens SET last_used_ms = ?2 WHERE token_hash = ?1")?
+                    .execute(params![hash, b.now])?;
+                Ok(Ok((name, guest)))
+            })
+            .await?;
+        Ok(Identity {
+            user,
+            token: req.token,
+            guest,
+            pos: None,
+        })
+    }
+
+    async fn touch(&self, req: TouchReq) -> Result<WriteAck, ApiError> {
+        if req.tokens.is_empty() {
+            return Ok(WriteAck::default());
+        }
+        let hashes: Vec<Vec<u8>> = req.tokens.iter().map(|t| auth::token_hash(t)).collect();
+        self.writer
+            .submit(hashes.len(), move |c, b| {
+                let mut stmt = c.prepare_cached(
+                    "UPDATE tokens SET last_used_ms = MAX(last_used_ms, ?2) WHERE token_hash = ?1",
+                )?;
+                for h in &hashes {
+                    stmt.execute(params![h, b.now])?;
+                }
+                Ok(Ok(()))
+            })
+            .await?;
+        Ok(WriteAck::default())
+    }
+
+    async fn join(&self, req: JoinReq) -> Result<JoinResp, ApiError> {
+        require("room", &req.room)?;
+        let last_seq = self
+            .writer
+            .submit(1, move |c, b| {
+                let Some(user) = user_id(c, &req.user)? else {
+                    return Ok(Err(no_such_user(&req.user)));
+                };
+                c.prepare_cached(
+                    "INSERT OR IGNORE INTO rooms (name, last_seq, created_at) VALUES (?1, 0, ?2)",
+                )?
+                .execute(params![req.room, b.now])?;
+                let (room, last_seq): (i64, i64) = c
+                    .prepare_cached("SELECT id, last_seq FROM rooms WHERE name = ?1")?
+                    .query_row(params![req.room], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                c.prepare_cached(
+                    "INSERT OR IGNORE INTO memberships (room_id, user_id, joined_at) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![room, user, b.now])?;
+                Ok(Ok(last_seq as u64))
+            })
+            .await?;
+        Ok(JoinResp {
+            last_seq,
+            pos: None,
+        })
+    }
+
+    async fn part(&self, req: PartReq) -> Result<WriteAck, ApiError> {
+        self.writer
+            .submit(1, move |c, _| {
+                c.prepare_cached(
+                    "DELETE FROM memberships
+                     WHERE room_id = (SELECT id FROM rooms WHERE name = ?1)
+                       AND user_id = (SELECT id FROM users WHERE name = ?2)",
+                )?
+                .execute(params![req.room, req.user])?;
+                Ok(Ok(()))
+            })
+            .await?;
+        Ok(WriteAck::default())
+    }
+
+    async fn user_rooms(&self, req: UserRoomsReq) -> Result<RoomList, ApiError> {
+        self.readers
+            .read(move |c| {
+                let sql = format!(
+                    "SELECT {ROOM_INFO_COLUMNS} FROM rooms r
+                     JOIN memberships me ON me.room_id = r.id
+                     JOIN users u ON u.id = me.user_id
+                     WHERE u.name = ?1 ORDER BY r.name"
+                );
+                let rooms = c
+                    .prepare_cached(&sql)?
+                    .query_map(params![req.user], room_info_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(Ok(RoomList { rooms }))
+            })
+            .await
+    }
+
+    async fn rooms(&self, req: RoomsReq) -> Result<RoomList, ApiError> {
+        self.readers
+            .read(move |c| {
+                let sql =
+                    format!("SELECT {ROOM_INFO_COLUMNS} FROM rooms r ORDER BY r.name LIMIT ?1");
+                let rooms = c
+                    .prepare_cached(&sql)?
+                    .query_map(params![clamp_page(req.limit)], room_info_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(Ok(RoomList { rooms }))
+            })
+            .await
+    }
+
+    async fn room_info(&self, req: RoomInfoReq) -> Result<RoomInfo, ApiError> {
+        self.readers
+            .read(move |c| {
+                let sql = format!("SELECT {ROOM_INFO_COLUMNS} FROM rooms r WHERE r.name = ?1");
+                let info = c
+                    .prepare_cached(&sql)?
+                    .query_row(params![req.room], room_info_row)
+                    .optional()?;
+                Ok(info.ok_or_else(|| no_such_room(&req.room)))
+            })
+            .await
+    }
+
+    async fn append(&self, req: AppendReq) -> Result<AppendResp, ApiError> {
+        let items = req.items;
+        if items.is_empty() {
+            return Ok(AppendResp {
+                results: Vec::new(),
+                pos: None,
+            });
+        }
+        let results = self
+            .writer
+            .submit(items.len(), move |c, b| {
+                per_item(c, b, &items, append_one).map(Ok)
+            })
+            .await?;
+        Ok(AppendResp { results, pos: None })
+    }
+
+    async fn history(&self, req: HistoryReq) -> Result<HistoryResp, ApiError> {
+        self.readers
+            .read(move |c| {
+                let Some(room) = room_id(c, &req.room)? else {
+                    return Ok(Err(no_such_room(&req.room)));
+                };
+                let after = i64::try_from(req.after).unwrap_or(i64::MAX);
+                let messages = c
+                    .prepare_cached(
+                        "SELECT m.seq, m.sent_at_ms, u.name, m.body FROM messages m
+                         JOIN users u ON u.id = m.sender_id
+                         WHERE m.room_id = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3",
+                    )?
+                    .query_map(params![room, after, clamp_page(req.limit)], |r| {
+                        Ok(StoredMessage {
+                            room: req.room.clone(),
+                            seq: r.get::<_, i64>(0)? as u64,
+                            ts: r.get(1)?,
+                            sender: r.get(2)?,
+                            body: r.get(3)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(Ok(HistoryResp { messages }))
+            })
+            .await
+    }
+
+    async fn send_dms(&self, req: SendDmsReq) -> Result<SendDmsResp, ApiError> {
+        let items = req.items;
+        if items.is_empty() {
+            return Ok(SendDmsResp {
+                results: Vec::new(),
+                pos: None,
+            });
+        }
+        let results = self
+            .writer
+            .submit(items.len(), move |c, b| {
+                per_item(c, b, &items, send_dm).map(Ok)
+            })
+            .await?;
+        Ok(SendDmsResp { results, pos: None })
+    }
+
+    async fn pending_dms(&self, req: PendingDmsReq) -> Result<PendingDmsResp, ApiError> {
+        self.readers
+            .read(move |c| {
+                let dms = c
+                    .prepare_cached(
+                        "SELECT m.id, m.sent_at_ms, s.name, m.body FROM messages m
+                         JOIN users s ON s.id = m.sender_id
+                         WHERE m.recipient_id = (SELECT id FROM users WHERE name = ?1)
+                           AND m.received_at_ms IS NULL
+                         ORDER BY m.id LIMIT ?2",
+                    )?
+                    .query_map(params![req.user, clamp_page(req.limit)], |r| {
+                        Ok(StoredDm {
+                            id: r.get(0)?,
+                            ts: r.get(1)?,
+                            sender: r.get(2)?,
+                            recipient: req.user.clone(),
+                            body: r.get(3)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(Ok(PendingDmsResp { dms }))
+            })
+            .await
+    }
+
+    async fn mark_received(&self, req: MarkReceivedReq) -> Result<WriteAck, ApiError> {
+        if req.ids.is_empty() {
+            return Ok(WriteAck::default());
+        }
+        let ids = req.ids;
+        self.writer
+            .submit(ids.len(), move |c, b| {
+                let mut stmt = c.prepare_cached(
+                    "UPDATE messages SET received_at_ms = ?2
+                     WHERE id = ?1 AND recipient_id IS NOT NULL AND received_at_ms IS NULL",
+                )?;
+                for id in &ids {
+                    stmt.execute(params![id, b.now])?;
+                }
+                Ok(Ok(()))
+            })
+            .await?;
+        Ok(WriteAck::default())
+    }
+
+    async fn close(&self) {
+        self.stop.cancel();
+        let task = self.writer_task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "writer task failed");
+            }
+        }
+    }
+}
+
+/// LOGIN of a name that is free, or held by a guest whose tokens all expired.
+fn register(
+    c: &Connection,
+    b: &mut Batch,
+    name: &str,
+    phc: &str,
+    ttl: i64,
+    token: &str,
+) -> JobResult<Registered> {
+    let id = match load_user(c, name, b.now, ttl)? {
+        None => {
+            c.prepare_cached(
+                "INSERT INTO users (name, password_hash, guest, created_at) VALUES (?1, ?2, 0, ?3)",
+            )?
+            .execute(params![name, phc, b.now])?;
+            c.last_insert_rowid()
+        }
+        Some(UserRow { guest: false, .. }) => return Ok(Ok(Registered::Retry)),
+        Some(UserRow { live: true, .. }) => return Ok(Err(name_taken(name))),
+        Some(UserRow { id, .. }) => {
+            forget_holder(c, id)?;
+            c.prepare_cached("UPDATE users SET password_hash = ?2, guest = 0 WHERE id = ?1")?
+                .execute(params![id, phc])?;
+            id
+        }
+    };
+    insert_token(c, id, token, b.now)?;
+    Ok(Ok(Registered::Done))
+}
