@@ -1,1 +1,115 @@
-fn main() {}
+//! `chat`: one binary for every tier. Parses flags, loads and validates the
+//! configuration, sets up tracing and hands over to a library `run`
+//! (through [`tiers`]), to [`up`] for the single-machine stack, or to
+//! [`client`] for the terminal client.
+
+mod client;
+mod config;
+mod shutdown;
+mod telemetry;
+mod tiers;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for configuration errors and commands that cannot run at all.
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "chat", version, about)]
+struct Cli {
+    /// TOML configuration file; `CHAT_<SECTION>__<KEY>` environment variables
+    /// override it (e.g. `CHAT_SERVER__LISTEN=0.0.0.0:7000`).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Load and validate the configuration, print "config ok" and exit.
+    #[arg(long, global = true)]
+    check_config: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a chat server (client protocol + admin endpoint).
+    Server,
+    /// Run the dbproxy, the storage tier.
+    Dbproxy,
+    /// Run the client-facing proxy (not built yet).
+    Proxy,
+    /// Run a dbproxy on SQLite and a chat server in one process.
+    Up {
+        /// Where the SQLite database lives (overrides `up.data_dir`).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Interactive terminal client.
+    Client {
+        /// Server addresses, tried in turn on connect failure or disconnect.
+        #[arg(value_name = "ADDR", default_value = "127.0.0.1:7000")]
+        addrs: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+
+    if matches!(cli.command, Command::Proxy) {
+        eprintln!(
+            "chat: the proxy tier is not built yet (issue #4); \
+             connect clients to `chat server` directly"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+
+    let config = match config::Config::load(cli.config.as_deref()).and_then(|c| {
+        c.validate()?;
+        Ok(c)
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chat: config error: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if cli.check_config {
+        println!("config ok");
+        return ExitCode::SUCCESS;
+    }
+
+    if let Err(e) = telemetry::init(&config.log) {
+        eprintln!("chat: {e:#}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chat: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chat: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: config::Config) -> anyhow::Result<()> {
+    let shutdown = shutdown::on_signal();
+    match command {
+        Command::Server => tiers::server(config.server, shutdown).await,
+        Command::Dbproxy => tiers::dbproxy(config.dbproxy, shutdown).await,
+        Command::Up { data_dir } => up::run(config, data_dir, shutdown).await,
+        Command::Client { addrs } => client::run(addrs, shutdown).await,
+        Command::Proxy => unreachable!("handled before the configuration is loaded"),
+    }
+}

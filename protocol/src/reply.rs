@@ -226,7 +226,7 @@ impl fmt::Display for ServerLine {
 pub struct BadServerLine(pub String);
 
 /// Splits off `n` words and returns them with the rest of the line.
-fn take<'a, const N: usize>(s: &'a str) -> Option<([&'a str; N], &'a str)> {
+fn take<const N: usize>(s: &str) -> Option<([&str; N], &str)> {
     let mut out = [""; N];
     let mut rest = s;
     for slot in out.iter_mut() {

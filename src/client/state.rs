@@ -1,0 +1,509 @@
+//! What `chat client` remembers across connections, and how it reacts to each
+//! server line: no I/O, so every rule below is unit-tested.
+//!
+//! - the token from `OK LOGIN` / `OK RESUME`, sent back as `RESUME` on reconnect;
+//! - per room, which seqs have been shown: everything up to `contiguous`, plus
+//!   the seqs above it in `above` (events that jumped a gap). A gap — a `MSG`
+//!   past `contiguous + 1`, or an `OK JOIN` announcing more than was seen —
+//!   asks `HISTORY <room> <contiguous>`, one request per room at a time, and
+//!   asks again while the history answers make progress;
+//! - `HIST` and `MSG` are shown once per seq, `DM` once per id.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use chat_protocol::{ErrorCode, PartReason, ServerLine};
+
+/// The server's default `HISTORY` limit: a full page means there may be more.
+pub const HISTORY_PAGE: u32 = 100;
+
+/// How many DM ids are remembered for de-duplication. Redelivery happens at the
+/// next login, so recent ids are the ones that matter; the bound keeps a
+/// long-running client's memory flat.
+const MAX_SEEN_DMS: usize = 10_000;
+
+/// What to do with one server line.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reaction {
+    /// Show the line to the user (false for duplicates).
+    pub show: bool,
+    /// Lines to send to the server, in order.
+    pub send: Vec<String>,
+    /// Drop this connection and connect again (`RECONNECT` from the proxy).
+    pub reconnect: bool,
+}
+
+impl Reaction {
+    fn show() -> Reaction {
+        Reaction {
+            show: true,
+            ..Reaction::default()
+        }
+    }
+
+    fn hide() -> Reaction {
+        Reaction::default()
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct RoomSeqs {
+    /// Every seq up to here has been shown (or predates our joining).
+    contiguous: u64,
+    /// Seqs above `contiguous` that have been shown.
+    above: BTreeSet<u64>,
+    /// The highest seq known to exist in the room.
+    target: u64,
+}
+
+impl RoomSeqs {
+    fn starting_at(seq: u64) -> RoomSeqs {
+        RoomSeqs {
+            contiguous: seq,
+            above: BTreeSet::new(),
+            target: seq,
+        }
+    }
+
+    /// Records `seq`; false if it was already seen.
+    fn record(&mut self, seq: u64) -> bool {
+        self.target = self.target.max(seq);
+        if seq <= self.contiguous || !self.above.insert(seq) {
+            return false;
+        }
+        while self.above.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+        true
+    }
+
+    fn has_gap(&self) -> bool {
+        self.contiguous < self.target
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ClientState {
+    user: Option<String>,
+    token: Option<String>,
+    rooms: HashMap<String, RoomSeqs>,
+    /// Rooms with a `HISTORY` request of ours in flight, and the seq it asked after.
+    history_pending: HashMap<String, u64>,
+    /// Rooms whose `HISTORY` the user typed: its `HIST` lines are all shown.
+    user_history: HashSet<String>,
+    seen_dms: HashSet<i64>,
+    seen_dm_order: std::collections::VecDeque<i64>,
+    quitting: bool,
+}
+
+impl ClientState {
+    pub fn new() -> ClientState {
+        ClientState::default()
+    }
+
+    #[cfg(test)]
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// The user asked to leave (`QUIT`), or the server said goodbye to a `QUIT`.
+    pub fn quitting(&self) -> bool {
+        self.quitting
+    }
+
+    /// Highest seq shown with nothing missing below it.
+    #[cfg(test)]
+    pub fn last_seen(&self, room: &str) -> Option<u64> {
+        self.rooms.get(room).map(|r| r.contiguous)
+    }
+
+    /// A new connection is up: the lines that restore the session.
+    pub fn on_connected(&mut self) -> Vec<String> {
+        // Requests of the previous connection died with it.
+        self.history_pending.clear();
+        self.user_history.clear();
+        match &self.token {
+            Some(token) => vec![format!("RESUME {token}")],
+            None => Vec::new(),
+        }
+    }
+
+    /// A line the user typed, about to be sent verbatim.
+    pub fn on_user_line(&mut self, line: &str) {
+        let mut words = line.split_whitespace();
+        let keyword = words.next().unwrap_or("").to_ascii_uppercase();
+        match keyword.as_str() {
+            "QUIT" | "DISCONNECT" => self.quitting = true,
+            "HISTORY" => {
+                if let Some(room) = words.next() {
+                    self.user_history.insert(room.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn on_line(&mut self, line: &ServerLine) -> Reaction {
+        match line {
+            ServerLine::OkLogin { user, token } | ServerLine::OkResume { user, token } => {
+                if self.user.as_deref() != Some(user) {
+                    // Someone else now: the rooms we tracked are not theirs.
+                    self.rooms.clear();
+                    self.seen_dms.clear();
+                    self.seen_dm_order.clear();
+                }
+                self.user = Some(user.clone());
+                self.token = Some(token.clone());
+                Reaction::show()
+            }
+            ServerLine::OkJoin { room, last_seq } => {
+                let mut reaction = Reaction::show();
+                match self.rooms.get_mut(room) {
+                    Some(seqs) => {
+                        seqs.target = seqs.target.max(*last_seq);
+                        reaction.send.extend(self.ask_history(room));
+                    }
+                    None => {
+                        self.rooms
+                            .insert(room.clone(), RoomSeqs::starting_at(*last_seq));
+                    }
+                }
+                reaction
+            }
+            ServerLine::OkPart { room } => {
+                self.forget_room(room);
+                Reaction::show()
+            }
+            ServerLine::Parted {
+                room,
+                user,
+                reason: PartReason::Left,
+            } if self.user.as_deref() == Some(user) => {
+                // Left from another session of ours: no longer a member.
+                self.forget_room(room);
+                Reaction::show()
+            }
+            ServerLine::OkMsg { room, seq, .. } => {
+                self.seqs(room, *seq).record(*seq);
+                let mut reaction = Reaction::show();
+                reaction.send.extend(self.ask_history(room));
+                reaction
+            }
+            ServerLine::Msg { room, seq, .. } => {
+                let fresh = self.seqs(room, seq.saturating_sub(1)).record(*seq);
+                let mut reaction = if fresh {
+                    Reaction::show()
+                } else {
+                    Reaction::hide()
+                };
+                reaction.send.extend(self.ask_history(room));
+                reaction
+            }
+            ServerLine::Hist { room, seq, .. } => {
+                let user_asked = self.user_history.contains(room);
+                let fresh = match self.rooms.get_mut(room) {
+                    Some(seqs) => seqs.record(*seq),
+                    // History of a room we are not in: nothing to track.
+                    None => true,
+                };
+                if fresh || user_asked {
+                    Reaction::show()
+                } else {
+                    Reaction::hide()
+                }
+            }
+            ServerLine::OkHistory { room, count } => {
+                let user_asked = self.user_history.remove(room);
+                let mut reaction = if user_asked {
+                    Reaction::show()
+                } else {
+                    Reaction::hide()
+                };
+                if let Some(asked_after) = self.history_pending.remove(room) {
+                    let progressed = self
+                        .rooms
+                        .get(room)
+                        .is_some_and(|s| s.contiguous > asked_after);
+                    // Ask again only while answers move us forward, so a seq
+                    // the server no longer has cannot loop us.
+                    if progressed || *count >= HISTORY_PAGE {
+                        reaction.send.extend(self.ask_history(room));
+                    }
+                }
+                reaction
+            }
+            ServerLine::Dm { id, .. } => {
+                if self.seen_dms.insert(*id) {
+                    self.seen_dm_order.push_back(*id);
+                    if self.seen_dm_order.len() > MAX_SEEN_DMS {
+                        if let Some(old) = self.seen_dm_order.pop_front() {
+                            self.seen_dms.remove(&old);
+                        }
+                    }
+                    Reaction::show()
+                } else {
+                    Reaction::hide()
+                }
+            }
+            ServerLine::Err {
+                code: ErrorCode::TokenInvalid,
+                ..
+            } => {
+                // The session is gone for good: the user logs in again.
+                self.token = None;
+                Reaction::show()
+            }
+            ServerLine::Err {
+                code: ErrorCode::NoSuchRoom,
+                detail,
+            } => {
+                // Our own catch-up for a room that vanished: stop asking.
+                if let Some(room) = detail.split_whitespace().next() {
+                    self.history_pending.remove(room);
+                }
+                Reaction::show()
+            }
+            ServerLine::Bye { reason } => {
+                if reason == "quit" {
+                    self.quitting = true;
+                }
+                Reaction::show()
+            }
+            ServerLine::Reconnect { .. } => Reaction {
+                show: true,
+                reconnect: true,
+                ..Reaction::default()
+            },
+            _ => Reaction::show(),
+        }
+    }
+
+    /// The seqs of `room`, starting at `before` if the room is new to us.
+    fn seqs(&mut self, room: &str, before: u64) -> &mut RoomSeqs {
+        self.rooms
+            .entry(room.to_string())
+            .or_insert_with(|| RoomSeqs::starting_at(before))
+    }
+
+    fn forget_room(&mut self, room: &str) {
+        self.rooms.remove(room);
+        self.history_pending.remove(room);
+    }
+
+    /// `HISTORY <room> <contiguous>` if the room has a gap and no request of
+    /// ours is in flight for it.
+    fn ask_history(&mut self, room: &str) -> Option<String> {
+        let seqs = self.rooms.get(room)?;
+        if !seqs.has_gap() || self.history_pending.contains_key(room) {
+            return None;
+        }
+        self.history_pending
+            .insert(room.to_string(), seqs.contiguous);
+        Some(format!("HISTORY {room} {}", seqs.contiguous))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(s: &str) -> ServerLine {
+        s.parse().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn feed(state: &mut ClientState, s: &str) -> Reaction {
+        state.on_line(&line(s))
+    }
+
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+    fn logged_in() -> ClientState {
+        let mut s = ClientState::new();
+        assert!(s.on_connected().is_empty());
+        feed(&mut s, &format!("OK LOGIN alice {TOKEN}"));
+        s
+    }
+
+    #[test]
+    fn token_is_kept_and_resumed() {
+        let mut s = logged_in();
+        assert_eq!(s.token(), Some(TOKEN));
+        assert_eq!(s.user(), Some("alice"));
+        assert_eq!(s.on_connected(), vec![format!("RESUME {TOKEN}")]);
+        let other = "ffffffffffffffffffffffffffffffff";
+        feed(&mut s, &format!("OK RESUME alice {other}"));
+        assert_eq!(s.on_connected(), vec![format!("RESUME {other}")]);
+    }
+
+    #[test]
+    fn invalid_token_is_dropped() {
+        let mut s = logged_in();
+        let r = feed(&mut s, "ERR TOKEN_INVALID expired");
+        assert!(r.show);
+        assert!(s.token().is_none());
+        assert!(s.on_connected().is_empty());
+    }
+
+    #[test]
+    fn new_room_starts_at_join_without_history() {
+        let mut s = logged_in();
+        let r = feed(&mut s, "OK JOIN lobby 5");
+        assert!(r.show);
+        assert!(r.send.is_empty());
+        assert_eq!(s.last_seen("lobby"), Some(5));
+    }
+
+    #[test]
+    fn consecutive_messages_need_no_history() {
+        let mut s = logged_in();
+        feed(&mut s, "OK JOIN lobby 0");
+        for seq in 1..=3 {
+            let r = feed(&mut s, &format!("MSG lobby {seq} 100 bob hi"));
+            assert_eq!(r, Reaction::show());
+        }
+        assert_eq!(s.last_seen("lobby"), Some(3));
+    }
+
+    #[test]
+    fn own_ok_msg_counts_as_seen() {
+        let mut s = logged_in();
+        feed(&mut s, "OK JOIN lobby 0");
+        assert!(feed(&mut s, "OK MSG lobby 1 100 id=1").send.is_empty());
+        assert!(feed(&mut s, "MSG lobby 2 100 bob hi").send.is_empty());
+        assert_eq!(s.last_seen("lobby"), Some(2));
+    }
+
+    #[test]
+    fn gap_in_messages_asks_history_once_and_dedups() {
+        let mut s = logged_in();
+        feed(&mut s, "OK JOIN lobby 7");
+        let r = feed(&mut s, "MSG lobby 10 100 bob ten");
+        assert!(r.show);
+        assert_eq!(r.send, vec!["HISTORY lobby 7"]);
+        // A second event past the gap does not ask again while one is in flight.
+        let r = feed(&mut s, "MSG lobby 11 100 bob eleven");
+        assert!(r.show && r.send.is_empty());
+
+        assert!(feed(&mut s, "HIST lobby 8 100 bob eight").show);
+        assert!(feed(&mut s, "HIST lobby 9 100 bob nine").show);
+        assert!(!feed(&mut s, "HIST lobby 10 100 bob ten").show);
+        assert!(!feed(&mut s, "HIST lobby 11 100 bob eleven").show);
+        let r = feed(&mut s, "OK HISTORY lobby 4");
+        assert!(!r.show, "our own catch-up is silent");
+        assert!(r.send.is_empty());
+        assert_eq!(s.last_seen("lobby"), Some(11));
+        // A late duplicate of a live event is dropped.
+        assert!(!feed(&mut s, "MSG lobby 11 100 bob eleven").show);
+    }
+
+    #[test]
+    fn resume_with_newer_room_asks_history() {
+        let mut s = logged_in();
+        feed(&mut s, "OK JOIN lobby 2");
+        feed(&mut s, "MSG lobby 3 100 bob hi");
+        // The connection drops; messages 4..=6 are sent meanwhile.
+        assert_eq!(s.on_connected(), vec![format!("RESUME {TOKEN}")]);
+        feed(&mut s, &format!("OK RESUME alice {TOKEN}"));
+        let r = feed(&mut s, "OK JOIN lobby 6");
+        assert_eq!(r.send, vec!["HISTORY lobby 3"]);
+        // Nothing new in another room: no request.
+        feed(&mut s, "OK JOIN quiet 0");
+        assert!(feed(&mut s, "OK JOIN quiet 0").send.is_empty());
+        for seq in 4..=6 {
+            assert!(feed(&mut s, &format!("HIST lobby {seq} 100 bob m{seq}")).show);
+        }
+        assert!(feed(&mut s, "OK HISTORY lobby 3").send.is_empty());
+        assert_eq!(s.last_seen("lobby"), Some(6));
+    }
+
+    #[test]
+    fn full_history_page_asks_for_the_next() {
+        let mut s = logged_in();
+        feed(&mut s, "OK JOIN big 0");
+        s.on_connected();
+        let r = feed(&mut s, "OK JOIN big 250");
+        assert_eq!(r.send, vec!["HISTORY big 0"]);
+        for seq in 1..=100 {
+            feed(&mut s, &format!("HIST big {seq} 1 bob m"));
+        }
+        let r = feed(&mut s, "OK HISTORY big 100");
+        assert_eq!(r.send, vec!["HISTORY big 100"]);
+    }
+
+    #[test]
+    fn history_without_progress_stops_asking() {
+        let mut s = logged_in();
+        feed(&mut s, "OK JOIN lobby 1");
+        assert_eq!(
+            feed(&mut s, "MSG lobby 3 1 bob x").send,
+            vec!["HISTORY lobby 1"]
+        );
+        // The server no longer has seq 2: the answer brings only seq 3.
+        feed(&mut s, "HIST lobby 3 1 bob x");
+        assert!(feed(&mut s, "OK HISTORY lobby 1").send.is_empty());
+    }
+
+    #[test]
+    fn user_typed_history_is_shown_in_full() {
+        let mut s = logged_in();
+        feed(&mut s, "OK JOIN lobby 2");
+        s.on_user_line("history lobby 0");
+        assert!(feed(&mut s, "HIST lobby 1 1 bob a").show);
+        assert!(feed(&mut s, "HIST lobby 2 1 bob b").show);
+        assert!(feed(&mut s, "OK HISTORY lobby 2").show);
+        assert!(!feed(&mut s, "HIST lobby 2 1 bob b").show);
+    }
+
+    #[test]
+    fn dms_are_shown_once() {
+        let mut s = logged_in();
+        assert!(feed(&mut s, "DM 5 100 bob hello").show);
+        assert!(!feed(&mut s, "DM 5 100 bob hello").show);
+        assert!(feed(&mut s, "DM 6 100 bob again").show);
+    }
+
+    #[test]
+    fn quit_is_remembered() {
+        let mut s = logged_in();
+        assert!(!s.quitting());
+        s.on_user_line("quit");
+        assert!(s.quitting());
+        let mut s = logged_in();
+        feed(&mut s, "BYE quit");
+        assert!(s.quitting());
+        let mut s = logged_in();
+        feed(&mut s, "BYE shutdown");
+        assert!(!s.quitting());
+    }
+
+    #[test]
+    fn reconnect_line_asks_to_reconnect() {
+        let mut s = logged_in();
+        assert!(feed(&mut s, "RECONNECT rebalance").reconnect);
+    }
+
+    #[test]
+    fn part_forgets_the_room() {
+        let mut s = logged_in();
+        feed(&mut s, "OK JOIN lobby 3");
+        feed(&mut s, "OK PART lobby");
+        assert_eq!(s.last_seen("lobby"), None);
+        // Rejoining later starts afresh: no catch-up for the time away.
+        assert!(feed(&mut s, "OK JOIN lobby 9").send.is_empty());
+        feed(&mut s, "PART lobby alice left");
+        assert_eq!(s.last_seen("lobby"), None);
+    }
+
+    #[test]
+    fn another_user_starts_clean() {
+        let mut s = logged_in();
+        feed(&mut s, "OK JOIN lobby 3");
+        feed(&mut s, "DM 1 1 bob x");
+        feed(&mut s, &format!("OK LOGIN carol {TOKEN}"));
+        assert_eq!(s.last_seen("lobby"), None);
+        assert!(feed(&mut s, "DM 1 1 bob x").show);
+    }
+}

@@ -1,0 +1,287 @@
+//! The one configuration of the `chat` binary: a section per tier plus `log` and
+//! `up`, read from an optional TOML file and then `CHAT_`-prefixed environment
+//! variables (`CHAT_SERVER__LISTEN=0.0.0.0:7000`: section and key joined by `__`),
+//! the environment winning. Unknown keys are errors, so a typo is reported
+//! instead of silently ignored.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use config::{Environment, File, FileFormat};
+use serde::Deserialize;
+use tracing_subscriber::EnvFilter;
+
+/// Prefix of the environment variables read as configuration.
+pub const ENV_PREFIX: &str = "CHAT";
+/// Joins a section and a key in an environment variable name. Two underscores,
+/// because keys themselves contain one (`shutdown_grace_secs`).
+pub const ENV_SEPARATOR: &str = "__";
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Logging of every tier.
+    pub log: LogConfig,
+    /// The chat server tier (`chat server`, and the server that `chat up` starts).
+    pub server: chat_server::Config,
+    /// The storage tier (`chat dbproxy`, and the dbproxy that `chat up` starts).
+    pub dbproxy: chat_dbproxy::Config,
+    /// The single-machine stack that `chat up` starts.
+    pub up: UpConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter: a level (`info`) or directives (`info,chat_server=debug`).
+    /// `RUST_LOG`, when set, takes precedence.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpConfig {
+    /// Directory for the SQLite database (`<data_dir>/chat.db`); created if missing.
+    pub data_dir: PathBuf,
+    /// Number of chat servers to start. Only 1 until the proxy tier exists
+    /// (issue #4): without it nothing spreads clients over several servers.
+    pub servers: u32,
+}
+
+impl Default for UpConfig {
+    fn default() -> Self {
+        UpConfig {
+            data_dir: PathBuf::from("data"),
+            servers: 1,
+        }
+    }
+}
+
+impl Config {
+    /// Reads the file (if any) and the process environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        Config::load_from(file, None)
+    }
+
+    /// Like [`Config::load`], with `env` standing in for the process environment
+    /// when given (tests use it so that they never mutate the real one).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: Option<config::Map<String, String>>,
+    ) -> anyhow::Result<Config> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            // An explicitly named file must exist: a typo in the path would
+            // otherwise start the tier on defaults.
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator(ENV_SEPARATOR)
+                .source(env),
+        );
+        let origin = match file {
+            Some(p) => format!("{} and {ENV_PREFIX}_* environment", p.display()),
+            None => format!("{ENV_PREFIX}_* environment"),
+        };
+        builder
+            .build()
+            .and_then(|c| c.try_deserialize::<Config>())
+            .with_context(|| format!("reading configuration from {origin}"))
+    }
+
+    /// Checks every section; the error names the offending key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.log.validate()?;
+        self.up.validate()?;
+        self.server.validate().context("invalid [server] section")?;
+        self.dbproxy
+            .validate()
+            .context("invalid [dbproxy] section")?;
+        Ok(())
+    }
+}
+
+impl LogConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        EnvFilter::try_new(&self.level)
+            .map(drop)
+            .with_context(|| format!("log.level: {:?} is not a tracing filter", self.level))
+    }
+}
+
+impl UpConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.data_dir.as_os_str().is_empty() {
+            bail!("up.data_dir: must not be empty");
+        }
+        if self.servers != 1 {
+            bail!(
+                "up.servers: {} servers need the proxy tier, which is not built yet (issue #4); use 1",
+                self.servers
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<config::Map<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn toml_file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn error_text(r: anyhow::Result<Config>) -> String {
+        format!("{:#}", r.err().expect("loading should fail"))
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load_from(None, env(&[])).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.log.level, "info");
+        assert_eq!(c.up.data_dir, PathBuf::from("data"));
+        assert_eq!(c.up.servers, 1);
+        assert_eq!(c.server.listen, chat_server::Config::default().listen);
+        assert_eq!(c.dbproxy.listen, chat_dbproxy::Config::default().listen);
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let f = toml_file(
+            r#"
+            [log]
+            format = "json"
+            level = "debug"
+
+            [server]
+            listen = "127.0.0.1:17000"
+
+            [dbproxy]
+            listen = "127.0.0.1:17100"
+            shutdown_grace_secs = 3
+
+            [up]
+            data_dir = "/tmp/chat-data"
+            "#,
+        );
+        let c = Config::load_from(
+            Some(f.path()),
+            env(&[
+                ("CHAT_SERVER__LISTEN", "0.0.0.0:7000"),
+                ("CHAT_LOG__LEVEL", "warn"),
+                ("CHAT_DBPROXY__SHUTDOWN_GRACE_SECS", "7"),
+                ("OTHER_VAR", "ignored"),
+            ]),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log.level, "warn");
+        assert_eq!(c.server.listen, "0.0.0.0:7000");
+        assert_eq!(c.dbproxy.listen, "127.0.0.1:17100");
+        assert_eq!(c.dbproxy.shutdown_grace_secs, 7);
+        assert_eq!(c.up.data_dir, PathBuf::from("/tmp/chat-data"));
+    }
+
+    #[test]
+    fn env_only() {
+        let c = Config::load_from(None, env(&[("CHAT_LOG__FORMAT", "json")])).unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named() {
+        let f = toml_file("[server]\nlisten_adress = \"127.0.0.1:1\"\n");
+        let e = error_text(Config::load_from(Some(f.path()), env(&[])));
+        assert!(e.contains("listen_adress"), "{e}");
+    }
+
+    #[test]
+    fn unknown_section_is_named() {
+        let f = toml_file("[sever]\nlisten = \"127.0.0.1:1\"\n");
+        let e = error_text(Config::load_from(Some(f.path()), env(&[])));
+        assert!(e.contains("sever"), "{e}");
+    }
+
+    #[test]
+    fn unknown_env_key_is_named() {
+        let e = error_text(Config::load_from(None, env(&[("CHAT_UP__DATADIR", "x")])));
+        assert!(e.contains("datadir"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let e = error_text(Config::load_from(None, env(&[("CHAT_LOG__FORMAT", "xml")])));
+        assert!(e.contains("format") || e.contains("xml"), "{e}");
+
+        let f = toml_file("[dbproxy]\nshutdown_grace_secs = \"soon\"\n");
+        let e = error_text(Config::load_from(Some(f.path()), env(&[])));
+        assert!(e.contains("shutdown_grace_secs"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let e = error_text(Config::load_from(
+            Some(Path::new("/nonexistent/chat.toml")),
+            env(&[]),
+        ));
+        assert!(e.contains("/nonexistent/chat.toml"), "{e}");
+    }
+
+    #[test]
+    fn validate_names_the_key() {
+        let c = Config::load_from(None, env(&[("CHAT_UP__SERVERS", "3")])).unwrap();
+        let e = format!("{:#}", c.validate().unwrap_err());
+        assert!(e.contains("up.servers"), "{e}");
+
+        let c = Config::load_from(None, env(&[("CHAT_LOG__LEVEL", "info,=[")])).unwrap();
+        let e = format!("{:#}", c.validate().unwrap_err());
+        assert!(e.contains("log.level"), "{e}");
+    }
+
+    #[test]
+    fn example_config_loads_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/chat.example.toml");
+        let c = Config::load_from(Some(&path), env(&[])).unwrap();
+        c.validate().unwrap();
+    }
+}

@@ -1,0 +1,76 @@
+//! `chat up`: the whole stack in one process for a single machine — a dbproxy
+//! on embedded SQLite under the data directory and one chat server talking to
+//! it — each a task on its own listener, stopped by Ctrl-C: the server first, then the dbproxy.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::tiers;
+
+pub async fn run(
+    mut config: Config,
+    data_dir: Option<PathBuf>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let data_dir = data_dir.unwrap_or_else(|| config.up.data_dir.clone());
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("up.data_dir: cannot create {}", data_dir.display()))?;
+    let db_path = data_dir.join("chat.db");
+    config.dbproxy.sqlite_path = db_path
+        .to_str()
+        .with_context(|| format!("up.data_dir: {} is not UTF-8", data_dir.display()))?
+        .to_string();
+
+    // Bind everything before starting anything: a busy port fails the whole
+    // command at once instead of leaving half a stack running.
+    let (db_listener, db_addr) = tiers::bind("dbproxy.listen", &config.dbproxy.listen).await?;
+    config.server.dbproxy_url = format!("http://{db_addr}");
+    let bound = tiers::bind_server(&config.server).await?;
+    let (client_addr, admin_addr) = (bound.client_addr, bound.admin_addr);
+
+    // Shutdown order: the server drains first (its in-flight messages still
+    // need storage), then the dbproxy. Either tier failing stops the other.
+    let server_stop = shutdown.child_token();
+    let dbproxy_stop = CancellationToken::new();
+    let dbproxy = tokio::spawn({
+        let (own, server_stop) = (dbproxy_stop.clone(), server_stop.clone());
+        let dbproxy_config = config.dbproxy;
+        async move {
+            // A drop guard, so that a panic stops the other tier too.
+            let _stop_server = server_stop.drop_guard();
+            tiers::run_dbproxy(db_listener, dbproxy_config, own).await
+        }
+    });
+    let server = tokio::spawn({
+        let (own, dbproxy_stop) = (server_stop.clone(), dbproxy_stop.clone());
+        let server_config = config.server;
+        async move {
+            let _stop_dbproxy = dbproxy_stop.drop_guard();
+            tiers::run_server(bound, server_config, own).await
+        }
+    });
+
+    println!(
+        "chat is up: 1 chat server, dbproxy on SQLite at {}\n\
+         \n  talk to it:   nc {} {}\
+         \n                cargo run -- client {client_addr}\
+         \n  metrics:      http://{admin_addr}/metrics (server)\
+         \n                http://{db_addr}/metrics (dbproxy)\
+         \n  health:       http://{admin_addr}/healthz  http://{admin_addr}/readyz\
+         \n\nCtrl-C to stop.",
+        db_path.display(),
+        client_addr.ip(),
+        client_addr.port(),
+    );
+
+    let (server_result, dbproxy_result) = tokio::join!(server, dbproxy);
+    let server_result = server_result.context("chat server task panicked")?;
+    let dbproxy_result = dbproxy_result.context("dbproxy task panicked")?;
+    server_result?;
+    dbproxy_result?;
+    println!("chat stopped");
+    Ok(())
+}
