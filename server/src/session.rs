@@ -361,8 +361,12 @@ impl Session {
                     tracing::info!(user = %self.user, "closing a connection that keeps flooding");
                     return PartReason::Disconnected;
                 }
-                self.error(ErrorCode::RateLimited, "too many commands; not executed")
-                    .await;
+                let cid = match Command::parse(&line) {
+                    Ok(Command::Msg { cid, .. } | Command::Dm { cid, .. }) => cid,
+                    _ => None,
+                };
+                let detail = with_cid(&cid, "too many commands; not executed");
+                self.error(ErrorCode::RateLimited, detail).await;
                 continue;
             }
             self.limited_in_a_row = 0;
