@@ -5,12 +5,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::DbProxyError;
 
+pub use crate::mysql::config::MysqlConfig;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address the binary binds the API (and `/metrics`, `/healthz`, `/readyz`) on.
     pub listen: String,
-    /// Storage backend; only `sqlite` exists so far.
+    /// Storage backend: `sqlite` or `mysql` (MySQL/MariaDB, see `mysql`).
     pub backend: String,
     /// SQLite database file; missing parent directories are created.
     pub sqlite_path: String,
@@ -27,6 +29,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Seconds that in-flight requests and queued writes get to finish on shutdown.
     pub shutdown_grace_secs: u64,
+    /// MySQL/MariaDB servers, used when `backend = "mysql"`.
+    pub mysql: MysqlConfig,
 }
 
 impl Default for Config {
@@ -41,6 +45,7 @@ impl Default for Config {
             max_body_bytes: 4 * 1024 * 1024,
             max_connections: 1024,
             shutdown_grace_secs: 10,
+            mysql: Default::default(),
         }
     }
 }
@@ -57,11 +62,17 @@ impl Config {
         if self.listen.trim().is_empty() || !self.listen.contains(':') {
             return bad("listen", "must be host:port");
         }
-        if self.backend != "sqlite" {
+        if self.backend != "sqlite" && self.backend != "mysql" {
             return bad(
                 "backend",
-                format!("unsupported backend {:?} (supported: sqlite)", self.backend),
+                format!(
+                    "unsupported backend {:?} (supported: sqlite, mysql)",
+                    self.backend
+                ),
             );
+        }
+        if self.backend == "mysql" {
+            self.mysql.validate()?;
         }
         if self.sqlite_path.trim().is_empty() {
             return bad("sqlite_path", "must not be empty");

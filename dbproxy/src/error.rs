@@ -21,6 +21,9 @@ pub enum DbProxyError {
     /// Metric registration failed (e.g. registered twice on one registry).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// A MySQL/MariaDB server could not be used at start (no primary, migration).
+    #[error("mysql {addr}: {message}")]
+    Mysql { addr: String, message: String },
 }
 
 pub(crate) fn unavailable(message: impl Into<String>) -> ApiError {

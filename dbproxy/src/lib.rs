@@ -19,6 +19,7 @@ pub mod config;
 pub mod error;
 mod http;
 mod metrics;
+mod mysql;
 mod schema;
 mod sqlite;
 mod writer;
@@ -49,11 +50,15 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::register(&registry)?);
     let cfg = config.clone();
     let m = metrics.clone();
-    // Opening and migrating does blocking file I/O.
-    let backend = tokio::task::spawn_blocking(move || sqlite::SqliteBackend::open(&cfg, m))
-        .await
-        .map_err(|e| DbProxyError::Io(std::io::Error::other(e)))??;
-    let backend: Arc<dyn Backend> = Arc::new(backend);
+    let backend: Arc<dyn Backend> = if config.backend == "mysql" {
+        Arc::new(mysql::MysqlBackend::open(&cfg, m, &registry).await?)
+    } else {
+        // Opening and migrating does blocking file I/O.
+        let backend = tokio::task::spawn_blocking(move || sqlite::SqliteBackend::open(&cfg, m))
+            .await
+            .map_err(|e| DbProxyError::Io(std::io::Error::other(e)))??;
+        Arc::new(backend)
+    };
     let health = chat_admin::Health::default();
     health.set_ready(true);
     tracing::info!(

@@ -1,0 +1,743 @@
+//! MySQL/MariaDB backend: a primary and replicas found by `@@read_only`
+//! (`topology`), appends group-committed on the primary (`writer`), other
+//! writes in one transaction each on the primary, reads on a replica within
+//! the lag budget that has applied the request's `min_pos` (else the primary).
+//! Every write answers `pos` = `@@last_gtid` of its commit.
+//!
+//! Semantics match the SQLite backend (`crate::sqlite`): same tables, tokens
+//! stored as SHA-256, argon2id passwords, guest name rules, per-item errors.
+
+pub mod config;
+mod schema;
+mod topology;
+mod writer;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mysql_async::prelude::Queryable;
+use mysql_async::Conn;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::*;
+use crate::auth;
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::error::{internal, unavailable, DbProxyError};
+use crate::metrics::Metrics;
+use crate::writer::now_ms;
+use topology::{Routed, Topology};
+
+/// Largest page of history, rooms or pending DMs in one answer.
+const MAX_PAGE: u32 = 1000;
+
+/// Server errors that mean "try again" (nothing was written): read-only
+/// server (a demoted primary), lock wait timeout, deadlock, too many
+/// connections, shutdown in progress.
+const RETRYABLE: &[u16] = &[1290, 1836, 1205, 1213, 1040, 1053, 1927];
+
+pub(crate) fn db_err(e: mysql_async::Error) -> ApiError {
+    match &e {
+        mysql_async::Error::Server(s) if !RETRYABLE.contains(&s.code) => {
+            internal(format!("storage: {e}"))
+        }
+        mysql_async::Error::Url(_) => internal(format!("storage: {e}")),
+        _ => unavailable(format!("storage: {e}")),
+    }
+}
+
+pub(crate) fn no_such_user(name: &str) -> ApiError {
+    ApiError::new(ErrorKind::NoSuchUser, format!("no such user {name}"))
+}
+
+pub(crate) fn no_such_room(name: &str) -> ApiError {
+    ApiError::new(ErrorKind::NoSuchRoom, format!("no such room {name}"))
+}
+
+fn name_taken(name: &str) -> ApiError {
+    ApiError::new(ErrorKind::NameTaken, format!("name {name} is taken"))
+}
+
+fn require(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
+            format!("{field} must not be empty"),
+        ));
+    }
+    Ok(())
+}
+
+fn clamp_page(limit: u32) -> i64 {
+    i64::from(limit.clamp(1, MAX_PAGE))
+}
+
+/// `@@last_gtid` of the connection's last commit (`None` without binlog).
+pub(crate) async fn last_gtid(c: &mut Conn) -> Option<String> {
+    let gtid: Option<Option<String>> = c.query_first("SELECT @@last_gtid").await.ok()?;
+    gtid.flatten().filter(|g| !g.is_empty())
+}
+
+type Tx<T> = mysql_async::Result<Result<T, ApiError>>;
+
+/// Commits when the body succeeded, rolls back otherwise; answers the body's
+/// value and the commit's GTID.
+async fn finish<T>(w: &mut Routed<'_>, body: Tx<T>) -> Result<(T, Option<String>), ApiError> {
+    match body {
+        Ok(Ok(v)) => {
+            w.conn.query_drop("COMMIT").await.map_err(db_err)?;
+            Ok((v, last_gtid(&mut w.conn).await))
+        }
+        Ok(Err(e)) => {
+            let _ = w.conn.query_drop("ROLLBACK").await;
+            Err(e)
+        }
+        Err(e) => {
+            let _ = w.conn.query_drop("ROLLBACK").await;
+            tracing::warn!(error = %e, "write failed");
+            Err(db_err(e))
+        }
+    }
+}
+
+async fn begin(w: &mut Routed<'_>) -> Result<(), ApiError> {
+    w.conn.query_drop("START TRANSACTION").await.map_err(db_err)
+}
+
+async fn user_id(c: &mut Conn, name: &str) -> mysql_async::Result<Option<i64>> {
+    c.exec_first("SELECT id FROM users WHERE name = ?", (name,))
+        .await
+}
+
+struct UserRow {
+    id: i64,
+    password_hash: Option<String>,
+    guest: bool,
+    live: bool,
+}
+
+/// `lock`: take the row lock (inside a write transaction).
+async fn load_user(
+    c: &mut Conn,
+    name: &str,
+    now: i64,
+    ttl: i64,
+    lock: bool,
+) -> mysql_async::Result<Option<UserRow>> {
+    let sql = if lock {
+        "SELECT id, password_hash, guest FROM users WHERE name = ? FOR UPDATE"
+    } else {
+        "SELECT id, password_hash, guest FROM users WHERE name = ?"
+    };
+    let row: Option<(i64, Option<String>, i64)> = c.exec_first(sql, (name,)).await?;
+    let Some((id, password_hash, guest)) = row else {
+        return Ok(None);
+    };
+    let live: Option<i64> = c
+        .exec_first(
+            "SELECT EXISTS(SELECT 1 FROM tokens WHERE user_id = ? AND last_used_ms >= ?)",
+            (id, now.saturating_sub(ttl)),
+        )
+        .await?;
+    Ok(Some(UserRow {
+        id,
+        password_hash,
+        guest: guest != 0,
+        live: live.unwrap_or(0) != 0,
+    }))
+}
+
+async fn insert_token(c: &mut Conn, user: i64, token: &str, now: i64) -> mysql_async::Result<()> {
+    c.exec_drop(
+        "INSERT INTO tokens (token_hash, user_id, created_at, last_used_ms) VALUES (?, ?, ?, ?)",
+        (auth::token_hash(token), user, now, now),
+    )
+    .await
+}
+
+/// Forgets a previous holder of a name: its tokens and rooms (DMs stay).
+async fn forget_holder(c: &mut Conn, user: i64) -> mysql_async::Result<()> {
+    c.exec_drop("DELETE FROM tokens WHERE user_id = ?", (user,))
+        .await?;
+    c.exec_drop("DELETE FROM memberships WHERE user_id = ?", (user,))
+        .await
+}
+
+enum Registered {
+    Done,
+    /// Someone registered the name between our read and our write.
+    Retry,
+}
+
+async fn register(
+    c: &mut Conn,
+    name: &str,
+    phc: &str,
+    ttl: i64,
+    token: &str,
+    now: i64,
+) -> Tx<Registered> {
+    let id = match load_user(c, name, now, ttl, true).await? {
+        None => {
+            let inserted = c
+                .exec_drop(
+                    "INSERT INTO users (name, password_hash, guest, created_at) VALUES (?, ?, 0, ?)",
+                    (name, phc, now),
+                )
+                .await;
+            match inserted {
+                Ok(()) => c.last_insert_id().unwrap_or(0) as i64,
+                Err(mysql_async::Error::Server(s)) if s.code == 1062 => {
+                    return Ok(Ok(Registered::Retry))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Some(UserRow { guest: false, .. }) => return Ok(Ok(Registered::Retry)),
+        Some(UserRow { live: true, .. }) => return Ok(Err(name_taken(name))),
+        Some(UserRow { id, .. }) => {
+            forget_holder(c, id).await?;
+            c.exec_drop(
+                "UPDATE users SET password_hash = ?, guest = 0 WHERE id = ?",
+                (phc, id),
+            )
+            .await?;
+            id
+        }
+    };
+    insert_token(c, id, token, now).await?;
+    Ok(Ok(Registered::Done))
+}
+
+async fn take_guest(c: &mut Conn, name: &str, ttl: i64, token: &str, now: i64) -> Tx<()> {
+    let id = match load_user(c, name, now, ttl, true).await? {
+        None => {
+            let inserted = c
+                .exec_drop(
+                    "INSERT INTO users (name, password_hash, guest, created_at) VALUES (?, NULL, 1, ?)",
+                    (name, now),
+                )
+                .await;
+            match inserted {
+                Ok(()) => c.last_insert_id().unwrap_or(0) as i64,
+                Err(mysql_async::Error::Server(s)) if s.code == 1062 => {
+                    return Ok(Err(name_taken(name)))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Some(UserRow { guest: false, .. }) | Some(UserRow { live: true, .. }) => {
+            return Ok(Err(name_taken(name)))
+        }
+        Some(UserRow { id, .. }) => {
+            forget_holder(c, id).await?;
+            id
+        }
+    };
+    insert_token(c, id, token, now).await?;
+    Ok(Ok(()))
+}
+
+async fn resume_tx(c: &mut Conn, hash: &[u8], ttl: i64, now: i64) -> Tx<(String, bool)> {
+    let row: Option<(String, i64, i64)> = c
+        .exec_first(
+            "SELECT u.name, u.guest, t.last_used_ms FROM tokens t
+             JOIN users u ON u.id = t.user_id WHERE t.token_hash = ? FOR UPDATE",
+            (hash,),
+        )
+        .await?;
+    let invalid = || ApiError::new(ErrorKind::TokenInvalid, "unknown or expired token");
+    let Some((name, guest, last_used)) = row else {
+        return Ok(Err(invalid()));
+    };
+    if now.saturating_sub(last_used) > ttl {
+        return Ok(Err(invalid()));
+    }
+    c.exec_drop(
+        "UPDATE tokens SET last_used_ms = GREATEST(last_used_ms, ?) WHERE token_hash = ?",
+        (now, hash),
+    )
+    .await?;
+    Ok(Ok((name, guest != 0)))
+}
+
+async fn join_tx(c: &mut Conn, room: &str, user: &str, now: i64) -> Tx<u64> {
+    let Some(uid) = user_id(c, user).await? else {
+        return Ok(Err(no_such_user(user)));
+    };
+    c.exec_drop(
+        "INSERT IGNORE INTO rooms (name, last_seq, created_at) VALUES (?, 0, ?)",
+        (room, now),
+    )
+    .await?;
+    let (rid, last_seq): (i64, i64) = c
+        .exec_first("SELECT id, last_seq FROM rooms WHERE name = ?", (room,))
+        .await?
+        .unwrap_or((0, 0));
+    c.exec_drop(
+        "INSERT IGNORE INTO memberships (room_id, user_id, joined_at) VALUES (?, ?, ?)",
+        (rid, uid, now),
+    )
+    .await?;
+    Ok(Ok(last_seq as u64))
+}
+
+async fn send_dms_tx(
+    c: &mut Conn,
+    items: &[DmItem],
+    now: i64,
+) -> Tx<Vec<Result<DmSent, ApiError>>> {
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Some(sender) = user_id(c, &item.sender).await? else {
+            out.push(Err(no_such_user(&item.sender)));
+            continue;
+        };
+        if let Some(cid) = &item.client_id {
+            let prior: Option<(i64, i64, Option<i64>)> = c
+                .exec_first(
+                    "SELECT id, sent_at_ms, recipient_id FROM messages
+                     WHERE sender_id = ? AND client_id = ?",
+                    (sender, cid.as_str()),
+                )
+                .await?;
+            match prior {
+                Some((id, ts, Some(_))) => {
+                    out.push(Ok(DmSent {
+                        id,
+                        ts,
+                        duplicate: true,
+                    }));
+                    continue;
+                }
+                Some((_, _, None)) => {
+                    out.push(Err(ApiError::new(
+                        ErrorKind::BadRequest,
+                        "client_id already used for a room message",
+                    )));
+                    continue;
+                }
+                None => {}
+            }
+        }
+        let Some(recipient) = user_id(c, &item.recipient).await? else {
+            out.push(Err(no_such_user(&item.recipient)));
+            continue;
+        };
+        c.exec_drop(
+            "INSERT INTO messages (sender_id, recipient_id, client_id, sent_at_ms, body)
+             VALUES (?, ?, ?, ?, ?)",
+            (
+                sender,
+                recipient,
+                item.client_id.as_deref(),
+                now,
+                item.body.as_str(),
+            ),
+        )
+        .await?;
+        out.push(Ok(DmSent {
+            id: c.last_insert_id().unwrap_or(0) as i64,
+            ts: now,
+            duplicate: false,
+        }));
+    }
+    Ok(Ok(out))
+}
+
+const ROOM_INFO_COLUMNS: &str =
+    "r.name, r.last_seq, (SELECT COUNT(*) FROM memberships m WHERE m.room_id = r.id)";
+
+fn room_info((room, last_seq, members): (String, i64, i64)) -> RoomInfo {
+    RoomInfo {
+        room,
+        last_seq: last_seq as u64,
+        members: members as u64,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal(format!("blocking task failed: {e}")))?
+}
+
+pub(crate) struct MysqlBackend {
+    topo: Arc<Topology>,
+    writer: writer::AppendWriter,
+    stop: CancellationToken,
+    // std Mutex: only taken once, in `close`, to move the handles out.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl MysqlBackend {
+    /// Finds the primary, migrates the schema there, starts the health loop
+    /// and the append writer.
+    pub(crate) async fn open(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        registry: &prometheus::Registry,
+    ) -> Result<Self, DbProxyError> {
+        let cfg = &config.mysql;
+        let password = cfg.password()?;
+        let topo = Arc::new(Topology::new(cfg, &password, registry)?);
+        let startup_err = |message: String| DbProxyError::Mysql {
+            addr: cfg.primary.clone(),
+            message,
+        };
+        // Servers may still be starting: wait up to the acquire timeout.
+        let deadline = tokio::time::Instant::now() + cfg.acquire_timeout();
+        while topo.primary_index().is_none() {
+            topo.probe_all().await;
+            if topo.primary_index().is_some() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(startup_err("no writable server found".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        {
+            let mut w = topo.primary().await.map_err(|e| startup_err(e.message))?;
+            schema::migrate(&mut w.conn)
+                .await
+                .map_err(|e| startup_err(format!("migration: {e}")))?;
+        }
+        topo.probe_all().await;
+        let stop = CancellationToken::new();
+        let health = tokio::spawn(
+            topo.clone()
+                .run_health(Duration::from_millis(cfg.health_interval_ms), stop.clone()),
+        );
+        let (writer, writer_task) = writer::spawn(
+            topo.clone(),
+            config.write_queue,
+            config.batch_max_items,
+            metrics,
+            stop.clone(),
+        );
+        Ok(MysqlBackend {
+            topo,
+            writer,
+            stop,
+            tasks: Mutex::new(vec![writer_task, health]),
+        })
+    }
+
+    async fn write<'a>(&'a self) -> Result<Routed<'a>, ApiError> {
+        let mut w = self.topo.primary().await?;
+        begin(&mut w).await?;
+        Ok(w)
+    }
+}
+
+#[async_trait]
+impl Backend for MysqlBackend {
+    async fn login(&self, req: LoginReq) -> Result<Identity, ApiError> {
+        require("user", &req.user)?;
+        require("password", &req.password)?;
+        let ttl = req.token_idle_ttl_ms;
+        let password = Arc::new(req.password);
+        // Argon2 runs between a read and a write, never inside a transaction.
+        for _ in 0..3 {
+            let user = {
+                let mut r = self.topo.primary().await?;
+                load_user(&mut r.conn, &req.user, now_ms(), ttl, false)
+                    .await
+                    .map_err(db_err)?
+            };
+            let token = auth::new_token();
+            match user {
+                Some(UserRow {
+                    id,
+                    password_hash: Some(phc),
+                    guest: false,
+                    ..
+                }) => {
+                    let pw = password.clone();
+                    if !blocking(move || auth::verify_password(&pw, &phc)).await? {
+                        return Err(ApiError::new(ErrorKind::AuthFailed, "wrong password"));
+                    }
+                    let mut w = self.write().await?;
+                    let body = insert_token(&mut w.conn, id, &token, now_ms())
+                        .await
+                        .map(Ok);
+                    let ((), pos) = finish(&mut w, body).await?;
+                    return Ok(Identity {
+                        user: req.user,
+                        token,
+                        guest: false,
+                        pos,
+                    });
+                }
+                Some(UserRow { live: true, .. }) => return Err(name_taken(&req.user)),
+                _ => {
+                    let pw = password.clone();
+                    let phc = blocking(move || auth::hash_password(&pw)).await?;
+                    let mut w = self.write().await?;
+                    let body = register(&mut w.conn, &req.user, &phc, ttl, &token, now_ms()).await;
+                    let (outcome, pos) = finish(&mut w, body).await?;
+                    if let Registered::Done = outcome {
+                        return Ok(Identity {
+                            user: req.user,
+                            token,
+                            guest: false,
+                            pos,
+                        });
+                    }
+                }
+            }
+        }
+        Err(ApiError::new(
+            ErrorKind::Unavailable,
+            "name changed hands repeatedly during login",
+        ))
+    }
+
+    async fn guest(&self, req: GuestReq) -> Result<Identity, ApiError> {
+        require("name", &req.name)?;
+        let token = auth::new_token();
+        let mut w = self.write().await?;
+        let body = take_guest(
+            &mut w.conn,
+            &req.name,
+            req.token_idle_ttl_ms,
+            &token,
+            now_ms(),
+        )
+        .await;
+        let ((), pos) = finish(&mut w, body).await?;
+        Ok(Identity {
+            user: req.name,
+            token,
+            guest: true,
+            pos,
+        })
+    }
+
+    async fn resume(&self, req: ResumeReq) -> Result<Identity, ApiError> {
+        let hash = auth::token_hash(&req.token);
+        let mut w = self.write().await?;
+        let body = resume_tx(&mut w.conn, &hash, req.token_idle_ttl_ms, now_ms()).await;
+        let ((user, guest), pos) = finish(&mut w, body).await?;
+        Ok(Identity {
+            user,
+            token: req.token,
+            guest,
+            pos,
+        })
+    }
+
+    async fn touch(&self, req: TouchReq) -> Result<WriteAck, ApiError> {
+        if req.tokens.is_empty() {
+            return Ok(WriteAck::default());
+        }
+        let now = now_ms();
+        let params: Vec<(i64, Vec<u8>)> = req
+            .tokens
+            .iter()
+            .map(|t| (now, auth::token_hash(t)))
+            .collect();
+        let mut w = self.write().await?;
+        let body = w
+            .conn
+            .exec_batch(
+                "UPDATE tokens SET last_used_ms = GREATEST(last_used_ms, ?) WHERE token_hash = ?",
+                params,
+            )
+            .await
+            .map(Ok);
+        let ((), pos) = finish(&mut w, body).await?;
+        Ok(WriteAck { pos })
+    }
+
+    async fn join(&self, req: JoinReq) -> Result<JoinResp, ApiError> {
+        require("room", &req.room)?;
+        let mut w = self.write().await?;
+        let body = join_tx(&mut w.conn, &req.room, &req.user, now_ms()).await;
+        let (last_seq, pos) = finish(&mut w, body).await?;
+        Ok(JoinResp { last_seq, pos })
+    }
+
+    async fn part(&self, req: PartReq) -> Result<WriteAck, ApiError> {
+        let mut w = self.write().await?;
+        let body = w
+            .conn
+            .exec_drop(
+                "DELETE FROM memberships
+                 WHERE room_id = (SELECT id FROM rooms WHERE name = ?)
+                   AND user_id = (SELECT id FROM users WHERE name = ?)",
+                (req.room.as_str(), req.user.as_str()),
+            )
+            .await
+            .map(Ok);
+        let ((), pos) = finish(&mut w, body).await?;
+        Ok(WriteAck { pos })
+    }
+
+    async fn user_rooms(&self, req: UserRoomsReq) -> Result<RoomList, ApiError> {
+        let mut r = self.topo.reader(req.min_pos.as_deref()).await?;
+        let sql = format!(
+            "SELECT {ROOM_INFO_COLUMNS} FROM rooms r
+             JOIN memberships me ON me.room_id = r.id
+             JOIN users u ON u.id = me.user_id
+             WHERE u.name = ? ORDER BY r.name"
+        );
+        let rows: Vec<(String, i64, i64)> = r
+            .conn
+            .exec(sql, (req.user.as_str(),))
+            .await
+            .map_err(db_err)?;
+        Ok(RoomList {
+            rooms: rows.into_iter().map(room_info).collect(),
+        })
+    }
+
+    async fn rooms(&self, req: RoomsReq) -> Result<RoomList, ApiError> {
+        let mut r = self.topo.reader(req.min_pos.as_deref()).await?;
+        let sql = format!("SELECT {ROOM_INFO_COLUMNS} FROM rooms r ORDER BY r.name LIMIT ?");
+        let rows: Vec<(String, i64, i64)> = r
+            .conn
+            .exec(sql, (clamp_page(req.limit),))
+            .await
+            .map_err(db_err)?;
+        Ok(RoomList {
+            rooms: rows.into_iter().map(room_info).collect(),
+        })
+    }
+
+    async fn room_info(&self, req: RoomInfoReq) -> Result<RoomInfo, ApiError> {
+        let mut r = self.topo.reader(req.min_pos.as_deref()).await?;
+        let sql = format!("SELECT {ROOM_INFO_COLUMNS} FROM rooms r WHERE r.name = ?");
+        let row: Option<(String, i64, i64)> = r
+            .conn
+            .exec_first(sql, (req.room.as_str(),))
+            .await
+            .map_err(db_err)?;
+        row.map(room_info).ok_or_else(|| no_such_room(&req.room))
+    }
+
+    async fn append(&self, req: AppendReq) -> Result<AppendResp, ApiError> {
+        if req.items.is_empty() {
+            return Ok(AppendResp {
+                results: Vec::new(),
+                pos: None,
+            });
+        }
+        let (results, pos) = self.writer.append(req.items).await?;
+        Ok(AppendResp { results, pos })
+    }
+
+    async fn history(&self, req: HistoryReq) -> Result<HistoryResp, ApiError> {
+        let mut r = self.topo.reader(req.min_pos.as_deref()).await?;
+        let room: Option<i64> = r
+            .conn
+            .exec_first("SELECT id FROM rooms WHERE name = ?", (req.room.as_str(),))
+            .await
+            .map_err(db_err)?;
+        let Some(room) = room else {
+            return Err(no_such_room(&req.room));
+        };
+        let after = i64::try_from(req.after).unwrap_or(i64::MAX);
+        let rows: Vec<(i64, i64, String, String)> = r
+            .conn
+            .exec(
+                "SELECT m.seq, m.sent_at_ms, u.name, m.body FROM messages m
+                 JOIN users u ON u.id = m.sender_id
+                 WHERE m.room_id = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
+                (room, after, clamp_page(req.limit)),
+            )
+            .await
+            .map_err(db_err)?;
+        let messages = rows
+            .into_iter()
+            .map(|(seq, ts, sender, body)| StoredMessage {
+                room: req.room.clone(),
+                seq: seq as u64,
+                ts,
+                sender,
+                body,
+            })
+            .collect();
+        Ok(HistoryResp { messages })
+    }
+
+    async fn send_dms(&self, req: SendDmsReq) -> Result<SendDmsResp, ApiError> {
+        if req.items.is_empty() {
+            return Ok(SendDmsResp {
+                results: Vec::new(),
+                pos: None,
+            });
+        }
+        let mut w = self.write().await?;
+        let body = send_dms_tx(&mut w.conn, &req.items, now_ms()).await;
+        let (results, pos) = finish(&mut w, body).await?;
+        Ok(SendDmsResp { results, pos })
+    }
+
+    async fn pending_dms(&self, req: PendingDmsReq) -> Result<PendingDmsResp, ApiError> {
+        let mut r = self.topo.primary().await?;
+        let rows: Vec<(i64, i64, String, String)> = r
+            .conn
+            .exec(
+                "SELECT m.id, m.sent_at_ms, s.name, m.body FROM messages m
+                 JOIN users s ON s.id = m.sender_id
+                 WHERE m.recipient_id = (SELECT id FROM users WHERE name = ?)
+                   AND m.received_at_ms IS NULL
+                 ORDER BY m.id LIMIT ?",
+                (req.user.as_str(), clamp_page(req.limit)),
+            )
+            .await
+            .map_err(db_err)?;
+        let dms = rows
+            .into_iter()
+            .map(|(id, ts, sender, body)| StoredDm {
+                id,
+                ts,
+                sender,
+                recipient: req.user.clone(),
+                body,
+            })
+            .collect();
+        Ok(PendingDmsResp { dms })
+    }
+
+    async fn mark_received(&self, req: MarkReceivedReq) -> Result<WriteAck, ApiError> {
+        if req.ids.is_empty() {
+            return Ok(WriteAck::default());
+        }
+        let now = now_ms();
+        let params: Vec<(i64, i64)> = req.ids.iter().map(|id| (now, *id)).collect();
+        let mut w = self.write().await?;
+        let body = w
+            .conn
+            .exec_batch(
+                "UPDATE messages SET received_at_ms = ?
+                 WHERE id = ? AND recipient_id IS NOT NULL AND received_at_ms IS NULL",
+                params,
+            )
+            .await
+            .map(Ok);
+        let ((), pos) = finish(&mut w, body).await?;
+        Ok(WriteAck { pos })
+    }
+
+    async fn close(&self) {
+        self.stop.cancel();
+        let tasks = self
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for task in tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "mysql backend task failed");
+            }
+        }
+        self.topo.disconnect().await;
+    }
+}

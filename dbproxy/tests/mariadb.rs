@@ -1,0 +1,365 @@
+//! The MySQL backend against real MariaDB servers (a primary and a GTID
+//! replica per test, see `mariadb_harness`), driven through `run` and the real
+//! `DbClient`. Routing is observed through `chat_dbproxy_route_total`.
+
+mod mariadb_harness;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use chat_dbproxy::api::{AppendItem, ErrorKind};
+use chat_dbproxy::config::MysqlConfig;
+use chat_dbproxy::{Config, DbClient};
+use mariadb_harness::{Pair, APP_USER, DATABASE};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const TTL: i64 = 3_600_000;
+
+struct Proxy {
+    client: DbClient,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), chat_dbproxy::DbProxyError>>,
+}
+
+impl Proxy {
+    async fn start(pair: &Pair) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let config = Config {
+            backend: "mysql".into(),
+            shutdown_grace_secs: 2,
+            mysql: MysqlConfig {
+                primary: pair.primary.addr(),
+                replicas: vec![pair.replica.addr()],
+                user: APP_USER.into(),
+                password_file: pair.password_file.to_string_lossy().into_owned(),
+                database: DATABASE.into(),
+                pool_min: 1,
+                pool_max: 8,
+                acquire_timeout_ms: 1000,
+                connect_timeout_ms: 500,
+                ..MysqlConfig::default()
+            },
+            ..Config::default()
+        };
+        let registry = prometheus::Registry::new();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(chat_dbproxy::run(
+            listener,
+            config,
+            registry.clone(),
+            shutdown.clone(),
+        ));
+        let client = DbClient::new(&base);
+        let proxy = Proxy {
+            client,
+            registry,
+            shutdown,
+            task,
+        };
+        wait_until("dbproxy ready", Duration::from_secs(15), || async {
+            proxy.client.rooms(1, None).await.is_ok()
+        })
+        .await;
+        proxy
+    }
+
+    /// Sum of a counter's samples whose labels include all of `labels`.
+    fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            .map(|m| m.get_counter().get_value())
+            .sum()
+    }
+
+    fn routed(&self, route: &str, backend: &str) -> f64 {
+        self.counter(
+            "chat_dbproxy_route_total",
+            &[("route", route), ("backend", backend)],
+        )
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn item(room: &str, sender: &str, client_id: Option<&str>, body: &str) -> AppendItem {
+    AppendItem {
+        room: room.into(),
+        sender: sender.into(),
+        client_id: client_id.map(Into::into),
+        body: body.into(),
+    }
+}
+
+async fn start() -> (Pair, Proxy) {
+    let pair = tokio::task::spawn_blocking(Pair::start).await.unwrap();
+    let proxy = Proxy::start(&pair).await;
+    (pair, proxy)
+}
+
+/// Waits until reads are served by the replica (replication caught up).
+async fn wait_replica_serving(proxy: &Proxy, pair: &Pair, room: &str) {
+    let replica = pair.replica.addr();
+    wait_until("replica serving reads", Duration::from_secs(10), || async {
+        let before = proxy.routed("replica", &replica);
+        proxy.client.room_info(room, None).await.is_ok()
+            && proxy.routed("replica", &replica) > before
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_idempotency_and_dense_seq_across_two_proxies() {
+    let (pair, a) = start().await;
+    let b = Proxy::start(&pair).await;
+    let (primary, replica) = (pair.primary.addr(), pair.replica.addr());
+
+    let id = a.client.guest("alice", TTL).await.unwrap();
+    assert!(id.pos.is_some(), "writes answer a GTID");
+    b.client.guest("bob", TTL).await.unwrap();
+    a.client.join("r", "alice").await.unwrap();
+    a.client.join("r", "bob").await.unwrap();
+
+    // Idempotent retry: same (sender, client_id) → same seq, nothing new stored.
+    let first = a
+        .client
+        .append(vec![item("r", "alice", Some("c1"), "hello")])
+        .await
+        .unwrap();
+    let again = b
+        .client
+        .append(vec![item("r", "alice", Some("c1"), "hello")])
+        .await
+        .unwrap();
+    let (f, g) = (
+        first.results[0].clone().unwrap(),
+        again.results[0].clone().unwrap(),
+    );
+    assert!(!f.duplicate && g.duplicate);
+    assert_eq!((f.seq, f.ts), (g.seq, g.ts));
+    // Per-item errors leave the other items alone.
+    let mixed = a
+        .client
+        .append(vec![
+            item("nope", "alice", None, "x"),
+            item("r", "ghost", None, "x"),
+            item("r", "alice", Some("c1"), "dup in batch"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        mixed.results[0].clone().unwrap_err().kind,
+        ErrorKind::NoSuchRoom
+    );
+    assert_eq!(
+        mixed.results[1].clone().unwrap_err().kind,
+        ErrorKind::NoSuchUser
+    );
+    assert!(mixed.results[2].clone().unwrap().duplicate);
+
+    // Read/write split: writes on the primary, plain reads on the replica.
+    wait_replica_serving(&a, &pair, "r").await;
+    let (p0, r0) = (a.routed("primary", &primary), a.routed("replica", &replica));
+    for _ in 0..5 {
+        a.client.history("r", 0, 10, None).await.unwrap();
+    }
+    assert_eq!(a.routed("replica", &replica) - r0, 5.0);
+    assert_eq!(
+        a.routed("primary", &primary),
+        p0,
+        "plain reads stay off the primary"
+    );
+    a.client
+        .append(vec![item("r", "bob", None, "w")])
+        .await
+        .unwrap();
+    assert!(a.routed("primary", &primary) > p0);
+
+    // Two dbproxies appending to one room at once: seq stays dense and unique.
+    let mut tasks = Vec::new();
+    for (k, proxy) in [&a, &b].into_iter().enumerate() {
+        for t in 0..4 {
+            let client = proxy.client.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..10 {
+                    let items = (0..5)
+                        .map(|i| item("r", "bob", Some(&format!("p{k}t{t}n{n}i{i}")), "m"))
+                        .collect();
+                    let resp = client.append(items).await.unwrap();
+                    assert!(resp.results.iter().all(|r| r.is_ok()));
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let info = a.client.room_info("r", None).await;
+    let last = a
+        .client
+        .append(vec![item("r", "bob", None, "last")])
+        .await
+        .unwrap();
+    let history = a
+        .client
+        .history("r", 0, 1000, last.pos.clone())
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = history.messages.iter().map(|m| m.seq).collect();
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, expected, "dense, unique, ordered");
+    assert_eq!(seqs.len(), 1 + 1 + 2 * 4 * 10 * 5 + 1);
+    assert!(info.is_ok());
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_under_replica_lag() {
+    let (pair, proxy) = start().await;
+    proxy.client.guest("carol", TTL).await.unwrap();
+    proxy.client.join("lag", "carol").await.unwrap();
+    wait_replica_serving(&proxy, &pair, "lag").await;
+
+    pair.replica.sql("STOP SLAVE SQL_THREAD");
+    let fallbacks = proxy.counter("chat_dbproxy_causal_fallbacks_total", &[]);
+    let written = proxy
+        .client
+        .append(vec![item("lag", "carol", None, "fresh")])
+        .await
+        .unwrap();
+    let pos = written.pos.clone().expect("append answers a GTID");
+    let history = proxy
+        .client
+        .history("lag", 0, 10, Some(pos.clone()))
+        .await
+        .unwrap();
+    assert_eq!(history.messages.len(), 1, "the write is visible");
+    assert_eq!(history.messages[0].body, "fresh");
+    assert!(proxy.counter("chat_dbproxy_causal_fallbacks_total", &[]) > fallbacks);
+    // Without min_pos the lagging replica (still inside the budget) may answer stale.
+    let stale = proxy.client.history("lag", 0, 10, None).await.unwrap();
+    assert!(stale.messages.len() <= 1);
+
+    pair.replica.sql("START SLAVE SQL_THREAD");
+    let replica = pair.replica.addr();
+    wait_until("replica catches up", Duration::from_secs(10), || async {
+        let before = proxy.routed("replica", &replica);
+        let h = proxy.client.history("lag", 0, 10, Some(pos.clone())).await;
+        h.is_ok_and(|h| h.messages.len() == 1) && proxy.routed("replica", &replica) > before
+    })
+    .await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_down_is_skipped() {
+    let (mut pair, proxy) = start().await;
+    proxy.client.guest("dave", TTL).await.unwrap();
+    proxy.client.join("down", "dave").await.unwrap();
+    wait_replica_serving(&proxy, &pair, "down").await;
+    let replica = pair.replica.addr();
+    pair.replica.kill();
+    for _ in 0..3 {
+        let started = Instant::now();
+        proxy.client.room_info("down", None).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    // Once the health loop noticed, the replica is not even tried.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r0 = proxy.routed("replica", &replica);
+    let p0 = proxy.routed("primary", &pair.primary.addr());
+    for _ in 0..5 {
+        proxy.client.history("down", 0, 10, None).await.unwrap();
+    }
+    assert_eq!(proxy.routed("replica", &replica), r0);
+    assert_eq!(proxy.routed("primary", &pair.primary.addr()) - p0, 5.0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_down_then_promotion() {
+    let (mut pair, proxy) = start().await;
+    proxy.client.guest("erin", TTL).await.unwrap();
+    proxy.client.join("fail", "erin").await.unwrap();
+    proxy
+        .client
+        .append(vec![item("fail", "erin", Some("m1"), "before")])
+        .await
+        .unwrap();
+    wait_replica_serving(&proxy, &pair, "fail").await;
+    let replica = pair.replica.addr();
+    pair.primary.kill();
+
+    // Writes fail fast and retryably; reads go on from the replica.
+    for n in 0..3 {
+        let started = Instant::now();
+        let e = proxy
+            .client
+            .append(vec![item("fail", "erin", Some(&format!("x{n}")), "lost")])
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unavailable, "{e:?}");
+        assert!(e.kind.retryable());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r0 = proxy.routed("replica", &replica);
+    let h = proxy.client.history("fail", 0, 10, None).await.unwrap();
+    assert_eq!(h.messages.len(), 1);
+    assert!(proxy.routed("replica", &replica) > r0);
+
+    // Promote the replica: writes resume within 2 s.
+    pair.replica.sql("STOP SLAVE; SET GLOBAL read_only = 0;");
+    let promoted = Instant::now();
+    wait_until("writes resume", Duration::from_secs(5), || async {
+        proxy
+            .client
+            .append(vec![item("fail", "erin", Some("after"), "after")])
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(
+        promoted.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        promoted.elapsed()
+    );
+    assert!(proxy.routed("primary", &replica) > 0.0);
+    let h = proxy.client.history("fail", 0, 10, None).await.unwrap();
+    let seqs: Vec<u64> = h.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![1, 2]);
+    proxy.stop().await;
+}
