@@ -1,4 +1,159 @@
 //! The client-facing proxy tier: reads a client's first line, picks its chat
-//! server by consistent hashing and forwards bytes both ways. It arrives with
-//! issue #4; until then clients connect to a chat server directly and
-//! `chat proxy` says so.
+//! server by consistent hashing and forwards bytes both ways. It never parses
+//! past the first line.
+//!
+//! accept ([`run`]) → `conn::serve` → first line through `LineCodec` (under a
+//! timeout) → routing key (user name; a RESUME's token) → `Upstreams::order`
+//! ([`ring::Ring`] over the healthy servers, bounded by open connections) →
+//! connect (next candidate on failure) → replay the bytes read → copy both ways
+//! until a side closes, the ring moves the user (`RECONNECT moved`) or the
+//! proxy drains (`RECONNECT shutdown`).
+//!
+//! Beside it: `upstreams::health_loop` checks every server's `/readyz` and
+//! ejects one after `eject_after_failures` failures in a row (failed connects
+//! count too); `upstreams::dns_loop` refreshes the server list from DNS (a
+//! Kubernetes headless Service). Each ring change is a new snapshot on a watch
+//! channel that every open connection follows.
+
+pub mod config;
+mod conn;
+pub mod error;
+mod metrics;
+pub mod ring;
+mod upstreams;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_admin::Health;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use config::{Config, ServerAddr};
+pub use error::Error;
+pub use ring::Ring;
+
+use metrics::Metrics;
+use upstreams::Upstreams;
+
+/// The sockets the proxy serves, bound by the caller (port 0 in tests).
+pub struct Listeners {
+    pub client: TcpListener,
+    pub admin: TcpListener,
+}
+
+/// Runs the proxy until `shutdown` is cancelled, then drains: stops accepting,
+/// tells every open client `RECONNECT shutdown` (they reconnect through
+/// another proxy) and returns within `shutdown_grace_secs`.
+pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    config.validate()?;
+    let metrics = Metrics::new(&registry)?;
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let health = Health::default();
+    let admin = tokio::spawn(chat_admin::serve(
+        listeners.admin,
+        registry.clone(),
+        health.clone(),
+        shutdown.clone(),
+        grace,
+    ));
+
+    let upstreams = Upstreams::new(&config, metrics.clone());
+    let background = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    if let Some(name) = &config.dns_name {
+        match upstreams::resolve(name, config.dns_port, config.dns_admin_port).await {
+            Ok(list) => upstreams.set_servers(&list),
+            Err(e) => tracing::warn!(%name, error = %e, "first DNS lookup failed"),
+        }
+        tasks.spawn(upstreams::dns_loop(
+            upstreams.clone(),
+            name.clone(),
+            config.dns_port,
+            config.dns_admin_port,
+            Duration::from_secs(config.dns_refresh_secs),
+            background.clone(),
+        ));
+    }
+    // One round of checks before serving, so the first clients find a ring.
+    let check_timeout = Duration::from_millis(config.health_timeout_ms);
+    upstreams::check_all(&upstreams, check_timeout).await;
+    tasks.spawn(upstreams::health_loop(
+        upstreams.clone(),
+        Duration::from_millis(config.health_interval_ms),
+        check_timeout,
+        background.clone(),
+    ));
+
+    let ctx = Arc::new(conn::Ctx {
+        config: config.clone(),
+        upstreams,
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    });
+    health.set_ready(true);
+    let addr = listeners.client.local_addr()?;
+    tracing::info!(%addr, "chat proxy listening");
+    let conn_ids = AtomicU64::new(1);
+    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let conns = TaskTracker::new();
+    // Cancelled once the grace period is over: ends connections still writing
+    // their farewell to a client that does not read.
+    let hard_stop = CancellationToken::new();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listeners.client.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let id = conn_ids.fetch_add(1, Ordering::Relaxed);
+        metrics.connections_total.inc();
+        let (ctx, hard_stop) = (ctx.clone(), hard_stop.clone());
+        let span = tracing::info_span!("conn", id, %peer);
+        conns.spawn(
+            async move {
+                tokio::select! {
+                    _ = conn::serve(ctx, stream, peer) => {}
+                    _ = hard_stop.cancelled() => {}
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    health.set_ready(false);
+    drop(listeners.client);
+    tracing::info!("draining");
+    conns.close();
+    if tokio::time::timeout(grace, conns.wait()).await.is_err() {
+        hard_stop.cancel();
+        conns.wait().await;
+    }
+    background.cancel();
+    tasks.close();
+    tasks.wait().await;
+    let _ = admin.await;
+    Ok(())
+}

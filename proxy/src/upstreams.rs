@@ -1,0 +1,401 @@
+//! The chat servers the proxy knows, their health, their load, and the ring
+//! built from the healthy ones.
+//!
+//! Membership comes from the config's static list or from DNS ([`dns_loop`]).
+//! [`health_loop`] checks every server's `/readyz`; failed connects count
+//! too ([`Upstreams::connect_failed`]). A server that fails
+//! `eject_after_failures` times in a row leaves the ring; one passing check
+//! brings it back. Each change publishes a new [`Snapshot`] on a watch channel,
+//! which open connections follow to learn that their user moved.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ServerAddr};
+use crate::metrics::Metrics;
+use crate::ring::Ring;
+
+/// One version of the ring over the healthy servers. A server's id is its
+/// client address.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    pub version: u64,
+    pub ring: Ring,
+}
+
+struct ServerState {
+    admin: String,
+    /// In the ring. New servers start out and join after their first passing check.
+    healthy: bool,
+    /// Failed checks or connects in a row.
+    failures: u32,
+    /// Open proxied connections, for bounded loads.
+    active: u64,
+}
+
+pub(crate) struct Upstreams {
+    /// std Mutex: every critical section is a few map operations and never
+    /// awaits, so an async mutex would only add overhead.
+    servers: Mutex<BTreeMap<String, ServerState>>,
+    ring: watch::Sender<Arc<Snapshot>>,
+    vnodes: u32,
+    load_factor: Option<f64>,
+    eject_after: u32,
+    metrics: Metrics,
+}
+
+impl Upstreams {
+    pub fn new(config: &Config, metrics: Metrics) -> Arc<Upstreams> {
+        let empty = Snapshot {
+            version: 0,
+            ring: Ring::with_vnodes(&[], config.vnodes),
+        };
+        let up = Arc::new(Upstreams {
+            servers: Mutex::new(BTreeMap::new()),
+            ring: watch::Sender::new(Arc::new(empty)),
+            vnodes: config.vnodes,
+            load_factor: config.load_factor(),
+            eject_after: config.eject_after_failures,
+            metrics,
+        });
+        up.set_servers(&config.servers);
+        up
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ServerState>> {
+        self.servers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.ring.subscribe()
+    }
+
+    /// Replaces the membership: new servers are added (out of the ring until
+    /// a check passes), missing ones removed.
+    pub fn set_servers(&self, list: &[ServerAddr]) {
+        let mut servers = self.lock();
+        let before = servers.len();
+        servers.retain(|id, _| list.iter().any(|s| &s.client == id));
+        let mut changed = servers.len() != before;
+        for s in list {
+            if let Some(state) = servers.get_mut(&s.client) {
+                state.admin.clone_from(&s.admin);
+                continue;
+            }
+            tracing::info!(upstream = %s.client, "chat server added");
+            self.metrics
+                .upstream_healthy
+                .with_label_values(&[s.client.as_str()])
+                .set(0);
+            servers.insert(
+                s.client.clone(),
+                ServerState {
+                    admin: s.admin.clone(),
+                    healthy: false,
+                    failures: 0,
+                    active: 0,
+                },
+            );
+            changed = true;
+        }
+        if changed {
+            self.publish(&servers);
+        }
+    }
+
+    /// Builds and publishes the ring over the healthy servers.
+    fn publish(&self, servers: &BTreeMap<String, ServerState>) {
+        let nodes: Vec<(String, u32)> = servers
+            .iter()
+            .filter(|(_, s)| s.healthy)
+            .map(|(id, _)| (id.clone(), 1))
+            .collect();
+        let version = self.ring.borrow().version + 1;
+        let mut ring = Ring::with_vnodes(&nodes, self.vnodes);
+        if let Some(c) = self.load_factor {
+            ring = ring.with_load_factor(c);
+        }
+        tracing::info!(version, servers = nodes.len(), "ring changed");
+        self.ring.send_replace(Arc::new(Snapshot { version, ring }));
+    }
+
+    /// (id, admin address) of every known server.
+    pub fn admin_targets(&self) -> Vec<(String, String)> {
+        self.lock()
+            .iter()
+            .map(|(id, s)| (id.clone(), s.admin.clone()))
+            .collect()
+    }
+
+    /// Records one health check result.
+    pub fn record(&self, id: &str, ok: bool) {
+        let mut servers = self.lock();
+        let Some(state) = servers.get_mut(id) else {
+            return; // removed while being checked
+        };
+        if ok {
+            state.failures = 0;
+            if !state.healthy {
+                state.healthy = true;
+                tracing::info!(upstream = %id, "chat server healthy");
+                self.metrics
+                    .upstream_healthy
+                    .with_label_values(&[id])
+                    .set(1);
+                self.publish(&servers);
+            }
+        } else {
+            self.fail(&mut servers, id);
+        }
+    }
+
+    /// A connect to `id` failed: counts like a failed check.
+    pub fn connect_failed(&self, id: &str) {
+        self.metrics
+            .upstream_connect_failures_total
+            .with_label_values(&[id])
+            .inc();
+        let mut servers = self.lock();
+        self.fail(&mut servers, id);
+    }
+
+    fn fail(&self, servers: &mut BTreeMap<String, ServerState>, id: &str) {
+        let Some(state) = servers.get_mut(id) else {
+            return;
+        };
+        state.failures = state.failures.saturating_add(1);
+        if state.healthy && state.failures >= self.eject_after {
+            state.healthy = false;
+            tracing::warn!(upstream = %id, failures = state.failures, "chat server ejected");
+            self.metrics
+                .upstream_healthy
+                .with_label_values(&[id])
+                .set(0);
+            self.metrics
+                .upstream_ejections_total
+                .with_label_values(&[id])
+                .inc();
+            self.publish(servers);
+        }
+    }
+
+    /// Servers to try for `key`, best first: the bounded-load choice (when
+    /// enabled), then the rest of the ring's failover order.
+    pub fn order(&self, snap: &Snapshot, key: &[u8]) -> Vec<String> {
+        let mut order: Vec<String> = snap.ring.candidates(key).map(str::to_owned).collect();
+        if self.load_factor.is_some() {
+            let loads: HashMap<String, u64> = self
+                .lock()
+                .iter()
+                .map(|(id, s)| (id.clone(), s.active))
+                .collect();
+            let total = loads.values().sum();
+            let load = |id: &str| loads.get(id).copied().unwrap_or(0);
+            if let Some(pos) = snap
+                .ring
+                .pick_bounded(key, &load, total)
+                .and_then(|best| order.iter().position(|id| id == best))
+            {
+                let best = order.remove(pos);
+                order.insert(0, best);
+            }
+        }
+        order
+    }
+
+    /// Counts one open connection on `id` until the guard drops.
+    pub fn acquire(self: &Arc<Self>, id: &str) -> LoadGuard {
+        if let Some(s) = self.lock().get_mut(id) {
+            s.active += 1;
+        }
+        self.metrics
+            .connections_active
+            .with_label_values(&[id])
+            .inc();
+        LoadGuard {
+            upstreams: self.clone(),
+            id: id.to_owned(),
+        }
+    }
+}
+
+pub(crate) struct LoadGuard {
+    upstreams: Arc<Upstreams>,
+    id: String,
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        if let Some(s) = self.upstreams.lock().get_mut(&self.id) {
+            s.active = s.active.saturating_sub(1);
+        }
+        self.upstreams
+            .metrics
+            .connections_active
+            .with_label_values(&[self.id.as_str()])
+            .dec();
+    }
+}
+
+/// Whether a connection of `key` placed on `server` by ring `old` must move
+/// under ring `new`: its server left the ring, or the key's pick is a server
+/// that joined (a new or recovered one). Connections elsewhere stay put, so
+/// bounded-load placements are not reshuffled by unrelated changes.
+pub(crate) fn has_moved(old: &Ring, new: &Ring, key: &[u8], server: &str) -> bool {
+    if !new.contains(server) {
+        return true;
+    }
+    match new.pick(key) {
+        Some(pick) => pick != server && !old.contains(pick),
+        None => true,
+    }
+}
+
+/// Checks every known server each `interval` until `stop`, starting one
+/// interval from now (`run` does the first round itself).
+pub(crate) async fn health_loop(
+    up: Arc<Upstreams>,
+    interval: Duration,
+    timeout: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        tokio::select! {
+            _ = check_all(&up, timeout) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// One round of checks, all servers at once.
+pub(crate) async fn check_all(up: &Upstreams, timeout: Duration) {
+    let mut checks = JoinSet::new();
+    for (id, admin) in up.admin_targets() {
+        checks.spawn(async move {
+            let ok = check_readyz(&admin, timeout).await;
+            if !ok {
+                tracing::debug!(upstream = %id, %admin, "readiness check failed");
+            }
+            (id, ok)
+        });
+    }
+    while let Some(res) = checks.join_next().await {
+        if let Ok((id, ok)) = res {
+            up.record(&id, ok);
+        }
+    }
+}
+
+/// `GET /readyz` over HTTP/1.0: ready iff the status is 200. Deliberately
+/// minimal: one request per connection, only the status line is read.
+async fn check_readyz(admin: &str, timeout: Duration) -> bool {
+    let check = async {
+        let mut stream = TcpStream::connect(admin).await?;
+        stream
+            .write_all(format!("GET /readyz HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())
+            .await?;
+        let mut head = Vec::with_capacity(64);
+        let mut buf = [0u8; 64];
+        while head.len() < 16 && !head.contains(&b'\n') {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok::<bool, std::io::Error>(
+            head.starts_with(b"HTTP/1.") && head.get(8..13) == Some(b" 200 ".as_slice()),
+        )
+    };
+    matches!(tokio::time::timeout(timeout, check).await, Ok(Ok(true)))
+}
+
+/// Resolves `name` every `every` and replaces the membership with what it
+/// finds. A failed or empty answer keeps the previous servers: a DNS blip must
+/// not empty the ring (health checks still eject dead servers).
+pub(crate) async fn dns_loop(
+    up: Arc<Upstreams>,
+    name: String,
+    port: u16,
+    admin_port: u16,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let found = tokio::select! {
+            r = resolve(&name, port, admin_port) => r,
+            _ = stop.cancelled() => return,
+        };
+        match found {
+            Ok(list) if !list.is_empty() => up.set_servers(&list),
+            Ok(_) => tracing::warn!(%name, "DNS returned no chat servers; keeping the last list"),
+            Err(e) => tracing::warn!(%name, error = %e, "DNS lookup failed; keeping the last list"),
+        }
+    }
+}
+
+pub(crate) async fn resolve(
+    name: &str,
+    port: u16,
+    admin_port: u16,
+) -> std::io::Result<Vec<ServerAddr>> {
+    let mut list: Vec<ServerAddr> = tokio::net::lookup_host((name, port))
+        .await?
+        .map(|a| ServerAddr {
+            client: a.to_string(),
+            admin: SocketAddr::new(a.ip(), admin_port).to_string(),
+        })
+        .collect();
+    list.sort_by(|a, b| a.client.cmp(&b.client));
+    list.dedup();
+    Ok(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(ids: &[&str]) -> Ring {
+        Ring::new(&ids.iter().map(|s| (s.to_string(), 1)).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn only_connections_whose_pick_changed_move() {
+        let (ab, abc) = (ring(&["a", "b"]), ring(&["a", "b", "c"]));
+        for i in 0..500 {
+            let key = format!("user{i}");
+            let key = key.as_bytes();
+            let on = ab.pick(key).unwrap();
+            // c joins: only keys that now belong to c move.
+            assert_eq!(has_moved(&ab, &abc, key, on), abc.pick(key) == Some("c"));
+            // c leaves: only keys that were on c move.
+            let on = abc.pick(key).unwrap();
+            assert_eq!(has_moved(&abc, &ab, key, on), on == "c");
+            // A bounded-load placement on a non-first candidate stays put when
+            // an unrelated server joins.
+            let second = ab.candidates(key).nth(1).unwrap();
+            let moved = has_moved(&ab, &abc, key, second);
+            assert_eq!(moved, abc.pick(key) == Some("c"));
+        }
+    }
+}
