@@ -318,3 +318,41 @@ pub struct PendingDmsResp {
 pub struct MarkReceivedReq {
     pub ids: Vec<i64>,
 }
+
+/// Of two write positions, the one that includes the other. Positions are
+/// opaque to callers; this is the only operation they need: keep the latest
+/// position of a session and send it with its reads. For MariaDB GTIDs
+/// (`domain-server-seq`) of one domain the higher seq wins; anything else
+/// (unparsable, different domains) prefers the newer argument.
+pub fn later_pos(current: Option<String>, new: Option<String>) -> Option<String> {
+    fn parts(p: &str) -> Option<(u64, u64)> {
+        let mut it = p.split('-');
+        let domain = it.next()?.parse().ok()?;
+        let _server: u64 = it.next()?.parse().ok()?;
+        let seq = it.next()?.parse().ok()?;
+        it.next().is_none().then_some((domain, seq))
+    }
+    match (current, new) {
+        (c, None) => c,
+        (None, n) => n,
+        (Some(c), Some(n)) => match (parts(&c), parts(&n)) {
+            (Some((cd, cs)), Some((nd, ns))) if cd == nd && cs > ns => Some(c),
+            _ => Some(n),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::later_pos;
+
+    #[test]
+    fn later_pos_keeps_the_highest_gtid_of_a_domain() {
+        let s = |x: &str| Some(x.to_string());
+        assert_eq!(later_pos(None, s("0-1-5")), s("0-1-5"));
+        assert_eq!(later_pos(s("0-1-5"), None), s("0-1-5"));
+        assert_eq!(later_pos(s("0-1-7"), s("0-1-5")), s("0-1-7"));
+        assert_eq!(later_pos(s("0-1-5"), s("0-2-9")), s("0-2-9"));
+        assert_eq!(later_pos(s("0-1-5"), s("1-1-2")), s("1-1-2"));
+    }
+}

@@ -3,7 +3,9 @@
 //! full queue marks the client as a slow consumer and disconnects it.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use chat_dbproxy::api::later_pos;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,6 +35,10 @@ pub struct SessionHandle {
     tx: mpsc::Sender<Out>,
     kick: CancellationToken,
     kick_reason: Arc<AtomicU8>,
+    /// Storage position of this session's latest write; its reads carry it so
+    /// they see their own writes even when a replica serves them. A mutex
+    /// because room tasks and the session both update it (never across await).
+    pos: Arc<Mutex<Option<String>>>,
 }
 
 impl SessionHandle {
@@ -83,6 +89,19 @@ impl SessionHandle {
         self.kick.cancel();
     }
 
+    /// Records the position of a write this session made.
+    pub fn wrote(&self, pos: Option<String>) {
+        if pos.is_some() {
+            let mut cur = self.pos.lock().expect("pos lock");
+            *cur = later_pos(cur.take(), pos);
+        }
+    }
+
+    /// The position this session's reads must observe.
+    pub fn read_pos(&self) -> Option<String> {
+        self.pos.lock().expect("pos lock").clone()
+    }
+
     pub fn kicked(&self) -> &CancellationToken {
         &self.kick
     }
@@ -106,6 +125,7 @@ pub fn channel(id: u64, user: Arc<str>, capacity: usize) -> (SessionHandle, mpsc
         tx,
         kick: CancellationToken::new(),
         kick_reason: Arc::new(AtomicU8::new(KICK_NONE)),
+        pos: Arc::new(Mutex::new(None)),
     };
     (handle, rx)
 }

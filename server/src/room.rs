@@ -119,6 +119,7 @@ async fn commit_and_fan_out(hub: &Hub, room: &Room, batch: &mut Vec<Publish>) {
     match result {
         Ok(resp) if resp.results.len() == batch.len() => {
             for (p, r) in batch.drain(..).zip(resp.results) {
+                p.session.wrote(resp.pos.clone());
                 let reply = match r {
                     Ok(a) => {
                         if !a.duplicate {

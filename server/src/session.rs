@@ -104,6 +104,7 @@ pub async fn run(
     let writer = hub
         .tasks
         .spawn(outbound::write_loop(handle.clone(), rx, wr, receipts));
+    handle.wrote(identity.pos.clone());
     hub.add_session(handle.clone(), identity.token.clone());
     let mut session = Session {
         hub: hub.clone(),
@@ -277,16 +278,18 @@ impl Session {
         };
         self.reply(ok.to_bytes()).await;
         if let Some(room) = guest_room {
-            self.hub
+            let joined = self
+                .hub
                 .db
                 .join(&room, &id.user)
                 .await
                 .map_err(|e| storage_error(m, &e, &None))?;
+            self.handle.wrote(joined.pos);
         }
         let rooms = self
             .hub
             .db
-            .user_rooms(&id.user, id.pos.clone())
+            .user_rooms(&id.user, self.handle.read_pos())
             .await
             .map_err(|e| storage_error(m, &e, &None))?;
         for r in rooms.rooms {
@@ -405,6 +408,7 @@ impl Session {
             }
             Command::Join { room, guest: None } => match hub.db.join(&room, &self.user).await {
                 Ok(j) => {
+                    self.handle.wrote(j.pos);
                     hub.enter_room(&self.user, &room);
                     let ok = ServerLine::OkJoin {
                         room,
@@ -415,7 +419,8 @@ impl Session {
                 Err(e) => self.reply(storage_error(m, &e, &None).to_bytes()).await,
             },
             Command::Part { room } => match hub.db.part(&room, &self.user).await {
-                Ok(_) => {
+                Ok(ack) => {
+                    self.handle.wrote(ack.pos);
                     hub.leave_room(&self.user, &room);
                     self.reply(ServerLine::OkPart { room }.to_bytes()).await;
                 }
@@ -463,7 +468,11 @@ impl Session {
             }
             Command::History { room, after, limit } => {
                 let limit = limit.unwrap_or(HISTORY_DEFAULT_LIMIT);
-                match hub.db.history(&room, after, limit, None).await {
+                match hub
+                    .db
+                    .history(&room, after, limit, self.handle.read_pos())
+                    .await
+                {
                     Ok(h) => {
                         let count = h.messages.len() as u32;
                         for msg in h.messages {
@@ -482,7 +491,7 @@ impl Session {
                     Err(e) => self.reply(storage_error(m, &e, &None).to_bytes()).await,
                 }
             }
-            Command::Rooms => match hub.db.rooms(ROOMS_LIMIT, None).await {
+            Command::Rooms => match hub.db.rooms(ROOMS_LIMIT, self.handle.read_pos()).await {
                 Ok(list) => {
                     let count = list.rooms.len() as u32;
                     for r in list.rooms {
@@ -500,7 +509,7 @@ impl Session {
             Command::Who { room } => {
                 let members = match hub.present_members(&room) {
                     Some(v) => v,
-                    None => match hub.db.room_info(&room, None).await {
+                    None => match hub.db.room_info(&room, self.handle.read_pos()).await {
                         Ok(_) => Vec::new(),
                         Err(e) => {
                             self.reply(storage_error(m, &e, &None).to_bytes()).await;
@@ -534,7 +543,10 @@ async fn send_dm(hub: &Hub, item: DmItem, sender: &SessionHandle, received: Inst
     m.storage_latency
         .with_label_values(&["send_dm"])
         .observe(started.elapsed().as_secs_f64());
-    let sent = match result.map(|r| r.results.into_iter().next()) {
+    let sent = match result.map(|r| {
+        sender.wrote(r.pos);
+        r.results.into_iter().next()
+    }) {
         Ok(Some(Ok(sent))) => sent,
         Ok(Some(Err(e))) | Err(e) => return storage_error(m, &e, &cid),
         Ok(None) => {
