@@ -3,13 +3,17 @@
 //!
 //! Modules: [`api`] (the contract), [`client`] (typed client), [`config`],
 //! [`error`], `http` (accept loop and router), `backend` (the storage trait),
-//! `sqlite` (the SQLite backend), `writer` (group commit), `schema`
-//! (connections and migrations), `auth` (argon2id, tokens), `metrics`.
+//! `sqlite` (the SQLite backend), `mysql` (the MySQL/MariaDB backend:
+//! primary + replicas, routing, heartbeat, GTID read-your-writes), `writer`
+//! (group commit), `schema` (connections and migrations), `auth` (argon2id,
+//! tokens), `metrics`. `config.backend` picks `sqlite` or `mysql`.
 //!
 //! Data path of a write: accept → `http::serve` (one task per connection) →
 //! `http::handle` → `Backend` method → `writer` queue → one batch per
-//! transaction → SQLite commit → each request answered. Reads skip the writer
-//! and run on a pool of read-only connections.
+//! transaction → SQLite commit (or, for mysql, a transaction on the current
+//! primary) → each request answered. Reads skip the writer and run on a pool
+//! of read-only connections (mysql: a replica within the lag budget that has
+//! reached the request's `min_pos`, else the primary).
 
 pub mod api;
 mod auth;
@@ -61,9 +65,21 @@ pub async fn run(
     };
     let health = chat_admin::Health::default();
     health.set_ready(true);
+    // The password never appears here: only where the servers are.
+    let db = if config.backend == "mysql" {
+        format!(
+            "mysql://{}/{} (replicas: {})",
+            config.mysql.primary,
+            config.mysql.database,
+            config.mysql.replicas.join(",")
+        )
+    } else {
+        config.sqlite_path.clone()
+    };
     tracing::info!(
         addr = ?listener.local_addr().ok(),
-        db = %config.sqlite_path,
+        backend = %config.backend,
+        %db,
         "dbproxy ready"
     );
     let shared = Arc::new(http::Shared {

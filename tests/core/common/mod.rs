@@ -1,5 +1,11 @@
-//! Shared helpers: a [`Stack`] (dbproxy on SQLite + chat server, both
-//! in-process on `127.0.0.1:0`), a line-protocol [`Client`] and [`wait_until`].
+//! Shared helpers: a [`Stack`] (dbproxy + chat server, both in-process on
+//! `127.0.0.1:0`), a line-protocol [`Client`] and [`wait_until`].
+//!
+//! The dbproxy's backend is SQLite in a temp dir, or, when the environment
+//! variable `CHAT_TEST_BACKEND=mariadb` is set (scripts/test runs the suite a
+//! second time so), a real MariaDB primary + GTID replica started for the
+//! stack by the dbproxy's harness (`mariadb`), so every test of the client
+//! protocol also runs against the MySQL backend, reads routed to the replica.
 //!
 //! Every wait is bounded: a test that hangs fails with a message naming what it
 //! waited for instead of stalling the suite.
@@ -18,6 +24,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+// The MariaDB harness lives with the dbproxy's own tests; both suites include it.
+#[path = "../../../dbproxy/tests/mariadb_harness/mod.rs"]
+pub mod mariadb;
 
 pub use chat_protocol::ErrorCode;
 pub use chat_protocol::PartReason;
@@ -56,6 +66,23 @@ pub async fn within<T>(deadline: Duration, what: &str, fut: impl Future<Output =
 }
 
 // ---- the stack -----------------------------------------------------------
+
+/// The storage behind the dbproxy of every [`Stack`] in this run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestBackend {
+    Sqlite,
+    Mariadb,
+}
+
+/// `CHAT_TEST_BACKEND`: unset or `sqlite` → SQLite, `mariadb` (or `mysql`) →
+/// MariaDB. Anything else fails the test rather than silently testing SQLite.
+pub fn test_backend() -> TestBackend {
+    match std::env::var("CHAT_TEST_BACKEND").as_deref() {
+        Err(_) | Ok("") | Ok("sqlite") => TestBackend::Sqlite,
+        Ok("mariadb") | Ok("mysql") => TestBackend::Mariadb,
+        Ok(other) => panic!("CHAT_TEST_BACKEND={other:?}: expected sqlite or mariadb"),
+    }
+}
 
 /// Server config for tests: generous limits so that only tests that mean to
 /// hit a limit do.
@@ -105,6 +132,11 @@ pub struct Stack {
     /// Holds the SQLite file; removed when the stack is dropped.
     dir: TempDir,
     pub sqlite_path: String,
+    /// With `CHAT_TEST_BACKEND=mariadb`: the servers the dbproxy uses instead
+    /// of the SQLite file (a restarted dbproxy finds the same data there).
+    /// The servers are killed when the stack is dropped (after `Drop` has
+    /// cancelled the tiers), also when the test panics.
+    pub mariadb: Option<mariadb::Pair>,
     /// The dbproxy's API address; a restarted dbproxy binds it again.
     pub db_addr: SocketAddr,
     /// Where clients connect (changes when the server is restarted).
@@ -137,9 +169,19 @@ impl Stack {
         let mut server_config = test_server_config();
         configure(&mut server_config);
         server_config.dbproxy_url = format!("http://{db_addr}");
+        let mariadb = match test_backend() {
+            TestBackend::Sqlite => None,
+            // Starting servers blocks (processes, polling): off the runtime.
+            TestBackend::Mariadb => Some(
+                tokio::task::spawn_blocking(mariadb::Pair::start)
+                    .await
+                    .expect("starting MariaDB primary + replica"),
+            ),
+        };
         let mut stack = Stack {
             dir,
             sqlite_path,
+            mariadb,
             db_addr,
             addr: db_addr,
             admin_addr: db_addr,
@@ -153,6 +195,22 @@ impl Stack {
     }
 
     fn dbproxy_config(&self) -> chat_dbproxy::Config {
+        if let Some(pair) = &self.mariadb {
+            return chat_dbproxy::Config {
+                listen: self.db_addr.to_string(),
+                backend: "mysql".into(),
+                shutdown_grace_secs: 1,
+                mysql: chat_dbproxy::config::MysqlConfig {
+                    primary: pair.primary.addr(),
+                    replicas: vec![pair.replica.addr()],
+                    user: mariadb::APP_USER.into(),
+                    password_file: pair.password_file.to_string_lossy().into_owned(),
+                    database: mariadb::DATABASE.into(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+        }
         chat_dbproxy::Config {
             listen: self.db_addr.to_string(),
             backend: "sqlite".into(),
@@ -183,7 +241,8 @@ impl Stack {
         tier.stop("dbproxy").await;
     }
 
-    /// Starts the dbproxy again on the same SQLite file and the same port, so
+    /// Starts the dbproxy again on the same SQLite file (or the same MariaDB
+    /// servers) and the same port, so
     /// the server's `dbproxy_url` stays right. The port was just freed, so the
     /// bind is retried for a bounded time.
     pub async fn start_dbproxy(&mut self) {
