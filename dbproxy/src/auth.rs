@@ -24,9 +24,10 @@ pub(crate) fn verify_password(password: &str, phc: &str) -> Result<bool, ApiErro
         .is_ok())
 }
 
-/// A new token: 16 random bytes as 32 lower-case hex digits.
-pub(crate) fn new_token() -> String {
-    hex::encode(rand::random::<[u8; 16]>())
+/// A new token for `user`: `<user>.<16 random bytes as 32 lower-case hex>`
+/// (the protocol's token form; the user part is for routing, not a secret).
+pub(crate) fn new_token(user: &str) -> String {
+    format!("{user}.{}", hex::encode(rand::random::<[u8; 16]>()))
 }
 
 /// What is stored instead of the token, so a leaked database holds no live tokens.
@@ -49,9 +50,11 @@ mod tests {
 
     #[test]
     fn token_shape() {
-        let t = new_token();
-        assert_eq!(t.len(), 32);
-        assert!(t
+        let t = new_token("al.ice");
+        let (user, secret) = t.rsplit_once('.').unwrap();
+        assert_eq!(user, "al.ice");
+        assert_eq!(secret.len(), 32);
+        assert!(secret
             .chars()
             .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)));
         assert_eq!(token_hash(&t).len(), 32);

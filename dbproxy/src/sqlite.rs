@@ -375,7 +375,7 @@ impl Backend for SqliteBackend {
                 .readers
                 .read(move |c| load_user(c, &name, now, ttl).map(Ok))
                 .await?;
-            let token = auth::new_token();
+            let token = auth::new_token(&req.user);
             match user {
                 Some(UserRow {
                     id,
@@ -426,7 +426,7 @@ impl Backend for SqliteBackend {
 
     async fn guest(&self, req: GuestReq) -> Result<Identity, ApiError> {
         require("name", &req.name)?;
-        let token = auth::new_token();
+        let token = auth::new_token(&req.name);
         let (name, t, ttl) = (req.name.clone(), token.clone(), req.token_idle_ttl_ms);
         self.writer
             .submit(1, move |c, b| {

@@ -120,7 +120,7 @@ async fn login_registers_then_checks_password() {
     let id = c.login("alice", "s3cret", TTL).await.unwrap();
     assert_eq!(id.user, "alice");
     assert!(!id.guest);
-    assert_eq!(id.token.len(), 32);
+    assert!(id.token.starts_with("alice.") && id.token.len() == "alice.".len() + 32);
     let again = c.login("alice", "s3cret", TTL).await.unwrap();
     assert_ne!(again.token, id.token);
     let e = c.login("alice", "wrong", TTL).await.unwrap_err();

@@ -371,7 +371,7 @@ mod tests {
         prop_oneof![
             (user(), word("[!-~]{1,20}"))
                 .prop_map(|(user, password)| Command::Login { user, password }),
-            word("[0-9a-f]{32}").prop_map(|token| Command::Resume { token }),
+            word("[A-Za-z0-9_.-]{1,32}\\.[0-9a-f]{32}").prop_map(|token| Command::Resume { token }),
             (room(), proptest::option::of(user()))
                 .prop_map(|(room, guest)| Command::Join { room, guest }),
             room().prop_map(|room| Command::Part { room }),

@@ -139,16 +139,18 @@ async fn read_first_line(
 /// The routing key of a first line, answering exactly as a chat server would
 /// (`BAD_ARGS` for a malformed LOGIN/RESUME/JOIN, else `BAD_FIRST_LINE`).
 ///
-/// A user's LOGIN and guest JOIN route by the user name. Tokens are opaque
-/// (32 hex digits that do not name the user), so a RESUME routes by the token
-/// bytes: it lands on a healthy server, though not necessarily the user's.
+/// LOGIN, guest JOIN and RESUME all route by the user name (a token is
+/// `<user>.<secret>`), so a user's connections meet on one server.
 fn routing_key(line: &str) -> Result<Vec<u8>, ServerLine> {
     match Command::parse(line) {
         Ok(Command::Login { user, .. }) => Ok(user.into_bytes()),
         Ok(Command::Join {
             guest: Some(name), ..
         }) => Ok(name.into_bytes()),
-        Ok(Command::Resume { token }) => Ok(token.into_bytes()),
+        Ok(Command::Resume { token }) => {
+            let user = chat_protocol::names::token_user(&token).unwrap_or(&token);
+            Ok(user.as_bytes().to_vec())
+        }
         Err(e) if e.code == ErrorCode::BadArgs => Err(ServerLine::err(e.code, e.detail)),
         _ => Err(ServerLine::err(ErrorCode::BadFirstLine, FIRST_LINE_USAGE)),
     }

@@ -318,7 +318,7 @@ mod tests {
         state.on_line(&line(s))
     }
 
-    const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+    const TOKEN: &str = "alice.0123456789abcdef0123456789abcdef";
 
     fn logged_in() -> ClientState {
         let mut s = ClientState::new();

@@ -82,7 +82,8 @@ async fn resume_unknown_token_is_rejected() {
     let stack = Stack::start().await;
     let (_alice, _token) = stack.login("alice", "pw").await;
     let mut c = stack.connect("resume-unknown").await;
-    c.send("RESUME 0123456789abcdef0123456789abcdef").await;
+    c.send("RESUME alice.0123456789abcdef0123456789abcdef")
+        .await;
     assert_one_err_then_closed(
         &mut c,
         ErrorCode::TokenInvalid,

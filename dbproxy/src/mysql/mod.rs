@@ -102,6 +102,19 @@ async fn finish<T>(w: &mut Routed<'_>, body: Tx<T>) -> Result<(T, Option<String>
     }
 }
 
+/// The body of one write transaction, given the connection it runs on.
+type TxFuture<'c, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Tx<T>> + Send + 'c>>;
+
+/// How often a write transaction is tried when InnoDB picks it as a deadlock
+/// victim. Concurrent first logins of new names take gap locks (`FOR UPDATE`
+/// on a missing row, then `INSERT`) and deadlock under load; InnoDB has rolled
+/// the victim back and asks for a retry, which nearly always succeeds at once.
+const DEADLOCK_ATTEMPTS: u32 = 5;
+
+fn is_deadlock(e: &mysql_async::Error) -> bool {
+    matches!(e, mysql_async::Error::Server(s) if s.code == 1213)
+}
+
 async fn begin(w: &mut Routed<'_>) -> Result<(), ApiError> {
     w.conn.query_drop("START TRANSACTION").await.map_err(db_err)
 }
@@ -179,22 +192,25 @@ async fn register(
     token: &str,
     now: i64,
 ) -> Tx<Registered> {
-    let id = match load_user(c, name, now, ttl, true).await? {
-        None => {
-            let inserted = c
-                .exec_drop(
-                    "INSERT INTO users (name, password_hash, guest, created_at) VALUES (?, ?, 0, ?)",
-                    (name, phc, now),
-                )
-                .await;
-            match inserted {
-                Ok(()) => c.last_insert_id().unwrap_or(0) as i64,
-                Err(mysql_async::Error::Server(s)) if s.code == 1062 => {
-                    return Ok(Ok(Registered::Retry))
-                }
-                Err(e) => return Err(e),
-            }
+    // INSERT first, lock the existing row only when the name is taken: a
+    // `FOR UPDATE` on a missing name takes a gap lock, and concurrent first
+    // logins of new names then deadlock on each other's insert.
+    let inserted = c
+        .exec_drop(
+            "INSERT INTO users (name, password_hash, guest, created_at) VALUES (?, ?, 0, ?)",
+            (name, phc, now),
+        )
+        .await;
+    let existing = match inserted {
+        Ok(()) => None,
+        Err(mysql_async::Error::Server(s)) if s.code == 1062 => {
+            load_user(c, name, now, ttl, true).await?
         }
+        Err(e) => return Err(e),
+    };
+    let id = match existing {
+        None if inserted_ok(c) => c.last_insert_id().unwrap_or(0) as i64,
+        None => return Ok(Ok(Registered::Retry)),
         Some(UserRow { guest: false, .. }) => return Ok(Ok(Registered::Retry)),
         Some(UserRow { live: true, .. }) => return Ok(Err(name_taken(name))),
         Some(UserRow { id, .. }) => {
@@ -433,6 +449,27 @@ impl MysqlBackend {
         begin(&mut w).await?;
         Ok(w)
     }
+
+    /// Runs `body` in a transaction on the primary and commits it (see
+    /// [`finish`]), running it again when it was a deadlock victim.
+    async fn write_tx<T, F>(&self, mut body: F) -> Result<(T, Option<String>), ApiError>
+    where
+        T: Send,
+        F: for<'c> FnMut(&'c mut Conn) -> TxFuture<'c, T> + Send,
+    {
+        let mut attempt = 1;
+        loop {
+            let mut w = self.write().await?;
+            match body(&mut w.conn).await {
+                Err(e) if is_deadlock(&e) && attempt < DEADLOCK_ATTEMPTS => {
+                    let _ = w.conn.query_drop("ROLLBACK").await;
+                    tracing::debug!(attempt, "deadlock victim, retrying the transaction");
+                    attempt += 1;
+                }
+                result => return finish(&mut w, result).await,
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -450,7 +487,7 @@ impl Backend for MysqlBackend {
                     .await
                     .map_err(db_err)?
             };
-            let token = auth::new_token();
+            let token = auth::new_token(&req.user);
             match user {
                 Some(UserRow {
                     id,
@@ -462,11 +499,13 @@ impl Backend for MysqlBackend {
                     if !blocking(move || auth::verify_password(&pw, &phc)).await? {
                         return Err(ApiError::new(ErrorKind::AuthFailed, "wrong password"));
                     }
-                    let mut w = self.write().await?;
-                    let body = insert_token(&mut w.conn, id, &token, now_ms())
-                        .await
-                        .map(Ok);
-                    let ((), pos) = finish(&mut w, body).await?;
+                    let t = token.clone();
+                    let ((), pos) = self
+                        .write_tx(|c| {
+                            let t = t.clone();
+                            Box::pin(async move { insert_token(c, id, &t, now_ms()).await.map(Ok) })
+                        })
+                        .await?;
                     return Ok(Identity {
                         user: req.user,
                         token,
@@ -478,9 +517,15 @@ impl Backend for MysqlBackend {
                 _ => {
                     let pw = password.clone();
                     let phc = blocking(move || auth::hash_password(&pw)).await?;
-                    let mut w = self.write().await?;
-                    let body = register(&mut w.conn, &req.user, &phc, ttl, &token, now_ms()).await;
-                    let (outcome, pos) = finish(&mut w, body).await?;
+                    let (name, t) = (req.user.clone(), token.clone());
+                    let (outcome, pos) = self
+                        .write_tx(|c| {
+                            let (name, phc, t) = (name.clone(), phc.clone(), t.clone());
+                            Box::pin(
+                                async move { register(c, &name, &phc, ttl, &t, now_ms()).await },
+                            )
+                        })
+                        .await?;
                     if let Registered::Done = outcome {
                         return Ok(Identity {
                             user: req.user,
@@ -500,17 +545,15 @@ impl Backend for MysqlBackend {
 
     async fn guest(&self, req: GuestReq) -> Result<Identity, ApiError> {
         require("name", &req.name)?;
-        let token = auth::new_token();
-        let mut w = self.write().await?;
-        let body = take_guest(
-            &mut w.conn,
-            &req.name,
-            req.token_idle_ttl_ms,
-            &token,
-            now_ms(),
-        )
-        .await;
-        let ((), pos) = finish(&mut w, body).await?;
+        let token = auth::new_token(&req.name);
+        let ttl = req.token_idle_ttl_ms;
+        let (name, t) = (req.name.clone(), token.clone());
+        let ((), pos) = self
+            .write_tx(|c| {
+                let (name, t) = (name.clone(), t.clone());
+                Box::pin(async move { take_guest(c, &name, ttl, &t, now_ms()).await })
+            })
+            .await?;
         Ok(Identity {
             user: req.name,
             token,
@@ -521,9 +564,13 @@ impl Backend for MysqlBackend {
 
     async fn resume(&self, req: ResumeReq) -> Result<Identity, ApiError> {
         let hash = auth::token_hash(&req.token);
-        let mut w = self.write().await?;
-        let body = resume_tx(&mut w.conn, &hash, req.token_idle_ttl_ms, now_ms()).await;
-        let ((user, guest), pos) = finish(&mut w, body).await?;
+        let ttl = req.token_idle_ttl_ms;
+        let ((user, guest), pos) = self
+            .write_tx(|c| {
+                let hash = hash.clone();
+                Box::pin(async move { resume_tx(c, &hash, ttl, now_ms()).await })
+            })
+            .await?;
         Ok(Identity {
             user,
             token: req.token,
@@ -542,40 +589,51 @@ impl Backend for MysqlBackend {
             .iter()
             .map(|t| (now, auth::token_hash(t)))
             .collect();
-        let mut w = self.write().await?;
-        let body = w
-            .conn
-            .exec_batch(
-                "UPDATE tokens SET last_used_ms = GREATEST(last_used_ms, ?) WHERE token_hash = ?",
-                params,
-            )
-            .await
-            .map(Ok);
-        let ((), pos) = finish(&mut w, body).await?;
+        let ((), pos) = self
+            .write_tx(|c| {
+                let params = params.clone();
+                Box::pin(async move {
+                    c.exec_batch(
+                        "UPDATE tokens SET last_used_ms = GREATEST(last_used_ms, ?) WHERE token_hash = ?",
+                        params,
+                    )
+                    .await
+                    .map(Ok)
+                })
+            })
+            .await?;
         Ok(WriteAck { pos })
     }
 
     async fn join(&self, req: JoinReq) -> Result<JoinResp, ApiError> {
         require("room", &req.room)?;
-        let mut w = self.write().await?;
-        let body = join_tx(&mut w.conn, &req.room, &req.user, now_ms()).await;
-        let (last_seq, pos) = finish(&mut w, body).await?;
+        let (room, user) = (req.room, req.user);
+        let (last_seq, pos) = self
+            .write_tx(|c| {
+                let (room, user) = (room.clone(), user.clone());
+                Box::pin(async move { join_tx(c, &room, &user, now_ms()).await })
+            })
+            .await?;
         Ok(JoinResp { last_seq, pos })
     }
 
     async fn part(&self, req: PartReq) -> Result<WriteAck, ApiError> {
-        let mut w = self.write().await?;
-        let body = w
-            .conn
-            .exec_drop(
-                "DELETE FROM memberships
-                 WHERE room_id = (SELECT id FROM rooms WHERE name = ?)
-                   AND user_id = (SELECT id FROM users WHERE name = ?)",
-                (req.room.as_str(), req.user.as_str()),
-            )
-            .await
-            .map(Ok);
-        let ((), pos) = finish(&mut w, body).await?;
+        let (room, user) = (req.room, req.user);
+        let ((), pos) = self
+            .write_tx(|c| {
+                let (room, user) = (room.clone(), user.clone());
+                Box::pin(async move {
+                    c.exec_drop(
+                        "DELETE FROM memberships
+                         WHERE room_id = (SELECT id FROM rooms WHERE name = ?)
+                           AND user_id = (SELECT id FROM users WHERE name = ?)",
+                        (room, user),
+                    )
+                    .await
+                    .map(Ok)
+                })
+            })
+            .await?;
         Ok(WriteAck { pos })
     }
 
@@ -673,9 +731,13 @@ impl Backend for MysqlBackend {
                 pos: None,
             });
         }
-        let mut w = self.write().await?;
-        let body = send_dms_tx(&mut w.conn, &req.items, now_ms()).await;
-        let (results, pos) = finish(&mut w, body).await?;
+        let items = Arc::new(req.items);
+        let (results, pos) = self
+            .write_tx(|c| {
+                let items = items.clone();
+                Box::pin(async move { send_dms_tx(c, &items, now_ms()).await })
+            })
+            .await?;
         Ok(SendDmsResp { results, pos })
     }
 
@@ -712,17 +774,20 @@ impl Backend for MysqlBackend {
         }
         let now = now_ms();
         let params: Vec<(i64, i64)> = req.ids.iter().map(|id| (now, *id)).collect();
-        let mut w = self.write().await?;
-        let body = w
-            .conn
-            .exec_batch(
-                "UPDATE messages SET received_at_ms = ?
-                 WHERE id = ? AND recipient_id IS NOT NULL AND received_at_ms IS NULL",
-                params,
-            )
-            .await
-            .map(Ok);
-        let ((), pos) = finish(&mut w, body).await?;
+        let ((), pos) = self
+            .write_tx(|c| {
+                let params = params.clone();
+                Box::pin(async move {
+                    c.exec_batch(
+                        "UPDATE messages SET received_at_ms = ?
+                         WHERE id = ? AND recipient_id IS NOT NULL AND received_at_ms IS NULL",
+                        params,
+                    )
+                    .await
+                    .map(Ok)
+                })
+            })
+            .await?;
         Ok(WriteAck { pos })
     }
 

@@ -155,6 +155,7 @@ impl Stack {
 
     /// Starts a stack whose server config is [`test_server_config`] changed by `configure`.
     pub async fn start_with(configure: impl FnOnce(&mut chat_server::Config)) -> Stack {
+        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("warn").try_init();
         let dir = tempfile::tempdir().expect("temp dir");
         let sqlite_path = dir
             .path()
@@ -763,11 +764,8 @@ impl Client {
 
 pub fn assert_token(token: &str) {
     assert!(
-        token.len() == 32
-            && token
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
-        "a token is 32 lower-case hex digits, got {token:?}"
+        chat_protocol::names::is_token(token),
+        "a token is <user>.<32 lower-case hex digits>, got {token:?}"
     );
 }
 
