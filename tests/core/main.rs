@@ -10,5 +10,6 @@ mod durability;
 mod history;
 mod login;
 mod messages;
+mod proxy;
 mod rooms;
 mod scale;

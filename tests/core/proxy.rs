@@ -1,0 +1,138 @@
+//! Clients through the real proxy in front of a real chat server: the proxy
+//! routes by the first line, passes everything else through, routes RESUME by
+//! the user its token names, and tells clients to reconnect when their server
+//! fails.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_protocol::{ErrorCode, ServerLine};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{http_get, within, Client, Next, Stack};
+
+struct Proxy {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.task.abort();
+    }
+}
+
+async fn start_proxy(stack: &Stack) -> Proxy {
+    let client = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = client.local_addr().unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let config = chat_proxy::Config {
+        servers: vec![chat_proxy::ServerAddr {
+            client: stack.addr.to_string(),
+            admin: stack.admin_addr.to_string(),
+        }],
+        health_interval_ms: 100,
+        ..Default::default()
+    };
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            let listeners = chat_proxy::Listeners { client, admin };
+            chat_proxy::run(listeners, config, prometheus::Registry::new(), cancel)
+                .await
+                .expect("proxy run");
+        }
+    });
+    crate::common::wait_until(Duration::from_secs(10), "proxy ready", || async move {
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), http_get(admin_addr, "/readyz")).await,
+            Ok((200, _))
+        )
+    })
+    .await;
+    Proxy { addr, cancel, task }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_and_resume_through_the_proxy() {
+    let stack = Stack::start().await;
+    let proxy = start_proxy(&stack).await;
+
+    let (mut alice, token) = Client::login(proxy.addr, "alice", "pw").await;
+    alice.join("lobby").await;
+    let (mut bob, _) = Client::guest(proxy.addr, "lobby", "bob").await;
+    let (seq, _) = alice.msg("lobby", "a1", "hello via proxy").await;
+    bob.expect("alice's MSG", |l| {
+        matches!(l, ServerLine::Msg { seq: s, sender, text, .. }
+            if *s == seq && sender == "alice" && text == "hello via proxy")
+    })
+    .await;
+
+    // Drop alice without a word; she comes back with RESUME through the proxy.
+    drop(alice);
+    bob.expect(
+        "alice goes offline",
+        |l| matches!(l, ServerLine::Parted { user, .. } if user == "alice"),
+    )
+    .await;
+    let mut again = Client::connect(proxy.addr, "alice-again").await;
+    again.send(&format!("RESUME {token}")).await;
+    match again.recv().await {
+        ServerLine::OkResume { user, .. } => assert_eq!(user, "alice"),
+        other => panic!("RESUME through the proxy answered {other}"),
+    }
+    again
+        .expect("alice's room is restored", |l| {
+            matches!(l, ServerLine::OkJoin { room, last_seq } if room == "lobby" && *last_seq == seq)
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_server_means_reconnect_then_unavailable() {
+    let mut stack = Stack::start().await;
+    let proxy = start_proxy(&stack).await;
+    let (mut alice, _) = Client::login(proxy.addr, "alice", "pw").await;
+
+    stack.stop_server().await;
+    // The proxy sees the server fail and tells its client to move (or the
+    // server's own BYE arrives first); either way the connection ends.
+    let lines = within(
+        Duration::from_secs(10),
+        "alice's connection ends",
+        alice.expect_closed_within(Duration::from_secs(10)),
+    )
+    .await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| matches!(l, ServerLine::Reconnect { .. } | ServerLine::Bye { .. })),
+        "the client is told why its connection ends: {lines:?}"
+    );
+
+    // With no healthy server the proxy refuses new clients clearly.
+    crate::common::wait_until(
+        Duration::from_secs(5),
+        "the proxy ejects the server",
+        || {
+            let addr = proxy.addr;
+            async move {
+                let mut c = Client::connect(addr, "late").await;
+                c.send("LOGIN late pw").await;
+                matches!(
+                    c.next(Duration::from_secs(2)).await,
+                    Next::Line(ServerLine::Err {
+                        code: ErrorCode::Unavailable,
+                        ..
+                    })
+                )
+            }
+        },
+    )
+    .await;
+}
