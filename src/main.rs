@@ -42,11 +42,16 @@ enum Command {
     Dbproxy,
     /// Run the client-facing proxy (not built yet).
     Proxy,
-    /// Run a dbproxy on SQLite and a chat server in one process.
+    /// Run a dbproxy (SQLite, or an existing MySQL/MariaDB) and a chat server in one process.
     Up {
         /// Where the SQLite database lives (overrides `up.data_dir`).
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", conflicts_with = "mysql")]
         data_dir: Option<PathBuf>,
+        /// Store in an existing MySQL/MariaDB whose primary is at HOST:PORT
+        /// instead of SQLite. User, password source, database and replicas
+        /// come from `[dbproxy.mysql]` / `CHAT_DBPROXY__MYSQL__*`.
+        #[arg(long, value_name = "HOST:PORT")]
+        mysql: Option<String>,
     },
     /// Interactive terminal client.
     Client {
@@ -108,7 +113,9 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<()> {
     match command {
         Command::Server => tiers::server(config.server, shutdown).await,
         Command::Dbproxy => tiers::dbproxy(config.dbproxy, shutdown).await,
-        Command::Up { data_dir } => up::run(config, data_dir, shutdown).await,
+        Command::Up { data_dir, mysql } => {
+            up::run(config, up::Options { data_dir, mysql }, shutdown).await
+        }
         Command::Client { addrs } => client::run(addrs, shutdown).await,
         Command::Proxy => unreachable!("handled before the configuration is loaded"),
     }

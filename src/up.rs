@@ -1,6 +1,8 @@
 //! `chat up`: the whole stack in one process for a single machine — a dbproxy
-//! on embedded SQLite under the data directory and one chat server talking to
-//! it — each a task on its own listener, stopped by Ctrl-C: the server first, then the dbproxy.
+//! on embedded SQLite under the data directory (or, with `--mysql` or
+//! `[dbproxy] backend = "mysql"`, on an existing MySQL/MariaDB) and one chat
+//! server talking to it — each a task on its own listener, stopped by Ctrl-C:
+//! the server first, then the dbproxy.
 
 use std::path::PathBuf;
 
@@ -10,19 +12,54 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::tiers;
 
+/// What `chat up` was asked for on the command line.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// Where the SQLite database lives (overrides `up.data_dir`).
+    pub data_dir: Option<PathBuf>,
+    /// `host:port` of an existing MySQL/MariaDB primary: the dbproxy uses the
+    /// mysql backend there, the rest of `[dbproxy.mysql]` (user, password
+    /// source, database, replicas) from the config.
+    pub mysql: Option<String>,
+}
+
 pub async fn run(
     mut config: Config,
-    data_dir: Option<PathBuf>,
+    options: Options,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let data_dir = data_dir.unwrap_or_else(|| config.up.data_dir.clone());
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("up.data_dir: cannot create {}", data_dir.display()))?;
-    let db_path = data_dir.join("chat.db");
-    config.dbproxy.sqlite_path = db_path
-        .to_str()
-        .with_context(|| format!("up.data_dir: {} is not UTF-8", data_dir.display()))?
-        .to_string();
+    if let Some(primary) = options.mysql {
+        config.dbproxy.backend = "mysql".into();
+        config.dbproxy.mysql.primary = primary;
+        config
+            .dbproxy
+            .validate()
+            .context("--mysql: invalid [dbproxy] settings")?;
+    }
+    let storage = if config.dbproxy.backend == "mysql" {
+        let m = &config.dbproxy.mysql;
+        let replicas = if m.replicas.is_empty() {
+            "no replicas".to_string()
+        } else {
+            format!("replicas {}", m.replicas.join(", "))
+        };
+        format!(
+            "MySQL/MariaDB primary {} database {} ({replicas})",
+            m.primary, m.database
+        )
+    } else {
+        let data_dir = options
+            .data_dir
+            .unwrap_or_else(|| config.up.data_dir.clone());
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("up.data_dir: cannot create {}", data_dir.display()))?;
+        let db_path = data_dir.join("chat.db");
+        config.dbproxy.sqlite_path = db_path
+            .to_str()
+            .with_context(|| format!("up.data_dir: {} is not UTF-8", data_dir.display()))?
+            .to_string();
+        format!("SQLite at {}", db_path.display())
+    };
 
     // Bind everything before starting anything: a busy port fails the whole
     // command at once instead of leaving half a stack running.
@@ -54,14 +91,13 @@ pub async fn run(
     });
 
     println!(
-        "chat is up: 1 chat server, dbproxy on SQLite at {}\n\
+        "chat is up: 1 chat server, dbproxy on {storage}\n\
          \n  talk to it:   nc {} {}\
          \n                cargo run -- client {client_addr}\
          \n  metrics:      http://{admin_addr}/metrics (server)\
          \n                http://{db_addr}/metrics (dbproxy)\
          \n  health:       http://{admin_addr}/healthz  http://{admin_addr}/readyz\
          \n\nCtrl-C to stop.",
-        db_path.display(),
         client_addr.ip(),
         client_addr.port(),
     );

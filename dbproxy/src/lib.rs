@@ -68,7 +68,7 @@ pub async fn run(
     // The password never appears here: only where the servers are.
     let db = if config.backend == "mysql" {
         format!(
-            "mysql://{}/{} (replicas: {})",
+            "mysql://{}/{} (replicas: [{}])",
             config.mysql.primary,
             config.mysql.database,
             config.mysql.replicas.join(",")

@@ -192,65 +192,60 @@ async fn register(
     token: &str,
     now: i64,
 ) -> Tx<Registered> {
-    // INSERT first, lock the existing row only when the name is taken: a
+    // INSERT first and lock the existing row only when the name is taken: a
     // `FOR UPDATE` on a missing name takes a gap lock, and concurrent first
-    // logins of new names then deadlock on each other's insert.
+    // logins of new names then deadlock on each other's inserts.
     let inserted = c
         .exec_drop(
             "INSERT INTO users (name, password_hash, guest, created_at) VALUES (?, ?, 0, ?)",
             (name, phc, now),
         )
         .await;
-    let existing = match inserted {
-        Ok(()) => None,
-        Err(mysql_async::Error::Server(s)) if s.code == 1062 => {
-            load_user(c, name, now, ttl, true).await?
-        }
-        Err(e) => return Err(e),
-    };
-    let id = match existing {
-        None if inserted_ok(c) => c.last_insert_id().unwrap_or(0) as i64,
-        None => return Ok(Ok(Registered::Retry)),
-        Some(UserRow { guest: false, .. }) => return Ok(Ok(Registered::Retry)),
-        Some(UserRow { live: true, .. }) => return Ok(Err(name_taken(name))),
-        Some(UserRow { id, .. }) => {
-            forget_holder(c, id).await?;
-            c.exec_drop(
-                "UPDATE users SET password_hash = ?, guest = 0 WHERE id = ?",
-                (phc, id),
-            )
-            .await?;
-            id
-        }
+    let id = match inserted {
+        Ok(()) => c.last_insert_id().unwrap_or(0) as i64,
+        Err(e) if !is_duplicate(&e) => return Err(e),
+        Err(_) => match load_user(c, name, now, ttl, true).await? {
+            None | Some(UserRow { guest: false, .. }) => return Ok(Ok(Registered::Retry)),
+            Some(UserRow { live: true, .. }) => return Ok(Err(name_taken(name))),
+            Some(UserRow { id, .. }) => {
+                forget_holder(c, id).await?;
+                c.exec_drop(
+                    "UPDATE users SET password_hash = ?, guest = 0 WHERE id = ?",
+                    (phc, id),
+                )
+                .await?;
+                id
+            }
+        },
     };
     insert_token(c, id, token, now).await?;
     Ok(Ok(Registered::Done))
 }
 
+fn is_duplicate(e: &mysql_async::Error) -> bool {
+    matches!(e, mysql_async::Error::Server(s) if s.code == 1062)
+}
+
 async fn take_guest(c: &mut Conn, name: &str, ttl: i64, token: &str, now: i64) -> Tx<()> {
-    let id = match load_user(c, name, now, ttl, true).await? {
-        None => {
-            let inserted = c
-                .exec_drop(
-                    "INSERT INTO users (name, password_hash, guest, created_at) VALUES (?, NULL, 1, ?)",
-                    (name, now),
-                )
-                .await;
-            match inserted {
-                Ok(()) => c.last_insert_id().unwrap_or(0) as i64,
-                Err(mysql_async::Error::Server(s)) if s.code == 1062 => {
-                    return Ok(Err(name_taken(name)))
-                }
-                Err(e) => return Err(e),
+    // INSERT first, as in `register`.
+    let inserted = c
+        .exec_drop(
+            "INSERT INTO users (name, password_hash, guest, created_at) VALUES (?, NULL, 1, ?)",
+            (name, now),
+        )
+        .await;
+    let id = match inserted {
+        Ok(()) => c.last_insert_id().unwrap_or(0) as i64,
+        Err(e) if !is_duplicate(&e) => return Err(e),
+        Err(_) => match load_user(c, name, now, ttl, true).await? {
+            None | Some(UserRow { guest: false, .. }) | Some(UserRow { live: true, .. }) => {
+                return Ok(Err(name_taken(name)))
             }
-        }
-        Some(UserRow { guest: false, .. }) | Some(UserRow { live: true, .. }) => {
-            return Ok(Err(name_taken(name)))
-        }
-        Some(UserRow { id, .. }) => {
-            forget_holder(c, id).await?;
-            id
-        }
+            Some(UserRow { id, .. }) => {
+                forget_holder(c, id).await?;
+                id
+            }
+        },
     };
     insert_token(c, id, token, now).await?;
     Ok(Ok(()))
@@ -288,10 +283,19 @@ async fn join_tx(c: &mut Conn, room: &str, user: &str, now: i64) -> Tx<u64> {
         (room, now),
     )
     .await?;
-    let (rid, last_seq): (i64, i64) = c
-        .exec_first("SELECT id, last_seq FROM rooms WHERE name = ?", (room,))
+    // A locking read: it sees the room another join committed after this
+    // transaction's snapshot was taken (a plain SELECT would not, and the
+    // membership would then silently fail its foreign key), and the current
+    // `last_seq` rather than the snapshot's.
+    let Some((rid, last_seq)): Option<(i64, i64)> = c
+        .exec_first(
+            "SELECT id, last_seq FROM rooms WHERE name = ? LOCK IN SHARE MODE",
+            (room,),
+        )
         .await?
-        .unwrap_or((0, 0));
+    else {
+        return Ok(Err(no_such_room(room)));
+    };
     c.exec_drop(
         "INSERT IGNORE INTO memberships (room_id, user_id, joined_at) VALUES (?, ?, ?)",
         (rid, uid, now),

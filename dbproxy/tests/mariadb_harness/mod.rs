@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const MARIADBD: &str = "/usr/sbin/mariadbd";
+const MARIADBD: &str = "mariadbd";
 const INSTALL_DB: &str = "mariadb-install-db";
 const CLIENT: &str = "mariadb";
 pub const APP_USER: &str = "chat";
@@ -28,7 +28,8 @@ fn binary(name: &str) -> PathBuf {
         .find(|p| p.is_absolute() && p.exists())
         .unwrap_or_else(|| {
             panic!(
-                "MariaDB binary {name} not found: install mariadb-server (these tests never skip)"
+                "MariaDB binary {name} not found in /usr/bin or /usr/sbin: install mariadb-server \
+                 and mariadb-client (scripts/test does); these tests never skip"
             )
         })
 }

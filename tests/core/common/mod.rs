@@ -155,7 +155,10 @@ impl Stack {
 
     /// Starts a stack whose server config is [`test_server_config`] changed by `configure`.
     pub async fn start_with(configure: impl FnOnce(&mut chat_server::Config)) -> Stack {
-        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("warn").try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("warn")
+            .try_init();
         let dir = tempfile::tempdir().expect("temp dir");
         let sqlite_path = dir
             .path()
