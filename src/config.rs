@@ -26,6 +26,9 @@ pub struct Config {
     pub server: chat_server::Config,
     /// The storage tier (`chat dbproxy`, and the dbproxy that `chat up` starts).
     pub dbproxy: chat_dbproxy::Config,
+    /// The client-facing proxy (`chat proxy`, and the proxy that `chat up`
+    /// starts, which is pointed at the servers it starts).
+    pub proxy: chat_proxy::Config,
     /// The single-machine stack that `chat up` starts.
     pub up: UpConfig,
 }
@@ -64,8 +67,8 @@ impl Default for LogConfig {
 pub struct UpConfig {
     /// Directory for the SQLite database (`<data_dir>/chat.db`); created if missing.
     pub data_dir: PathBuf,
-    /// Number of chat servers to start. Only 1 until the proxy tier exists
-    /// (issue #4): without it nothing spreads clients over several servers.
+    /// Number of chat servers to start. Only 1 until rooms span servers
+    /// (issue #4): members of one room on two servers would not hear each other.
     pub servers: u32,
 }
 
@@ -120,6 +123,7 @@ impl Config {
         self.dbproxy
             .validate()
             .context("invalid [dbproxy] section")?;
+        self.proxy.validate().context("invalid [proxy] section")?;
         Ok(())
     }
 }
@@ -139,7 +143,7 @@ impl UpConfig {
         }
         if self.servers != 1 {
             bail!(
-                "up.servers: {} servers need the proxy tier, which is not built yet (issue #4); use 1",
+                "up.servers: {} servers need rooms that span servers, which are not built yet (issue #4); use 1",
                 self.servers
             );
         }

@@ -40,7 +40,7 @@ enum Command {
     Server,
     /// Run the dbproxy, the storage tier.
     Dbproxy,
-    /// Run the client-facing proxy (not built yet).
+    /// Run the client-facing proxy: routes each client to its chat server.
     Proxy,
     /// Run a dbproxy (SQLite, or an existing MySQL/MariaDB) and a chat server in one process.
     Up {
@@ -63,14 +63,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-
-    if matches!(cli.command, Command::Proxy) {
-        eprintln!(
-            "chat: the proxy tier is not built yet (issue #4); \
-             connect clients to `chat server` directly"
-        );
-        return ExitCode::from(EXIT_USAGE);
-    }
 
     let config = match config::Config::load(cli.config.as_deref()).and_then(|c| {
         c.validate()?;
@@ -117,6 +109,6 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<()> {
             up::run(config, up::Options { data_dir, mysql }, shutdown).await
         }
         Command::Client { addrs } => client::run(addrs, shutdown).await,
-        Command::Proxy => unreachable!("handled before the configuration is loaded"),
+        Command::Proxy => tiers::proxy(config.proxy, shutdown).await,
     }
 }

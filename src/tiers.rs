@@ -1,5 +1,5 @@
 //! Starting one tier: bind its configured addresses, make its metrics registry,
-//! call the library's `run`. Shared by `chat server`, `chat dbproxy` and `chat up`.
+//! call the library's `run`. Shared by `chat server`, `chat dbproxy`, `chat proxy` and `chat up`.
 
 use std::net::SocketAddr;
 
@@ -83,4 +83,44 @@ pub async fn dbproxy(
 ) -> anyhow::Result<()> {
     let (listener, _) = bind("dbproxy.listen", &config.listen).await?;
     run_dbproxy(listener, config, shutdown).await
+}
+
+/// A proxy whose listeners are already bound.
+pub struct BoundProxy {
+    pub listeners: chat_proxy::Listeners,
+    pub client_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+pub async fn bind_proxy(config: &chat_proxy::Config) -> anyhow::Result<BoundProxy> {
+    let (client, client_addr) = bind("proxy.listen", &config.listen).await?;
+    let (admin, admin_addr) = bind("proxy.admin_listen", &config.admin_listen).await?;
+    Ok(BoundProxy {
+        listeners: chat_proxy::Listeners { client, admin },
+        client_addr,
+        admin_addr,
+    })
+}
+
+pub async fn run_proxy(
+    bound: BoundProxy,
+    config: chat_proxy::Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    tracing::info!(
+        listen = %bound.client_addr,
+        admin = %bound.admin_addr,
+        servers = config.servers.len(),
+        dns = config.dns_name.as_deref().unwrap_or("-"),
+        "proxy starting"
+    );
+    chat_proxy::run(bound.listeners, config, Registry::new(), shutdown)
+        .await
+        .context("proxy failed")
+}
+
+/// `chat proxy`: runs until Ctrl-C / SIGTERM.
+pub async fn proxy(config: chat_proxy::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let bound = bind_proxy(&config).await?;
+    run_proxy(bound, config, shutdown).await
 }

@@ -1,8 +1,8 @@
 //! `chat up`: the whole stack in one process for a single machine — a dbproxy
 //! on embedded SQLite under the data directory (or, with `--mysql` or
-//! `[dbproxy] backend = "mysql"`, on an existing MySQL/MariaDB) and one chat
-//! server talking to it — each a task on its own listener, stopped by Ctrl-C:
-//! the server first, then the dbproxy.
+//! `[dbproxy] backend = "mysql"`, on an existing MySQL/MariaDB), one chat
+//! server talking to it and a proxy in front of the server — each a task on its
+//! own listener, stopped by Ctrl-C: proxy and server first, then the dbproxy.
 
 use std::path::PathBuf;
 
@@ -67,6 +67,14 @@ pub async fn run(
     config.server.dbproxy_url = format!("http://{db_addr}");
     let bound = tiers::bind_server(&config.server).await?;
     let (client_addr, admin_addr) = (bound.client_addr, bound.admin_addr);
+    // The proxy routes to the server just bound, whatever `[proxy] servers` says.
+    config.proxy.dns_name = None;
+    config.proxy.servers = vec![chat_proxy::ServerAddr {
+        client: client_addr.to_string(),
+        admin: admin_addr.to_string(),
+    }];
+    let bound_proxy = tiers::bind_proxy(&config.proxy).await?;
+    let (proxy_addr, proxy_admin) = (bound_proxy.client_addr, bound_proxy.admin_addr);
 
     // Shutdown order: the server drains first (its in-flight messages still
     // need storage), then the dbproxy. Either tier failing stops the other.
@@ -81,6 +89,15 @@ pub async fn run(
             tiers::run_dbproxy(db_listener, dbproxy_config, own).await
         }
     });
+    // The proxy stops with the server (and, failing, stops it).
+    let proxy = tokio::spawn({
+        let server_stop = server_stop.clone();
+        let proxy_config = config.proxy;
+        async move {
+            let _stop_server = server_stop.clone().drop_guard();
+            tiers::run_proxy(bound_proxy, proxy_config, server_stop).await
+        }
+    });
     let server = tokio::spawn({
         let (own, dbproxy_stop) = (server_stop.clone(), dbproxy_stop.clone());
         let server_config = config.server;
@@ -91,18 +108,23 @@ pub async fn run(
     });
 
     println!(
-        "chat is up: 1 chat server, dbproxy on {storage}\n\
-         \n  talk to it:   nc {} {}\
-         \n                cargo run -- client {client_addr}\
-         \n  metrics:      http://{admin_addr}/metrics (server)\
+        "chat is up: a proxy, 1 chat server, dbproxy on {storage}\n\
+         \n  talk to it:   nc {} {}          (the proxy)\
+         \n                cargo run -- client {proxy_addr}\
+         \n                nc {} {}          (the chat server directly)\
+         \n  metrics:      http://{proxy_admin}/metrics (proxy)\
+         \n                http://{admin_addr}/metrics (server)\
          \n                http://{db_addr}/metrics (dbproxy)\
          \n  health:       http://{admin_addr}/healthz  http://{admin_addr}/readyz\
          \n\nCtrl-C to stop.",
+        proxy_addr.ip(),
+        proxy_addr.port(),
         client_addr.ip(),
         client_addr.port(),
     );
 
-    let (server_result, dbproxy_result) = tokio::join!(server, dbproxy);
+    let (proxy_result, server_result, dbproxy_result) = tokio::join!(proxy, server, dbproxy);
+    proxy_result.context("proxy task panicked")??;
     let server_result = server_result.context("chat server task panicked")?;
     let dbproxy_result = dbproxy_result.context("dbproxy task panicked")?;
     server_result?;

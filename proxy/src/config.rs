@@ -23,11 +23,13 @@ pub struct Config {
     pub listen: String,
     /// Admin listener: /metrics, /healthz, /readyz.
     pub admin_listen: String,
-    /// Static list of chat servers. Either this or `dns_name`.
+    /// Static list of chat servers, used when `dns_name` is not set. The
+    /// default is one chat server at its own default addresses.
     pub servers: Vec<ServerAddr>,
     /// DNS name listing the chat servers, e.g. a Kubernetes headless Service
     /// (`chat-server.chat.svc.cluster.local`): every address it resolves to is a
     /// server, at `dns_port` (clients) and `dns_admin_port` (`/readyz`).
+    /// When set, `servers` is ignored.
     pub dns_name: Option<String>,
     /// Client port of the servers found through `dns_name`.
     pub dns_port: u16,
@@ -67,7 +69,10 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:7001".into(),
             admin_listen: "127.0.0.1:9102".into(),
-            servers: Vec::new(),
+            servers: vec![ServerAddr {
+                client: "127.0.0.1:7000".into(),
+                admin: "127.0.0.1:9101".into(),
+            }],
             dns_name: None,
             dns_port: 7000,
             dns_admin_port: 9101,
@@ -100,7 +105,6 @@ impl Config {
         }
         match (&self.dns_name, self.servers.is_empty()) {
             (None, true) => return bad("servers", "list at least one server, or set dns_name"),
-            (Some(_), false) => return bad("dns_name", "set either servers or dns_name, not both"),
             (Some(name), true) if name.trim().is_empty() => {
                 return bad("dns_name", "must not be empty")
             }
@@ -184,8 +188,13 @@ mod tests {
     }
 
     #[test]
-    fn defaults_need_servers() {
-        assert!(err_of(&Config::default()).contains("proxy.servers"));
+    fn servers_or_dns_are_needed() {
+        Config::default().validate().unwrap();
+        let none = Config {
+            servers: Vec::new(),
+            ..Config::default()
+        };
+        assert!(err_of(&none).contains("proxy.servers"));
         with_server().validate().unwrap();
         let dns = Config {
             dns_name: Some("chat.svc".into()),

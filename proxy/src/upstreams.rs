@@ -66,7 +66,9 @@ impl Upstreams {
             eject_after: config.eject_after_failures,
             metrics,
         });
-        up.set_servers(&config.servers);
+        if config.dns_name.is_none() {
+            up.set_servers(&config.servers);
+        }
         up
     }
 
