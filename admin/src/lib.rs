@@ -1,10 +1,13 @@
-//! Admin HTTP endpoint shared by every tier: `/metrics` (Prometheus text from an
+//! What every tier shares: the bounded accept loop ([`accept::Acceptor`]) and the
+//! admin HTTP endpoint: `/metrics` (Prometheus text from an
 //! explicit registry), `/healthz` (the process is alive) and `/readyz` (it
 //! accepts work: not starting up, not draining).
 //!
 //! accept → hyper http1 connection → [`respond`] → registry gather / health flag.
 //! Tiers that already speak HTTP (dbproxy) call [`respond`] from their own
 //! service instead of running [`serve`].
+
+pub mod accept;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,23 +107,8 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let acceptor = accept::Acceptor::new(listener, MAX_ADMIN_CONNECTIONS);
+    while let Some(accept::Accepted { stream, permit, .. }) = acceptor.next(&shutdown).await {
         let (registry, health, shutdown) = (registry.clone(), health.clone(), shutdown.clone());
         tracker.spawn(async move {
             let _permit = permit;

@@ -26,10 +26,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chat_admin::accept::{Accepted, Acceptor};
 use chat_admin::Health;
 use prometheus::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -102,31 +102,20 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     health.set_ready(true);
-    let addr = listeners.client.local_addr()?;
+    let acceptor = Acceptor::new(listeners.client, config.max_connections);
+    let addr = acceptor.local_addr()?;
     tracing::info!(%addr, "chat proxy listening");
     let conn_ids = AtomicU64::new(1);
-    let permits = Arc::new(Semaphore::new(config.max_connections));
     let conns = TaskTracker::new();
     // Cancelled once the grace period is over: ends connections still writing
     // their farewell to a client that does not read.
     let hard_stop = CancellationToken::new();
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listeners.client.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // Usually EMFILE: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some(Accepted {
+        stream,
+        peer,
+        permit,
+    }) = acceptor.next(&shutdown).await
+    {
         let id = conn_ids.fetch_add(1, Ordering::Relaxed);
         metrics.connections_total.inc();
         let (ctx, hard_stop) = (ctx.clone(), hard_stop.clone());
@@ -144,7 +133,7 @@ pub async fn run(
     }
 
     health.set_ready(false);
-    drop(listeners.client);
+    drop(acceptor);
     tracing::info!("draining");
     conns.close();
     if tokio::time::timeout(grace, conns.wait()).await.is_err() {

@@ -20,11 +20,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chat_admin::accept::{Accepted, Acceptor};
 use chat_admin::Health;
 use chat_dbproxy::DbClient;
 use prometheus::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -83,28 +84,17 @@ pub async fn run(
     tasks.spawn(touch_loop(hub.clone(), background.clone()));
 
     health.set_ready(true);
-    let addr = listeners.client.local_addr()?;
+    let acceptor = Acceptor::new(listeners.client, config.max_connections);
+    let addr = acceptor.local_addr()?;
     tracing::info!(%addr, "chat server listening");
     let conn_ids = AtomicU64::new(1);
-    let permits = Arc::new(Semaphore::new(config.max_connections));
     let conns = TaskTracker::new();
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listeners.client.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // Usually EMFILE: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some(Accepted {
+        stream,
+        peer,
+        permit,
+    }) = acceptor.next(&shutdown).await
+    {
         let id = conn_ids.fetch_add(1, Ordering::Relaxed);
         metrics.connections_total.inc();
         metrics.connections_active.inc();
@@ -123,7 +113,7 @@ pub async fn run(
     // Drain: not ready, no new connections; sessions answer what they read,
     // say BYE shutdown and close.
     health.set_ready(false);
-    drop(listeners.client);
+    drop(acceptor);
     tracing::info!("draining");
     conns.close();
     let _ = tokio::time::timeout(grace + Duration::from_secs(2), conns.wait()).await;
