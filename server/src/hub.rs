@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbound::SessionHandle;
-use crate::room::Room;
+use crate::room::{Room, RoomCore};
 
 #[derive(Default)]
 struct OnlineUser {
@@ -55,16 +55,33 @@ impl Hub {
         })
     }
 
-    /// The live room, started on first use.
-    pub fn room(self: &Arc<Self>, name: &str) -> Arc<Room> {
+    /// Makes `user` present in the live room (started on first use). Under the
+    /// rooms lock, so a room is never reaped between lookup and join. Returns
+    /// the room and whether the user was not present before.
+    fn join_live_room(self: &Arc<Self>, name: &str, user: &Arc<str>) -> (Arc<Room>, bool) {
         let mut rooms = self.rooms.lock().expect("rooms lock");
-        if let Some(r) = rooms.get(name) {
-            return r.clone();
+        let room = match rooms.get(name) {
+            Some(r) => r.clone(),
+            None => {
+                let room = Room::start(self.clone(), name.to_string());
+                rooms.insert(name.to_string(), room.clone());
+                self.metrics.rooms_active.set(rooms.len() as i64);
+                room
+            }
+        };
+        let added = room.add_member(user.clone());
+        (room, added)
+    }
+
+    /// Drops a live room nobody is present in; its task ends once the messages
+    /// already queued are stored and answered. A later JOIN starts a new one.
+    fn reap_if_empty(&self, room: &Arc<Room>) {
+        let mut rooms = self.rooms.lock().expect("rooms lock");
+        let current = rooms.get(&room.name).is_some_and(|r| Arc::ptr_eq(r, room));
+        if current && room.is_empty() {
+            rooms.remove(&room.name);
+            self.metrics.rooms_active.set(rooms.len() as i64);
         }
-        let room = Room::start(self.clone(), name.to_string());
-        self.metrics.rooms_active.set(rooms.len() as i64 + 1);
-        rooms.insert(name.to_string(), room.clone());
-        room
     }
 
     pub fn existing_room(&self, name: &str) -> Option<Arc<Room>> {
@@ -106,6 +123,7 @@ impl Hub {
                         reason,
                     };
                     self.broadcast(&room, line.to_bytes(), None);
+                    self.reap_if_empty(&room);
                 }
             }
         }
@@ -123,8 +141,8 @@ impl Hub {
                 None => return,
             }
         }
-        let room = self.room(room_name);
-        if room.add_member(user.clone()) {
+        let (room, added) = self.join_live_room(room_name, user);
+        if added {
             let line = ServerLine::Joined {
                 room: room_name.to_string(),
                 user: user.to_string(),
@@ -149,6 +167,7 @@ impl Hub {
         .to_bytes();
         if room.remove_member(user) {
             self.broadcast(&room, line.clone(), None);
+            self.reap_if_empty(&room);
         }
         // The user's own sessions learn it too (they are no longer members).
         self.send_to_user(user, &line);
@@ -160,7 +179,7 @@ impl Hub {
     }
 
     /// Queues `bytes` to every session of every present member, except one session.
-    pub fn broadcast(&self, room: &Room, bytes: Bytes, except_session: Option<u64>) {
+    pub fn broadcast(&self, room: &RoomCore, bytes: Bytes, except_session: Option<u64>) {
         let members = room.members.lock().expect("members lock");
         let online = self.online.read().expect("online lock");
         let mut n = 0;

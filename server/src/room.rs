@@ -26,25 +26,39 @@ pub struct Publish {
     pub permit: OwnedSemaphorePermit,
 }
 
-pub struct Room {
+/// What a room's task shares with the `Room` handle: its name and who is
+/// present. The task does not hold the queue's sender, so once the hub drops a
+/// room (nobody present) the task stores and answers what is queued, then ends.
+pub struct RoomCore {
     pub name: String,
     pub(crate) members: Mutex<HashSet<Arc<str>>>,
+}
+
+pub struct Room {
+    core: Arc<RoomCore>,
     tx: mpsc::Sender<Publish>,
+}
+
+impl std::ops::Deref for Room {
+    type Target = RoomCore;
+
+    fn deref(&self) -> &RoomCore {
+        &self.core
+    }
 }
 
 impl Room {
     pub(crate) fn start(hub: Arc<Hub>, name: String) -> Arc<Room> {
         let (tx, rx) = mpsc::channel(hub.config.room_queue);
-        let room = Arc::new(Room {
+        let core = Arc::new(RoomCore {
             name,
             members: Mutex::new(HashSet::new()),
-            tx,
         });
-        let weak = Arc::downgrade(&room);
+        let task_core = core.clone();
         hub.tasks.clone().spawn(async move {
-            publish_loop(hub, weak, rx).await;
+            publish_loop(hub, task_core, rx).await;
         });
-        room
+        Arc::new(Room { core, tx })
     }
 
     /// Waits while the room's queue is full (backpressure on the sender's reads).
@@ -57,13 +71,19 @@ impl Room {
             p.session.line(line.to_bytes());
         }
     }
+}
 
+impl RoomCore {
     pub(crate) fn add_member(&self, user: Arc<str>) -> bool {
         self.members.lock().expect("members lock").insert(user)
     }
 
     pub(crate) fn remove_member(&self, user: &str) -> bool {
         self.members.lock().expect("members lock").remove(user)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.members.lock().expect("members lock").is_empty()
     }
 
     pub fn has_member(&self, user: &str) -> bool {
@@ -78,7 +98,7 @@ pub fn with_cid(cid: &Option<String>, detail: &str) -> String {
     }
 }
 
-async fn publish_loop(hub: Arc<Hub>, room: std::sync::Weak<Room>, mut rx: mpsc::Receiver<Publish>) {
+async fn publish_loop(hub: Arc<Hub>, room: Arc<RoomCore>, mut rx: mpsc::Receiver<Publish>) {
     let max = hub.config.room_batch_max;
     let mut batch = Vec::with_capacity(max);
     loop {
@@ -95,12 +115,11 @@ async fn publish_loop(hub: Arc<Hub>, room: std::sync::Weak<Room>, mut rx: mpsc::
                 Err(_) => break,
             }
         }
-        let Some(room) = room.upgrade() else { break };
         commit_and_fan_out(&hub, &room, &mut batch).await;
     }
 }
 
-async fn commit_and_fan_out(hub: &Hub, room: &Room, batch: &mut Vec<Publish>) {
+async fn commit_and_fan_out(hub: &Hub, room: &RoomCore, batch: &mut Vec<Publish>) {
     let items = batch
         .iter()
         .map(|p| AppendItem {

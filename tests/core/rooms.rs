@@ -347,3 +347,35 @@ async fn login_restores_rooms() {
     let (seq, _) = third.msg("r1", "m2", "second").await;
     assert_eq!(seq, 2);
 }
+
+/// A room nobody is present in is dropped from the server's memory; it comes
+/// back on the next JOIN with its seq continuing from storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_left_empty_continues_its_seq() {
+    let stack = Stack::start().await;
+    let (mut alice, _) = stack.login("alice", "pw").await;
+    alice.join("quiet").await;
+    let (first, _) = alice.msg("quiet", "a1", "one").await;
+    alice.send("PART quiet").await;
+    alice
+        .expect(
+            "OK PART quiet",
+            |l| matches!(l, ServerLine::OkPart { room } if room == "quiet"),
+        )
+        .await;
+
+    let (mut bob, _) = stack.login("bob", "pw").await;
+    assert_eq!(
+        bob.join("quiet").await,
+        first,
+        "JOIN reports the stored last seq"
+    );
+    let (second, _) = bob.msg("quiet", "b1", "two").await;
+    assert_eq!(
+        second,
+        first + 1,
+        "seq continues densely after the room was idle"
+    );
+    let hist = bob.history("quiet", 0, None).await;
+    assert_eq!(hist.len(), 2, "both messages are stored: {hist:?}");
+}
