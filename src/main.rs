@@ -55,8 +55,9 @@ enum Command {
     },
     /// Interactive terminal client.
     Client {
-        /// Server addresses, tried in turn on connect failure or disconnect.
-        #[arg(value_name = "ADDR", default_value = "127.0.0.1:7000")]
+        /// Proxy (or server) addresses, tried in turn on connect failure or
+        /// disconnect; the default is the proxy of `chat up`.
+        #[arg(value_name = "ADDR", default_value = "127.0.0.1:7001")]
         addrs: Vec<String>,
     },
 }
