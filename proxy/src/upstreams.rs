@@ -97,6 +97,10 @@ impl Upstreams {
                 .upstream_healthy
                 .with_label_values(&[s.client.as_str()])
                 .set(0);
+            // Present from the start (at 0), so rates and alerts see the series.
+            self.metrics
+                .upstream_ejections_total
+                .with_label_values(&[s.client.as_str()]);
             servers.insert(
                 s.client.clone(),
                 ServerState {
