@@ -21,6 +21,10 @@ use crate::api::*;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds the requests (and so the connections) one chat server opens.
 const MAX_IN_FLIGHT: usize = 512;
+/// Largest answer read from dbproxy. The biggest legitimate one (1000 history
+/// messages of at most a 4 KiB line each, or 1000 rooms) is a few MiB; this
+/// guards against a misbehaving peer, not a real answer.
+const MAX_RESPONSE_BYTES: usize = 32 << 20;
 
 /// Cheap to clone: clones share the connection pool and the in-flight bound.
 #[derive(Clone)]
@@ -90,8 +94,7 @@ impl DbClient {
                 .await
                 .map_err(|e| unavailable(format!("dbproxy request failed: {e}")))?;
             let status = resp.status();
-            let bytes = resp
-                .into_body()
+            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
                 .map_err(|e| unavailable(format!("dbproxy response failed: {e}")))?
