@@ -123,8 +123,8 @@ pub async fn run(
     };
 
     // ---- teardown ---------------------------------------------------------
-    if reason == PartReason::Shutdown {
-        // Let MSG/DM already read get their answers before saying goodbye.
+    if matches!(reason, PartReason::Shutdown | PartReason::Quit) {
+        // A clean close: MSG/DM already read get their answers before BYE.
         let grace = Duration::from_secs(hub.config.shutdown_grace_secs);
         let all = hub.config.max_inflight_per_conn as u32;
         let _ = timeout(grace, session.inflight.acquire_many(all)).await;

@@ -162,3 +162,24 @@ async fn resent_client_id_is_idempotent() {
     assert_eq!(hist[0].3, "only once");
     assert_eq!(hist[0].1, ts1);
 }
+
+/// `MSG` then `QUIT` in one write: the message is acknowledged before `BYE`,
+/// because a clean close answers what it already read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_answers_messages_already_sent() {
+    let stack = Stack::start().await;
+    let (mut alice, _) = stack.login("alice", "pw").await;
+    alice.join("r").await;
+    alice.send_raw(b"MSG id=q1 r last words\nQUIT\n").await;
+    let lines = alice.expect_closed().await;
+    let ok = lines
+        .iter()
+        .position(|l| matches!(l, ServerLine::OkMsg { cid: Some(c), .. } if c == "q1"));
+    let bye = lines
+        .iter()
+        .position(|l| matches!(l, ServerLine::Bye { reason } if reason == "quit"));
+    assert!(
+        matches!((ok, bye), (Some(o), Some(b)) if o < b),
+        "OK MSG comes before BYE quit: {lines:?}"
+    );
+}
