@@ -17,12 +17,13 @@ pub enum ErrorCode {
     NoSuchRoom,
     NoSuchUser,
     RateLimited,
+    TooManyRooms,
     Unavailable,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadFirstLine,
         ErrorCode::AuthFailed,
         ErrorCode::NameTaken,
@@ -36,6 +37,7 @@ impl ErrorCode {
         ErrorCode::NoSuchRoom,
         ErrorCode::NoSuchUser,
         ErrorCode::RateLimited,
+        ErrorCode::TooManyRooms,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
     ];
@@ -55,6 +57,7 @@ impl ErrorCode {
             ErrorCode::NoSuchRoom => "NO_SUCH_ROOM",
             ErrorCode::NoSuchUser => "NO_SUCH_USER",
             ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::TooManyRooms => "TOO_MANY_ROOMS",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
         }

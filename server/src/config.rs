@@ -34,6 +34,9 @@ pub struct Config {
     pub max_inflight_per_conn: usize,
     /// Concurrent client connections; further connects wait in the backlog.
     pub max_connections: usize,
+    /// Rooms one user may be a member of: bounds what a login restores and
+    /// what one user makes the server track.
+    pub max_rooms_per_user: usize,
     /// Pending publishes per room before senders wait.
     pub room_queue: usize,
     /// Most messages one room sends to storage in one batch.
@@ -57,6 +60,7 @@ impl Default for Config {
             rate_limit_kick: 1000,
             max_inflight_per_conn: 64,
             max_connections: 100_000,
+            max_rooms_per_user: 1000,
             room_queue: 4096,
             room_batch_max: 256,
             shutdown_grace_secs: 10,
@@ -90,6 +94,7 @@ impl Config {
             ("rate_limit_kick", self.rate_limit_kick.into()),
             ("max_inflight_per_conn", self.max_inflight_per_conn as u64),
             ("max_connections", self.max_connections as u64),
+            ("max_rooms_per_user", self.max_rooms_per_user as u64),
             ("room_queue", self.room_queue as u64),
             ("room_batch_max", self.room_batch_max as u64),
         ];

@@ -234,6 +234,13 @@ impl Hub {
         Some(v)
     }
 
+    /// How many rooms `user` is present in (after login: every room they are a
+    /// member of).
+    pub fn rooms_of(&self, user: &str) -> usize {
+        let online = self.online.read().expect("online lock");
+        online.get(user).map_or(0, |u| u.rooms.len())
+    }
+
     /// Tokens of everyone online, to keep them from expiring.
     pub fn online_tokens(&self) -> Vec<String> {
         let online = self.online.read().expect("online lock");

@@ -406,6 +406,17 @@ impl Session {
                 )
                 .await;
             }
+            Command::Join { room, guest: None }
+                if hub.rooms_of(&self.user) >= hub.config.max_rooms_per_user
+                    && hub.present_room(&self.user, &room).is_none() =>
+            {
+                let max = hub.config.max_rooms_per_user;
+                self.error(
+                    ErrorCode::TooManyRooms,
+                    format!("at most {max} rooms per user; PART one first"),
+                )
+                .await;
+            }
             Command::Join { room, guest: None } => match hub.db.join(&room, &self.user).await {
                 Ok(j) => {
                     self.handle.wrote(j.pos);

@@ -379,3 +379,23 @@ async fn room_left_empty_continues_its_seq() {
     let hist = bob.history("quiet", 0, None).await;
     assert_eq!(hist.len(), 2, "both messages are stored: {hist:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_per_user_are_bounded() {
+    let stack = Stack::start_with(|c| c.max_rooms_per_user = 2).await;
+    let (mut alice, _) = stack.login("alice", "pw").await;
+    alice.join("a").await;
+    alice.join("b").await;
+    alice.send("JOIN c").await;
+    alice.expect_err(ErrorCode::TooManyRooms).await;
+    // A room she is in still answers; after a PART there is room for another.
+    assert_eq!(alice.join("a").await, 0);
+    alice.send("PART a").await;
+    alice
+        .expect(
+            "OK PART a",
+            |l| matches!(l, ServerLine::OkPart { room } if room == "a"),
+        )
+        .await;
+    alice.join("c").await;
+}
