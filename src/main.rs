@@ -3,6 +3,7 @@
 //! (through [`tiers`]), to [`up`] for the single-machine stack, or to
 //! [`client`] for the terminal client.
 
+mod bench;
 mod client;
 mod config;
 mod shutdown;
@@ -60,6 +61,8 @@ enum Command {
         #[arg(value_name = "ADDR", default_value = "127.0.0.1:7001")]
         addrs: Vec<String>,
     },
+    /// Load generator: connections, fan-out, durable writes, DMs (see docs/BENCHMARKS.md).
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -111,5 +114,6 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<()> {
         }
         Command::Client { addrs } => client::run(addrs, shutdown).await,
         Command::Proxy => tiers::proxy(config.proxy, shutdown).await,
+        Command::Bench(options) => bench::run(options, shutdown).await,
     }
 }
