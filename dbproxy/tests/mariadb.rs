@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use chat_dbproxy::api::{AppendItem, ErrorKind};
 use chat_dbproxy::config::MysqlConfig;
 use chat_dbproxy::{Config, DbClient};
-use mariadb_harness::{Pair, APP_USER, DATABASE};
+use mariadb_harness::Pair;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -32,16 +32,11 @@ impl Proxy {
             backend: "mysql".into(),
             shutdown_grace_secs: 2,
             mysql: MysqlConfig {
-                primary: pair.primary.addr(),
-                replicas: vec![pair.replica.addr()],
-                user: APP_USER.into(),
-                password_file: pair.password_file.to_string_lossy().into_owned(),
-                database: DATABASE.into(),
                 pool_min: 1,
                 pool_max: 8,
                 acquire_timeout_ms: 1000,
                 connect_timeout_ms: 500,
-                ..MysqlConfig::default()
+                ..pair.mysql_config()
             },
             ..Config::default()
         };

@@ -215,6 +215,19 @@ pub struct Pair {
 }
 
 impl Pair {
+    /// The dbproxy's `[mysql]` settings for this pair (primary, replica,
+    /// application user); other keys at their defaults.
+    pub fn mysql_config(&self) -> chat_dbproxy::config::MysqlConfig {
+        chat_dbproxy::config::MysqlConfig {
+            primary: self.primary.addr(),
+            replicas: vec![self.replica.addr()],
+            user: APP_USER.into(),
+            password_file: self.password_file.to_string_lossy().into_owned(),
+            database: DATABASE.into(),
+            ..Default::default()
+        }
+    }
+
     pub fn start() -> Pair {
         let (primary, replica) = std::thread::scope(|s| {
             let p = s.spawn(|| Server::start(1, false));

@@ -204,14 +204,7 @@ impl Stack {
                 listen: self.db_addr.to_string(),
                 backend: "mysql".into(),
                 shutdown_grace_secs: 1,
-                mysql: chat_dbproxy::config::MysqlConfig {
-                    primary: pair.primary.addr(),
-                    replicas: vec![pair.replica.addr()],
-                    user: mariadb::APP_USER.into(),
-                    password_file: pair.password_file.to_string_lossy().into_owned(),
-                    database: mariadb::DATABASE.into(),
-                    ..Default::default()
-                },
+                mysql: pair.mysql_config(),
                 ..Default::default()
             };
         }
