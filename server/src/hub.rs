@@ -122,7 +122,7 @@ impl Hub {
                         user: session.user.to_string(),
                         reason,
                     };
-                    self.broadcast(&room, line.to_bytes(), None);
+                    self.broadcast(&room, line.to_bytes(), None, None);
                     self.reap_if_empty(&room);
                 }
             }
@@ -147,7 +147,7 @@ impl Hub {
                 room: room_name.to_string(),
                 user: user.to_string(),
             };
-            self.broadcast(&room, line.to_bytes(), None);
+            self.broadcast(&room, line.to_bytes(), None, None);
         }
     }
 
@@ -166,7 +166,7 @@ impl Hub {
         }
         .to_bytes();
         if room.remove_member(user) {
-            self.broadcast(&room, line.clone(), None);
+            self.broadcast(&room, line.clone(), None, None);
             self.reap_if_empty(&room);
         }
         // The user's own sessions learn it too (they are no longer members).
@@ -179,14 +179,32 @@ impl Hub {
     }
 
     /// Queues `bytes` to every session of every present member, except one session.
-    pub fn broadcast(&self, room: &RoomCore, bytes: Bytes, except_session: Option<u64>) {
+    ///
+    /// `pos` is the storage position of the write being delivered: every
+    /// recipient session adopts it, so a client that has seen a message also
+    /// finds it in `HISTORY` even when a lagging replica serves the read.
+    pub fn broadcast(
+        &self,
+        room: &RoomCore,
+        bytes: Bytes,
+        except_session: Option<u64>,
+        pos: Option<&String>,
+    ) {
         let members = room.members.lock().expect("members lock");
         let online = self.online.read().expect("online lock");
         let mut n = 0;
         for user in members.iter() {
             if let Some(u) = online.get(user) {
                 for s in &u.sessions {
-                    if Some(s.id) != except_session && s.line(bytes.clone()) {
+                    if Some(s.id) == except_session {
+                        continue;
+                    }
+                    // Before the line is queued: once the client can see it,
+                    // its reads must too.
+                    if pos.is_some() {
+                        s.wrote(pos.cloned());
+                    }
+                    if s.line(bytes.clone()) {
                         n += 1;
                     }
                 }

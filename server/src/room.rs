@@ -150,7 +150,12 @@ async fn commit_and_fan_out(hub: &Hub, room: &RoomCore, batch: &mut Vec<Publish>
                                 sender: p.session.user.to_string(),
                                 text: p.text,
                             };
-                            hub.broadcast(room, line.to_bytes(), Some(p.session.id));
+                            hub.broadcast(
+                                room,
+                                line.to_bytes(),
+                                Some(p.session.id),
+                                resp.pos.as_ref(),
+                            );
                         }
                         ServerLine::OkMsg {
                             room: room.name.clone(),
