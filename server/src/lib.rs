@@ -79,7 +79,16 @@ pub async fn run(
     } else {
         config.cluster.advertise.clone()
     };
-    let cluster = Cluster::new(me, config.cluster.clone(), metrics.clone());
+
+    // Client sessions drain first; background work (receipts, token touches,
+    // server links) stops after them.
+    let background = CancellationToken::new();
+    let cluster = Cluster::new(
+        me,
+        config.cluster.clone(),
+        metrics.clone(),
+        background.clone(),
+    );
     let hub = Hub::new(
         config.clone(),
         db.clone(),
@@ -89,7 +98,6 @@ pub async fn run(
         cluster.clone(),
     );
     let (receipts_tx, receipts_rx) = mpsc::channel(RECEIPT_QUEUE);
-    let background = CancellationToken::new();
     tasks.spawn(receipts_loop(db.clone(), receipts_rx, background.clone()));
     tasks.spawn(touch_loop(hub.clone(), background.clone()));
     tasks.spawn(cluster::run(hub.clone(), background.clone()));

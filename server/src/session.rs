@@ -77,9 +77,13 @@ pub async fn run(
     };
     let (identity, guest_room, resumed) = match first {
         Ok(Some(Ok(Frame::Line(line)))) if line.starts_with("PEER ") => {
-            // Another chat server opening its link, not a client.
+            // Another chat server opening its link, not a client: served
+            // with the background work, which outlives the clients' drain.
             if frames.read_buffer().is_empty() {
-                crate::cluster::link::serve(hub, &line, frames.into_inner(), wr).await;
+                let rd = frames.into_inner();
+                let h = hub.clone();
+                hub.tasks
+                    .spawn(async move { crate::cluster::link::serve(h, &line, rd, wr).await });
             }
             return;
         }

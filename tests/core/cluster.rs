@@ -455,3 +455,21 @@ async fn a_fourth_server_moves_few_users() {
     );
     assert!(!moved.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dm_finds_a_user_connected_off_their_hash() {
+    // Bounded loads (or a proxy with another view of the ring) can put a
+    // user on a server other than their hash owner; the owner forwards.
+    let cluster = Cluster::start(3, 3, 1).await;
+    let bob = cluster.user_on(0, "offb", 0);
+    let alice = cluster.user_on(1, "offa", 0);
+    let (mut b, _) = Client::login(cluster.servers[2].client, &bob, "pw").await;
+    let (mut a, _) = Client::login(cluster.servers[1].client, &alice, "pw").await;
+    a.send(&format!("DM id=x1 {bob} found you")).await;
+    a.msg_answer("x1").await.expect("OK DM");
+    b.expect(
+        "the DM through bob's hash owner",
+        |l| matches!(l, ServerLine::Dm { text, .. } if text == "found you"),
+    )
+    .await;
+}

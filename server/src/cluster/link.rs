@@ -226,7 +226,7 @@ pub async fn serve(hub: Arc<Hub>, hello: &str, rd: OwnedReadHalf, mut wr: OwnedW
     tokio::select! {
         _ = writer => {}
         _ = reader => {}
-        _ = hub.shutdown.cancelled() => {}
+        _ = cluster.stopped().cancelled() => {}
     }
     tracing::info!(peer = %node, "chat server link closed");
     // Answers to what we forwarded to this peer came on this connection.

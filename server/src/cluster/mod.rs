@@ -91,10 +91,18 @@ pub struct Cluster {
     next_req: AtomicU64,
     /// This server is draining: it is no longer in its own ring either.
     leaving: AtomicBool,
+    /// Closes every link. Cancelled after the client sessions have drained,
+    /// so their last messages still reach (and hear from) the rooms' owners.
+    stop: CancellationToken,
 }
 
 impl Cluster {
-    pub fn new(me: String, config: ClusterConfig, metrics: Metrics) -> Arc<Cluster> {
+    pub fn new(
+        me: String,
+        config: ClusterConfig,
+        metrics: Metrics,
+        stop: CancellationToken,
+    ) -> Arc<Cluster> {
         let ring = Ring::with_vnodes(&[(me.clone(), 1)], config.vnodes);
         Arc::new(Cluster {
             me: Arc::from(me),
@@ -105,7 +113,13 @@ impl Cluster {
             pending: Mutex::new(HashMap::new()),
             next_req: AtomicU64::new(1),
             leaving: AtomicBool::new(false),
+            stop,
         })
+    }
+
+    /// Cancelled when the links must close.
+    pub fn stopped(&self) -> &CancellationToken {
+        &self.stop
     }
 
     fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Peer>> {
@@ -173,7 +187,7 @@ impl Cluster {
                 continue;
             }
             let node: NodeId = Arc::from(id.as_str());
-            let stop = hub.shutdown.child_token();
+            let stop = self.stop.child_token();
             peers.insert(
                 node.clone(),
                 Peer {
