@@ -95,7 +95,7 @@ impl Default for ClusterConfig {
             secret: String::new(),
             vnodes: chat_ring::DEFAULT_VNODES,
             heartbeat_ms: 250,
-            peer_timeout_ms: 1500,
+            peer_timeout_ms: 2000,
             peer_queue: 65_536,
             request_timeout_ms: 5000,
         }

@@ -205,20 +205,30 @@ pub async fn serve(hub: Arc<Hub>, hello: &str, rd: OwnedReadHalf, mut wr: OwnedW
     let (tx, mut rx) = mpsc::channel::<PeerMsg>(cluster.config.peer_queue);
     let mut sink = FramedWrite::new(wr, wire::codec());
     let silence = Duration::from_millis(cluster.config.peer_timeout_ms);
+    // Heartbeats go out on a timer, not in reply to pings: a reader held up
+    // by a full room queue (backpressure) must not look like a dead server.
+    let heartbeat = Duration::from_millis(cluster.config.heartbeat_ms);
     let writer = async move {
-        while let Some(m) = rx.recv().await {
-            if tokio::time::timeout(silence, sink.feed(m.encode()))
-                .await
-                .map_or(true, |r| r.is_err())
-            {
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let m = tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => m,
+                    None => return,
+                },
+                _ = tick.tick() => PeerMsg::Pong,
+            };
+            let fed = tokio::time::timeout(silence, sink.feed(m.encode())).await;
+            if fed.map_or(true, |r| r.is_err()) {
                 return;
             }
-            if rx.is_empty()
-                && tokio::time::timeout(silence, SinkExt::<Bytes>::flush(&mut sink))
-                    .await
-                    .map_or(true, |r| r.is_err())
-            {
-                return;
+            if rx.is_empty() {
+                let flushed =
+                    tokio::time::timeout(silence, SinkExt::<Bytes>::flush(&mut sink)).await;
+                if flushed.map_or(true, |r| r.is_err()) {
+                    return;
+                }
             }
         }
     };
@@ -325,11 +335,9 @@ async fn dispatch(
             forwarded,
         } => hub.peer_dm(&recipient, line, id, pos, forwarded),
         PeerMsg::Locate { user, here } => hub.peer_locate(node, user, here),
-        PeerMsg::Ping => {
-            if reply.try_send(PeerMsg::Pong).is_err() {
-                return false;
-            }
-        }
+        // Keeps this side's read timeout from firing; our own heartbeats go
+        // out on a timer.
+        PeerMsg::Ping => {}
         PeerMsg::Draining => hub.cluster.peer_draining(node),
         PeerMsg::Published { req, result, pos } => hub.cluster.published(hub, req, result, pos),
         PeerMsg::Members { .. } | PeerMsg::Pong => {

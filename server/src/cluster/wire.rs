@@ -5,10 +5,12 @@
 //! line, `PEER <id> <secret>`, answered `OK PEER <id>`; after that both
 //! directions carry frames: a 4-byte big-endian length, then one JSON-encoded
 //! [`PeerMsg`]. The dialling server sends requests and events; the accepting
-//! server answers requests ([`PeerMsg::Published`], [`PeerMsg::Members`],
-//! [`PeerMsg::Pong`]) on the same connection. Each server dials every peer, so
-//! each ordered pair of servers has its own connection and a room owner's
-//! deliveries to one server arrive in the order it sent them.
+//! server answers `Who` with [`PeerMsg::Members`] on the same connection.
+//! Answers to `Publish` ([`PeerMsg::Published`]) travel on the owner's own
+//! link, behind its deliveries. Both sides send a heartbeat every
+//! `heartbeat_ms`. Each server dials every peer, so each ordered pair of
+//! servers has its own connection and a room owner's deliveries to one server
+//! arrive in the order it sent them.
 
 use chat_dbproxy::api::{ApiError, Appended};
 use serde::{Deserialize, Serialize};
@@ -59,10 +61,7 @@ pub enum PeerMsg {
         pos: Option<String>,
     },
     /// These users, on the sending server, are present in the room.
-    Enter {
-        room: String,
-        users: Vec<String>,
-    },
+    Enter { room: String, users: Vec<String> },
     /// This user, on the sending server, left the room (`reason` as in `PART`).
     Leave {
         room: String,
@@ -71,24 +70,13 @@ pub enum PeerMsg {
     },
     /// The sending server no longer follows the room at this owner (the room
     /// moved on its ring): forget its users there without a `PART`.
-    Unsubscribe {
-        room: String,
-    },
+    Unsubscribe { room: String },
     /// Who is present in the room, on every server?
-    Who {
-        req: u64,
-        room: String,
-    },
+    Who { req: u64, room: String },
     /// Answer to `Who`.
-    Members {
-        req: u64,
-        users: Vec<String>,
-    },
+    Members { req: u64, users: Vec<String> },
     /// Owner → member's server: lines for the room's local members, in order.
-    Deliver {
-        room: String,
-        lines: Vec<Delivery>,
-    },
+    Deliver { room: String, lines: Vec<Delivery> },
     /// A stored direct message for `recipient`. `forwarded` once the
     /// recipient's hash owner has passed it on, so it travels at most twice.
     Dm {
@@ -100,11 +88,10 @@ pub enum PeerMsg {
     },
     /// To a user's hash owner: the user is connected here (`here`), or no
     /// longer is. The owner forwards the user's DMs accordingly.
-    Locate {
-        user: String,
-        here: bool,
-    },
+    Locate { user: String, here: bool },
+    /// Heartbeat of the dialling side, every `heartbeat_ms`.
     Ping,
+    /// Heartbeat of the accepting side, every `heartbeat_ms`.
     Pong,
     /// The sending server is draining: take it out of the ring.
     Draining,

@@ -136,7 +136,14 @@ impl Cluster {
             .append(true)
             .open(&s.log)
             .expect("server log");
-        let child = Command::new(env!("CARGO_BIN_EXE_chat"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat"));
+        // Only the file configures it (CHAT_TEST_BACKEND would read as config).
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("CHAT_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
             .arg("--config")
             .arg(&s.config)
             .arg("server")
