@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use chat_protocol::{Command, ErrorCode, Frame, LineCodec, ServerLine};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -20,9 +21,8 @@ use crate::metrics::Metrics;
 use crate::upstreams::{has_moved, Snapshot, Upstreams};
 use crate::Config;
 
-/// Per-direction copy buffer. Lines are short and the chat server batches
-/// nothing large, so 2 KiB moves a line per read while 100k connections cost
-/// about 400 MiB of buffers rather than the 1.6 GiB of 8 KiB ones.
+/// Largest read per direction. The buffer exists only while bytes are moving
+/// (see `read_ready`): idle connections, most of them, hold none.
 const PUMP_BUF: usize = 2048;
 
 /// A line the proxy writes itself (an error, a RECONNECT) to a client that does
@@ -51,7 +51,11 @@ struct FirstLine {
 /// Serves one client connection to the end.
 pub(crate) async fn serve(ctx: Arc<Ctx>, mut client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
-    let first = match read_first_line(&ctx, &mut client).await {
+    // The first-line and connect phases are boxed, each in a statement of its
+    // own: the connection's task then keeps only the copy phase's state for
+    // its lifetime.
+    let read = Box::pin(read_first_line(&ctx, &mut client)).await;
+    let first = match read {
         Ok(Some(first)) => first,
         Ok(None) => return,
         Err(reply) => {
@@ -63,7 +67,8 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, mut client: TcpStream, peer: SocketAddr
     };
     let mut ring_rx = ctx.upstreams.subscribe();
     let placed = ring_rx.borrow_and_update().clone();
-    let (upstream, server) = match connect(&ctx, &placed, &first.key).await {
+    let connected = Box::pin(connect(&ctx, &placed, &first.key)).await;
+    let (upstream, server) = match connected {
         Ok(pair) => pair,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "no chat server for the connection");
@@ -206,13 +211,13 @@ async fn proxy(
         .map_err(|e| ConnError::Upstream(format!("replaying the first line: {e}")))?;
     drop(first.raw);
     let key = first.key;
-    let (mut cr, mut cw) = client.split();
-    let (mut ur, mut uw) = upstream.split();
+    let (cr, mut cw) = client.split();
+    let (ur, mut uw) = upstream.split();
     let stop = CancellationToken::new();
     let mut reason: Option<&'static str> = None;
     let end = {
-        let down = pump_down(&mut ur, &mut cw, &stop);
-        let up = pump_up(&mut cr, &mut uw);
+        let down = pump_down(&ur, &mut cw, &stop);
+        let up = pump_up(&cr, &mut uw);
         tokio::pin!(down, up);
         let mut client_done = false;
         loop {
@@ -257,45 +262,60 @@ async fn proxy(
     }
 }
 
+/// Reads what `r` has ready into a buffer allocated for it: waits for
+/// readability first, so an idle connection holds no copy buffer. `Ok(None)`
+/// is end of stream.
+async fn read_ready(r: &ReadHalf<'_>) -> std::io::Result<Option<Vec<u8>>> {
+    loop {
+        r.readable().await?;
+        let mut buf = vec![0u8; PUMP_BUF];
+        match r.try_read(&mut buf) {
+            Ok(0) => return Ok(None),
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(Some(buf));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Server → client until the server closes, the client fails or `stop`.
-async fn pump_down<R, W>(ur: &mut R, cw: &mut W, stop: &CancellationToken) -> Down
+async fn pump_down<W>(ur: &ReadHalf<'_>, cw: &mut W, stop: &CancellationToken) -> Down
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; PUMP_BUF];
     let mut at_line_start = true;
     loop {
-        let n = tokio::select! {
+        let buf = tokio::select! {
             biased;
             _ = stop.cancelled() => return Down::Stopped { at_line_start },
-            r = ur.read(&mut buf) => match r {
-                Ok(0) | Err(_) => return Down::UpstreamClosed,
-                Ok(n) => n,
+            r = read_ready(ur) => match r {
+                Ok(Some(buf)) => buf,
+                Ok(None) | Err(_) => return Down::UpstreamClosed,
             },
         };
-        if cw.write_all(&buf[..n]).await.is_err() {
+        if cw.write_all(&buf).await.is_err() {
             return Down::ClientGone;
         }
-        at_line_start = buf[n - 1] == b'\n';
+        at_line_start = buf.last() == Some(&b'\n');
     }
 }
 
 /// Client → server until the client's EOF (passed on as a half-close) or an
 /// error (`Err`).
-async fn pump_up<R, W>(cr: &mut R, uw: &mut W) -> Result<(), ()>
+async fn pump_up<W>(cr: &ReadHalf<'_>, uw: &mut W) -> Result<(), ()>
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; PUMP_BUF];
     loop {
-        match cr.read(&mut buf).await {
-            Ok(0) => {
+        match read_ready(cr).await {
+            Ok(None) => {
                 let _ = uw.shutdown().await;
                 return Ok(());
             }
-            Ok(n) => uw.write_all(&buf[..n]).await.map_err(|_| ())?,
+            Ok(Some(buf)) => uw.write_all(&buf).await.map_err(|_| ())?,
             Err(_) => return Err(()),
         }
     }

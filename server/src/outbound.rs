@@ -1,8 +1,14 @@
 //! The send side of a session: a bounded queue of encoded lines drained by a
 //! writer task. Producers (room fan-out, DM delivery, replies) never wait: a
 //! full queue marks the client as a slow consumer and disconnects it.
+//!
+//! The queue is ours rather than a tokio `mpsc`: an `mpsc` allocates its first
+//! block of slots (about 1.5 KiB here) when created, and most connections are
+//! idle. This one allocates only while lines are waiting, and frees its storage
+//! once a backlog has drained.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chat_dbproxy::api::later_pos;
@@ -10,9 +16,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chat_protocol::PartReason;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 pub enum Out {
@@ -21,6 +27,128 @@ pub enum Out {
     Dm(Bytes, i64),
     /// Last line; the writer flushes it and closes the socket.
     Close(Bytes),
+}
+
+/// State shared by a queue's senders and its receiver.
+struct Shared {
+    items: Mutex<VecDeque<Out>>,
+    cap: usize,
+    /// Something was queued, or the last sender went away.
+    filled: Notify,
+    /// A full queue made room, or the receiver went away.
+    drained: Notify,
+    closed: AtomicBool,
+    senders: AtomicUsize,
+}
+
+enum PushError {
+    Full(Out),
+    Closed,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Out>> {
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn try_push(&self, out: Out) -> Result<(), PushError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(PushError::Closed);
+        }
+        let mut q = self.lock();
+        if q.len() >= self.cap {
+            return Err(PushError::Full(out));
+        }
+        q.push_back(out);
+        drop(q);
+        self.filled.notify_one();
+        Ok(())
+    }
+}
+
+/// The sending side of a session queue; the queue closes for the receiver
+/// when the last one is dropped.
+struct Tx(Arc<Shared>);
+
+impl Clone for Tx {
+    fn clone(&self) -> Self {
+        self.0.senders.fetch_add(1, Ordering::Relaxed);
+        Tx(self.0.clone())
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if self.0.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.closed.store(true, Ordering::Release);
+            self.0.filled.notify_one();
+        }
+    }
+}
+
+impl Tx {
+    /// Waits for room; `Err` once the receiver is gone.
+    async fn send(&self, mut out: Out) -> Result<(), ()> {
+        loop {
+            let room = self.0.drained.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match self.0.try_push(out) {
+                Ok(()) => return Ok(()),
+                Err(PushError::Closed) => return Err(()),
+                Err(PushError::Full(o)) => {
+                    out = o;
+                    room.await;
+                }
+            }
+        }
+    }
+}
+
+/// The receiving side of a session queue (the writer task's).
+pub struct Rx(Arc<Shared>);
+
+impl Drop for Rx {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.drained.notify_waiters();
+    }
+}
+
+/// Storage kept by an empty queue; a larger one (left by a backlog) is freed.
+const KEEP_SLOTS: usize = 16;
+
+impl Rx {
+    fn try_recv(&mut self) -> Option<Out> {
+        let mut q = self.0.lock();
+        let was_full = q.len() >= self.0.cap;
+        let out = q.pop_front();
+        if q.is_empty() && q.capacity() > KEEP_SLOTS {
+            *q = VecDeque::new();
+        }
+        drop(q);
+        if was_full {
+            self.0.drained.notify_waiters();
+        }
+        out
+    }
+
+    /// The next item; `None` once every sender is gone and the queue is empty.
+    async fn recv(&mut self) -> Option<Out> {
+        loop {
+            if let Some(out) = self.try_recv() {
+                return Some(out);
+            }
+            if self.0.senders.load(Ordering::Acquire) == 0 {
+                return self.try_recv();
+            }
+            self.0.filled.notified().await;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.lock().is_empty()
+    }
 }
 
 const KICK_NONE: u8 = 0;
@@ -32,7 +160,7 @@ const KICK_GONE: u8 = 2;
 pub struct SessionHandle {
     pub id: u64,
     pub user: Arc<str>,
-    tx: mpsc::Sender<Out>,
+    tx: Tx,
     kick: CancellationToken,
     kick_reason: Arc<AtomicU8>,
     /// Storage position of this session's latest write; its reads carry it so
@@ -44,13 +172,13 @@ pub struct SessionHandle {
 impl SessionHandle {
     /// Queues a line; a full queue disconnects the session as a slow consumer.
     pub fn send(&self, out: Out) -> bool {
-        match self.tx.try_send(out) {
+        match self.tx.0.try_push(out) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(PushError::Full(_)) => {
                 self.kick(KICK_SLOW);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(PushError::Closed) => false,
         }
     }
 
@@ -117,8 +245,16 @@ impl SessionHandle {
 }
 
 /// Creates the queue; the receiver goes to [`write_loop`].
-pub fn channel(id: u64, user: Arc<str>, capacity: usize) -> (SessionHandle, mpsc::Receiver<Out>) {
-    let (tx, rx) = mpsc::channel(capacity);
+pub fn channel(id: u64, user: Arc<str>, capacity: usize) -> (SessionHandle, Rx) {
+    let shared = Arc::new(Shared {
+        items: Mutex::new(VecDeque::new()),
+        cap: capacity,
+        filled: Notify::new(),
+        drained: Notify::new(),
+        closed: AtomicBool::new(false),
+        senders: AtomicUsize::new(1),
+    });
+    let (tx, rx) = (Tx(shared.clone()), Rx(shared));
     let handle = SessionHandle {
         id,
         user,
@@ -133,16 +269,22 @@ pub fn channel(id: u64, user: Arc<str>, capacity: usize) -> (SessionHandle, mpsc
 /// How long the last words (`BYE …`) to a client may take before we drop it.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Most bytes gathered from the queue into one write.
+const WRITE_CHUNK: usize = 16 * 1024;
+
 /// Drains the queue into the socket until `Out::Close` or the socket fails.
 /// Ids of written DMs go to `receipts` (best effort: a full receipts queue
 /// leaves the DM pending, so it is delivered again at the next login).
+///
+/// No buffer is kept between writes: a lone line is written as it is, and
+/// only a backlog is gathered (up to [`WRITE_CHUNK`]) into a buffer that is
+/// freed after the write, so an idle connection holds no write buffer.
 pub async fn write_loop(
     handle: SessionHandle,
-    mut rx: mpsc::Receiver<Out>,
-    sock: OwnedWriteHalf,
+    mut rx: Rx,
+    mut w: OwnedWriteHalf,
     receipts: mpsc::Sender<i64>,
 ) {
-    let mut w = BufWriter::new(sock);
     let mut written_dms = Vec::new();
     loop {
         let out = tokio::select! {
@@ -151,33 +293,35 @@ pub async fn write_loop(
             out = rx.recv() => out,
         };
         let Some(out) = out else { break };
-        let (bytes, last) = match out {
-            Out::Line(b) => (b, false),
-            Out::Dm(b, id) => {
-                written_dms.push(id);
-                (b, false)
-            }
-            Out::Close(b) => (b, true),
-        };
-        let flush = last || rx.is_empty();
-        let res = tokio::select! {
-            r = async {
-                w.write_all(&bytes).await?;
-                if flush {
-                    w.flush().await?;
+        let (first, mut last) = unpack(out, &mut written_dms);
+        let bytes = if last || rx.is_empty() {
+            first
+        } else {
+            let mut buf = bytes::BytesMut::with_capacity(WRITE_CHUNK.min(first.len() * 8));
+            buf.extend_from_slice(&first);
+            while buf.len() < WRITE_CHUNK && !last {
+                match rx.try_recv() {
+                    Some(out) => {
+                        let (b, l) = unpack(out, &mut written_dms);
+                        buf.extend_from_slice(&b);
+                        last = l;
+                    }
+                    None => break,
                 }
-                Ok::<_, std::io::Error>(())
-            } => r,
+            }
+            buf.freeze()
+        };
+        let res = tokio::select! {
+            r = w.write_all(&bytes) => r,
             _ = handle.kick.cancelled() => break,
         };
+        drop(bytes);
         if res.is_err() {
             handle.kick(KICK_GONE);
             break;
         }
-        if flush {
-            for id in written_dms.drain(..) {
-                let _ = receipts.try_send(id);
-            }
+        for id in written_dms.drain(..) {
+            let _ = receipts.try_send(id);
         }
         if last {
             let _ = tokio::time::timeout(FAREWELL_TIMEOUT, w.shutdown()).await;
@@ -186,10 +330,18 @@ pub async fn write_loop(
     }
     if handle.kick_reason() == Some(PartReason::Slow) {
         // The client does not read: skip its queue, say why (best effort), close.
-        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
-            w.write_all(b"BYE slow\n").await?;
-            w.flush().await
-        })
-        .await;
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, w.write_all(b"BYE slow\n")).await;
+    }
+}
+
+/// The bytes of a queued item, and whether it is the last; notes DM ids.
+fn unpack(out: Out, dms: &mut Vec<i64>) -> (Bytes, bool) {
+    match out {
+        Out::Line(b) => (b, false),
+        Out::Dm(b, id) => {
+            dms.push(id);
+            (b, false)
+        }
+        Out::Close(b) => (b, true),
     }
 }

@@ -220,8 +220,9 @@ pub(crate) fn refuse(hub: &Hub, p: Publish, why: &str) {
 
 async fn publish_loop(hub: Arc<Hub>, room: Arc<RoomCore>, mut rx: mpsc::Receiver<Publish>) {
     let max = hub.config.room_batch_max;
-    let mut batch = Vec::with_capacity(max);
     loop {
+        // A fresh, right-sized batch each time: an idle room keeps none.
+        let mut batch = Vec::new();
         let first = tokio::select! {
             p = rx.recv() => p,
             // On shutdown, stop taking new work once the queue is empty.

@@ -27,6 +27,8 @@ use crate::room::{with_cid, Origin, Publish};
 const PENDING_DM_LIMIT: u32 = 1000;
 const HISTORY_DEFAULT_LIMIT: u32 = 100;
 const ROOMS_LIMIT: u32 = 1000;
+/// Initial read buffer of a connection (most lines are short).
+const READ_BUF: usize = 256;
 
 /// Maps a storage failure to the client's `ERR` line.
 pub fn storage_error(metrics: &Metrics, e: &ApiError, cid: &Option<String>) -> ServerLine {
@@ -67,7 +69,13 @@ pub async fn run(
 ) {
     let _ = stream.set_nodelay(true);
     let (rd, mut wr) = stream.into_split();
-    let mut frames = FramedRead::new(rd, LineCodec::new(hub.config.max_line_bytes));
+    // A small read buffer that grows for long lines: idle connections are
+    // most connections.
+    let mut frames = FramedRead::with_capacity(
+        rd,
+        LineCodec::new(hub.config.max_line_bytes),
+        READ_BUF,
+    );
     let idle = Duration::from_secs(hub.config.idle_timeout_secs);
 
     // ---- first line -------------------------------------------------------
@@ -87,7 +95,7 @@ pub async fn run(
             }
             return;
         }
-        Ok(Some(Ok(Frame::Line(line)))) => match login(&hub, &line).await {
+        Ok(Some(Ok(Frame::Line(line)))) => match Box::pin(login(&hub, &line)).await {
             Ok(ok) => ok,
             Err(err) => {
                 tracing::debug!(%peer, "first line refused");
@@ -125,7 +133,12 @@ pub async fn run(
         bucket: TokenBucket::new(hub.config.rate_per_sec, hub.config.rate_burst),
         limited_in_a_row: 0,
     };
-    let reason = match session.welcome(&identity, guest_room, resumed).await {
+    // Boxed: the task keeps only the idle command loop's state between
+    // commands, not the largest future it ever awaits.
+    // (A statement of its own: a temporary in a `match` scrutinee would live,
+    // boxed, for the whole command loop.)
+    let welcomed = Box::pin(session.welcome(&identity, guest_room, resumed)).await;
+    let reason = match welcomed {
         Ok(()) => session.command_loop(&mut frames, idle).await,
         Err(line) => {
             session.reply(line.to_bytes()).await;
@@ -396,7 +409,7 @@ impl Session {
                 .commands_total
                 .with_label_values(&[cmd.name()])
                 .inc();
-            if let Flow::Quit = self.apply(cmd).await {
+            if let Flow::Quit = Box::pin(self.apply(cmd)).await {
                 return PartReason::Quit;
             }
         }
