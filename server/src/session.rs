@@ -13,6 +13,7 @@ use chat_dbproxy::api::{ApiError, DmItem, ErrorKind, Identity};
 use chat_protocol::{Command, ErrorCode, Frame, LineCodec, PartReason, ServerLine};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{sleep_until, timeout};
@@ -59,7 +60,14 @@ enum Flow {
     Quit,
 }
 
+type Frames = FramedRead<tokio::net::tcp::OwnedReadHalf, LineCodec>;
+
 /// Serves one connection to the end.
+///
+/// The phases around the command loop (first line and login, welcome,
+/// teardown) run boxed, each in a statement of its own: the connection's
+/// task then holds only the command loop's state for the connection's
+/// lifetime, which matters because most connections are idle.
 pub async fn run(
     hub: Arc<Hub>,
     stream: TcpStream,
@@ -67,54 +75,9 @@ pub async fn run(
     id: u64,
     receipts: mpsc::Sender<i64>,
 ) {
-    let _ = stream.set_nodelay(true);
-    let (rd, mut wr) = stream.into_split();
-    // A small read buffer that grows for long lines: idle connections are
-    // most connections.
-    let mut frames = FramedRead::with_capacity(
-        rd,
-        LineCodec::new(hub.config.max_line_bytes),
-        READ_BUF,
-    );
-    let idle = Duration::from_secs(hub.config.idle_timeout_secs);
-
-    // ---- first line -------------------------------------------------------
-    let first = tokio::select! {
-        f = timeout(idle, frames.next()) => f,
-        _ = hub.shutdown.cancelled() => return,
-    };
-    let (identity, guest_room, resumed) = match first {
-        Ok(Some(Ok(Frame::Line(line)))) if line.starts_with("PEER ") => {
-            // Another chat server opening its link, not a client: served
-            // with the background work, which outlives the clients' drain.
-            if frames.read_buffer().is_empty() {
-                let rd = frames.into_inner();
-                let h = hub.clone();
-                hub.tasks
-                    .spawn(async move { crate::cluster::link::serve(h, &line, rd, wr).await });
-            }
-            return;
-        }
-        Ok(Some(Ok(Frame::Line(line)))) => match Box::pin(login(&hub, &line)).await {
-            Ok(ok) => ok,
-            Err(err) => {
-                tracing::debug!(%peer, "first line refused");
-                let _ = wr.write_all(&err.to_bytes()).await;
-                let _ = wr.shutdown().await;
-                return;
-            }
-        },
-        Ok(Some(Ok(Frame::TooLong))) => {
-            let err = first_line_error(&hub, ErrorCode::LineTooLong, "first line too long");
-            let _ = wr.write_all(&err.to_bytes()).await;
-            return;
-        }
-        Ok(Some(Ok(Frame::BadUtf8))) => {
-            let err = first_line_error(&hub, ErrorCode::BadUtf8, "first line is not UTF-8");
-            let _ = wr.write_all(&err.to_bytes()).await;
-            return;
-        }
-        _ => return,
+    let opened = Box::pin(open(&hub, stream, peer)).await;
+    let Some((identity, guest_room, resumed, mut frames, wr)) = opened else {
+        return;
     };
     let user: Arc<str> = Arc::from(identity.user.as_str());
     tracing::debug!(%peer, user = %user, "logged in");
@@ -133,20 +96,86 @@ pub async fn run(
         bucket: TokenBucket::new(hub.config.rate_per_sec, hub.config.rate_burst),
         limited_in_a_row: 0,
     };
-    // Boxed: the task keeps only the idle command loop's state between
-    // commands, not the largest future it ever awaits.
-    // (A statement of its own: a temporary in a `match` scrutinee would live,
-    // boxed, for the whole command loop.)
     let welcomed = Box::pin(session.welcome(&identity, guest_room, resumed)).await;
+    let token = identity.token;
     let reason = match welcomed {
-        Ok(()) => session.command_loop(&mut frames, idle).await,
+        Ok(()) => {
+            let idle = Duration::from_secs(hub.config.idle_timeout_secs);
+            session.command_loop(&mut frames, idle).await
+        }
         Err(line) => {
             session.reply(line.to_bytes()).await;
             PartReason::Disconnected
         }
     };
+    drop(frames);
+    Box::pin(close(session, reason, writer, token)).await;
+}
 
-    // ---- teardown ---------------------------------------------------------
+/// Reads and answers the first line. `None` when the connection ends there
+/// (refused, gone, or a peer link handed to the cluster).
+async fn open(
+    hub: &Arc<Hub>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(Identity, Option<String>, bool, Frames, OwnedWriteHalf)> {
+    let _ = stream.set_nodelay(true);
+    let (rd, mut wr) = stream.into_split();
+    // A small read buffer that grows for long lines: idle connections are
+    // most connections.
+    let mut frames =
+        FramedRead::with_capacity(rd, LineCodec::new(hub.config.max_line_bytes), READ_BUF);
+    let idle = Duration::from_secs(hub.config.idle_timeout_secs);
+    let first = tokio::select! {
+        f = timeout(idle, frames.next()) => f,
+        _ = hub.shutdown.cancelled() => return None,
+    };
+    let (identity, guest_room, resumed) = match first {
+        Ok(Some(Ok(Frame::Line(line)))) if line.starts_with("PEER ") => {
+            // Another chat server opening its link, not a client: served
+            // with the background work, which outlives the clients' drain.
+            if frames.read_buffer().is_empty() {
+                let rd = frames.into_inner();
+                let h = hub.clone();
+                hub.tasks
+                    .spawn(async move { crate::cluster::link::serve(h, &line, rd, wr).await });
+            }
+            return None;
+        }
+        Ok(Some(Ok(Frame::Line(line)))) => match login(hub, &line).await {
+            Ok(ok) => ok,
+            Err(err) => {
+                tracing::debug!(%peer, "first line refused");
+                let _ = wr.write_all(&err.to_bytes()).await;
+                let _ = wr.shutdown().await;
+                return None;
+            }
+        },
+        Ok(Some(Ok(Frame::TooLong))) => {
+            let err = first_line_error(hub, ErrorCode::LineTooLong, "first line too long");
+            let _ = wr.write_all(&err.to_bytes()).await;
+            return None;
+        }
+        Ok(Some(Ok(Frame::BadUtf8))) => {
+            let err = first_line_error(hub, ErrorCode::BadUtf8, "first line is not UTF-8");
+            let _ = wr.write_all(&err.to_bytes()).await;
+            return None;
+        }
+        _ => return None,
+    };
+    Some((identity, guest_room, resumed, frames, wr))
+}
+
+/// Ends a session: answers what it read (on a clean close), leaves the
+/// rooms, says goodbye, waits for the writer, touches the token.
+async fn close(
+    session: Session,
+    reason: PartReason,
+    writer: tokio::task::JoinHandle<()>,
+    token: String,
+) {
+    let hub = session.hub.clone();
+    let handle = session.handle.clone();
     if matches!(reason, PartReason::Shutdown | PartReason::Quit) {
         // A clean close: MSG/DM already read get their answers before BYE.
         let grace = Duration::from_secs(hub.config.shutdown_grace_secs);
@@ -158,7 +187,6 @@ pub async fn run(
         PartReason::Quit => Bytes::from_static(b"BYE quit\n"),
         PartReason::Idle => Bytes::from_static(b"BYE idle\n"),
         PartReason::Shutdown => Bytes::from_static(b"BYE shutdown\n"),
-        PartReason::Slow => Bytes::new(),
         _ => Bytes::new(),
     };
     if !handle.send(Out::Close(bye)) {
@@ -168,7 +196,6 @@ pub async fn run(
     drop(handle);
     let _ = writer.await;
     let db = hub.db.clone();
-    let token = identity.token;
     hub.tasks.spawn(async move {
         let _ = db.touch(vec![token]).await;
     });
@@ -344,11 +371,7 @@ impl Session {
         Ok(())
     }
 
-    async fn command_loop(
-        &mut self,
-        frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, LineCodec>,
-        idle: Duration,
-    ) -> PartReason {
+    async fn command_loop(&mut self, frames: &mut Frames, idle: Duration) -> PartReason {
         let mut deadline = tokio::time::Instant::now() + idle;
         loop {
             let frame = tokio::select! {
@@ -366,15 +389,15 @@ impl Session {
                 Some(Ok(Frame::Line(l))) => l,
                 Some(Ok(Frame::TooLong)) => {
                     let max = self.hub.config.max_line_bytes;
-                    self.error(
+                    Box::pin(self.error(
                         ErrorCode::LineTooLong,
                         format!("lines are limited to {max} bytes; discarded"),
-                    )
+                    ))
                     .await;
                     continue;
                 }
                 Some(Ok(Frame::BadUtf8)) => {
-                    self.error(ErrorCode::BadUtf8, "line is not valid UTF-8; ignored")
+                    Box::pin(self.error(ErrorCode::BadUtf8, "line is not valid UTF-8; ignored"))
                         .await;
                     continue;
                 }
@@ -393,14 +416,14 @@ impl Session {
                     _ => None,
                 };
                 let detail = with_cid(&cid, "too many commands; not executed");
-                self.error(ErrorCode::RateLimited, detail).await;
+                Box::pin(self.error(ErrorCode::RateLimited, detail)).await;
                 continue;
             }
             self.limited_in_a_row = 0;
             let cmd = match Command::parse(&line) {
                 Ok(c) => c,
                 Err(e) => {
-                    self.error(e.code, e.detail).await;
+                    Box::pin(self.error(e.code, e.detail)).await;
                     continue;
                 }
             };
