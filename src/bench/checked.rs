@@ -66,11 +66,14 @@ struct Recorder {
 }
 
 impl Recorder {
+    /// Writes one line and flushes it: a watcher (the test) follows the file
+    /// while the run goes on, and a killed bench loses nothing written.
     fn write(&self, mut v: serde_json::Value) {
         v["t"] = json!(now_ms());
         let mut out = self.out.lock().expect("recorder");
         let _ = serde_json::to_writer(&mut *out, &v);
         let _ = out.write_all(b"\n");
+        let _ = out.flush();
     }
 
     fn flush(&self) {
@@ -606,7 +609,12 @@ impl Client {
                     json!({"e": "err", "code": code.to_string(), "cid": cid, "detail": detail}),
                 );
                 if let Some(cid) = cid {
-                    let retry = matches!(code, ErrorCode::Unavailable | ErrorCode::RateLimited);
+                    // A DM's recipient may not have registered yet (the
+                    // other client hosts start at about the same time).
+                    let retry = matches!(
+                        code,
+                        ErrorCode::Unavailable | ErrorCode::RateLimited | ErrorCode::NoSuchUser
+                    );
                     if retry {
                         if let Some(p) = self.pending.get_mut(&cid) {
                             p.retry_at = Some(Instant::now() + RETRY_PAUSE);
