@@ -138,30 +138,46 @@ fn partition_chat_server() {
     });
 }
 
+/// A metric's value in a Prometheus text exposition (`+Inf` included).
+fn metric(text: &str, series: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.starts_with(series))?;
+    let v = line[series.len()..].trim();
+    if v == "+Inf" {
+        return Some(f64::INFINITY);
+    }
+    v.parse().ok()
+}
+
 #[test]
 fn partition_replica() {
     scenario("pr", "partition replica", |c| {
+        // The replica is cut off from the primary only: the dbproxies still
+        // reach it and watch its lag grow.
         let t = now_ms();
-        let host = c.host("db2");
-        c.net.set_link(host, false);
-        // Reads move: both dbproxies stop using the cut-off replica.
+        let (primary, replica) = (c.host("db1"), c.host("db2"));
+        net::set_pair_cut(primary, replica, true);
         let ns = c.probe_ns();
+        let lag = format!(
+            r#"chat_dbproxy_replica_lag_seconds{{backend="{}:3306"}}"#,
+            replica.ip
+        );
         for dbp in ["10.77.0.31", "10.77.0.32"] {
+            // Lag past the budget (1 s) and reads moved away from the replica.
             cluster::wait_until(
-                &format!("dbproxy {dbp} marks the partitioned replica unhealthy"),
-                Duration::from_secs(10),
+                &format!("dbproxy {dbp} sees the replica lag and stops reading from it"),
+                Duration::from_secs(15),
                 || {
                     net::http_get(&ns, &format!("http://{dbp}:7100/metrics")).is_some_and(|m| {
-                        m.lines().any(|l| {
-                            l.starts_with("chat_dbproxy_replicas_unhealthy ") && !l.ends_with(" 0")
-                        })
+                        metric(&m, &lag).is_some_and(|l| l > 1.0)
+                            && metric(&m, "chat_dbproxy_replicas_unhealthy ")
+                                .is_some_and(|u| u >= 1.0)
                     })
                 },
             );
         }
         sleep_secs(FAULT_SECS);
-        let host = c.host("db2");
-        c.net.set_link(host, true);
+        let (primary, replica) = (c.host("db1"), c.host("db2"));
+        net::set_pair_cut(primary, replica, false);
         t
     });
 }

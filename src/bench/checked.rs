@@ -397,7 +397,12 @@ impl Client {
         let mut line = String::new();
         let mut gap_check = tokio::time::interval(GAP_CHECK);
         let pace = Duration::from_secs_f64(1.0 / self.run.rate.max(0.01));
-        let mut send_tick = tokio::time::interval(pace);
+        // Each client starts at its own phase, so that sends are spread over
+        // time rather than arriving in bursts (a short fault would otherwise
+        // fall between bursts).
+        let phase_shift = pace.mul_f64((self.random() % 1000) as f64 / 1000.0);
+        let mut send_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + phase_shift, pace);
         send_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Phase::Sending = phase {
@@ -696,7 +701,18 @@ impl Client {
     /// One more login: DMs that waited (their recipient was on another chat
     /// server, or offline) are delivered at login.
     async fn relogin(&mut self) {
-        let Ok((mut read, mut write)) = self.connect().await else {
+        // Every address once (one may be down), then give up.
+        let mut conn = None;
+        for _ in 0..self.run.targets.len() * 2 {
+            match self.connect().await {
+                Ok(c) => {
+                    conn = Some(c);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        let Some((mut read, mut write)) = conn else {
             self.rec(json!({"e": "err", "code": "RELOGIN_FAILED"}));
             return;
         };

@@ -127,6 +127,8 @@ pub fn check(paths: &[PathBuf], db: &Db, users: usize, fault_ms: Option<u64>) ->
     let mut got_msgs: HashMap<(String, String), BTreeMap<u64, String>> = HashMap::new();
     let mut got_dms: HashMap<String, HashMap<i64, (String, String)>> = HashMap::new();
     let mut ended = HashSet::new();
+    let mut down_since: HashMap<String, u64> = HashMap::new();
+    let mut outages: Vec<u64> = Vec::new();
     for r in &recs {
         let u = s(r, "u");
         match r["e"].as_str().unwrap_or_default() {
@@ -174,7 +176,17 @@ pub fn check(paths: &[PathBuf], db: &Db, users: usize, fault_ms: Option<u64>) ->
                     problem(&mut o, p);
                 }
             }
-            "down" => o.reconnects += 1,
+            "down" => {
+                o.reconnects += 1;
+                down_since.entry(u).or_insert(n(r, "t"));
+            }
+            "up" => {
+                if let Some(t) = down_since.remove(&u) {
+                    if fault_ms.is_some_and(|f| t >= f) {
+                        outages.push(n(r, "t").saturating_sub(t));
+                    }
+                }
+            }
             "err" => match s(r, "code").as_str() {
                 "UNAVAILABLE" => o.unavailable += 1,
                 "RATE_LIMITED" | "NO_SUCH_USER" => {}
@@ -357,15 +369,19 @@ pub fn check(paths: &[PathBuf], db: &Db, users: usize, fault_ms: Option<u64>) ->
         }
     }
 
-    // Recovery: the longest wait for an ack among messages in flight at or after the fault.
+    // Recovery: the longest a client waited, after the fault, for an ack
+    // (from the first send of that message) or to be logged in again (from
+    // losing its connection).
     if let Some(f) = fault_ms {
         o.recovery_secs = acks
             .iter()
             .filter_map(|(k, (_, _, _, acked_at))| {
                 let sent_at = sends.get(k)?.3;
-                (*acked_at >= f).then(|| acked_at.saturating_sub(sent_at) as f64 / 1000.0)
+                (*acked_at >= f).then(|| acked_at.saturating_sub(sent_at))
             })
-            .reduce(f64::max);
+            .chain(outages)
+            .max()
+            .map(|ms| ms as f64 / 1000.0);
     }
     o
 }

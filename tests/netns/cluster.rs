@@ -395,7 +395,10 @@ impl Cluster {
             .iter()
             .max_by_key(|&&i| self.dbs[i].gtid_seq())
             .expect("a replica");
-        self.dbs[new].sql("STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = 0;");
+        self.dbs[new].sql(
+            "STOP SLAVE; RESET SLAVE ALL; SET GLOBAL rpl_semi_sync_master_enabled = 1;
+             SET GLOBAL read_only = 0;",
+        );
         let new_ip = self.dbs[new].ip.clone();
         for &i in &candidates {
             if i != new {
@@ -411,6 +414,11 @@ impl Drop for Cluster {
     /// A failing scenario shows the end of every process's log; with
     /// `CHAT_NETNS_KEEP=1` the directory (logs, records, data) is kept.
     fn drop(&mut self) {
+        if std::env::var_os("CHAT_NETNS_KEEP").is_some() {
+            let kept =
+                std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
+            eprintln!("netns: kept {}", kept.display());
+        }
         if !std::thread::panicking() {
             return;
         }
@@ -428,11 +436,6 @@ impl Drop for Cluster {
                 p.log.display(),
                 p.log_tail()
             );
-        }
-        if std::env::var_os("CHAT_NETNS_KEEP").is_some() {
-            let kept =
-                std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
-            eprintln!("netns: kept {}", kept.display());
         }
     }
 }

@@ -96,7 +96,9 @@ impl Db {
             "--sync-binlog=0".into(),
             "--performance-schema=OFF".into(),
             "--max-connections=300".into(),
-            "--rpl-semi-sync-master-enabled=1".into(),
+            // The master side is switched on for the primary once its
+            // replicas are attached (see start_cluster and promote).
+            "--rpl-semi-sync-master-enabled=0".into(),
             "--rpl-semi-sync-slave-enabled=1".into(),
             "--rpl-semi-sync-master-wait-point=AFTER_SYNC".into(),
             "--rpl-semi-sync-master-timeout=5000".into(),
@@ -220,6 +222,7 @@ pub fn start_cluster(primary: &Host, replicas: &[&Host], dir: &Path) -> Vec<Db> 
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    dbs[0].sql("SET GLOBAL rpl_semi_sync_master_enabled = 1");
     dbs.iter_mut().for_each(|d| d.proc.assert_running());
     dbs
 }

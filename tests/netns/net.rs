@@ -188,6 +188,29 @@ impl Net {
     }
 }
 
+/// Partitions two hosts from each other only (`cut = true`) or heals that:
+/// blackhole routes in both namespaces, so each one's packets to the other
+/// are dropped while both still reach every other host.
+pub fn set_pair_cut(a: &Host, b: &Host, cut: bool) {
+    let verb = if cut { "add" } else { "del" };
+    ip(&[
+        "-n",
+        &a.ns,
+        "route",
+        verb,
+        "blackhole",
+        &format!("{}/32", b.ip),
+    ]);
+    ip(&[
+        "-n",
+        &b.ns,
+        "route",
+        verb,
+        "blackhole",
+        &format!("{}/32", a.ip),
+    ]);
+}
+
 impl Drop for Net {
     fn drop(&mut self) {
         for ns in self.hosts.iter().rev() {

@@ -44,7 +44,14 @@ impl Proc {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new("ip")
+        let mut cmd = Command::new("ip");
+        // `chat` reads CHAT_* variables as configuration: none of the test's own.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("CHAT_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
             .args(["netns", "exec", &self.ns])
             .arg(&self.program)
             .args(&self.args)
