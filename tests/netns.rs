@@ -228,3 +228,100 @@ fn rolling_restart_of_chat_servers() {
         t
     });
 }
+
+/// The checker itself, on a small made-up history: it passes a correct one
+/// and finds each kind of fault. Needs no root.
+#[test]
+fn checker_finds_what_is_wrong() {
+    use checker::{check_data, Stored};
+    use serde_json::{json, Value};
+    use std::collections::HashMap;
+
+    let good_records = || -> Vec<Value> {
+        vec![
+            json!({"e": "join", "u": "a", "room": "r", "seq": 0, "t": 1}),
+            json!({"e": "join", "u": "b", "room": "r", "seq": 0, "t": 1}),
+            json!({"e": "send", "u": "a", "k": "msg", "to": "r", "cid": "a.1", "text": "c=a.1 x", "t": 10}),
+            json!({"e": "ack", "u": "a", "k": "msg", "to": "r", "cid": "a.1", "seq": 1, "t": 20}),
+            json!({"e": "msg", "u": "b", "room": "r", "seq": 1, "from": "a", "text": "c=a.1 x", "via": "live", "t": 21}),
+            json!({"e": "send", "u": "a", "k": "dm", "to": "b", "cid": "a.2", "text": "c=a.2 y", "t": 30}),
+            json!({"e": "ack", "u": "a", "k": "dm", "to": "b", "cid": "a.2", "id": 2, "t": 40}),
+            json!({"e": "dm", "u": "b", "id": 2, "from": "a", "text": "c=a.2 y", "t": 41}),
+            json!({"e": "end", "u": "a", "unacked": 0, "t": 50}),
+            json!({"e": "end", "u": "b", "unacked": 0, "t": 50}),
+        ]
+    };
+    let row =
+        |room: &str, seq: u64, cid: &str, body: &str, to: &str, id: i64, received: bool| Stored {
+            room: room.into(),
+            seq,
+            sender: "a".into(),
+            cid: cid.into(),
+            body: body.into(),
+            recipient: to.into(),
+            id,
+            received,
+        };
+    let good_rows = || {
+        vec![
+            row("r", 1, "a.1", "c=a.1 x", "", 1, false),
+            row("", 0, "a.2", "c=a.2 y", "b", 2, true),
+        ]
+    };
+    let last: HashMap<String, u64> = [("r".to_string(), 1)].into();
+    let check = |recs: &[Value], rows: &[Stored], last: &HashMap<String, u64>| {
+        check_data(recs, rows, last, 2, Some(15))
+    };
+
+    let o = check(&good_records(), &good_rows(), &last);
+    assert!(
+        o.lost == 0 && o.duplicated == 0 && o.problems.is_empty(),
+        "{:?}",
+        o.problems
+    );
+    assert_eq!((o.sent, o.acked, o.delivered), (2, 2, 2));
+    assert_eq!(o.recovery_secs, Some(0.01));
+
+    // An acked message missing from storage.
+    let o = check(&good_records(), &good_rows()[1..], &HashMap::new());
+    assert!(o.lost >= 1, "{o:?}");
+
+    // A member that never received a room message.
+    let mut recs = good_records();
+    recs.retain(|r| r["e"] != "msg");
+    let o = check(&recs, &good_rows(), &last);
+    assert_eq!(o.lost, 1, "{o:?}");
+
+    // The same message stored twice (same text at two seqs).
+    let mut rows = good_rows();
+    rows.push(row("r", 2, "a.9", "c=a.1 x", "", 3, false));
+    let two: HashMap<String, u64> = [("r".to_string(), 2)].into();
+    let o = check(&good_records(), &rows, &two);
+    assert!(o.duplicated >= 1, "{o:?}");
+
+    // A DM neither delivered nor pending is lost; still pending is fine.
+    let mut recs = good_records();
+    recs.retain(|r| r["e"] != "dm");
+    let o = check(&recs, &good_rows(), &last);
+    assert_eq!(o.lost, 1, "{o:?}");
+    let mut rows = good_rows();
+    rows[1].received = false;
+    let o = check(&recs, &rows, &last);
+    assert_eq!((o.lost, o.dms_pending), (0, 1), "{o:?}");
+
+    // Stored but never sent, and a seq gap.
+    let mut rows = good_rows();
+    rows[0].seq = 2;
+    rows[0].body = "c=zz forged".into();
+    let o = check(&good_records(), &rows, &last);
+    assert!(o.problems.iter().any(|p| p.contains("never sent")), "{o:?}");
+    assert!(o.problems.iter().any(|p| p.contains("not dense")), "{o:?}");
+
+    // A client that did not finish, and a send never acked.
+    let mut recs = good_records();
+    recs.pop();
+    recs.push(json!({"e": "send", "u": "b", "k": "msg", "to": "r", "cid": "b.1", "text": "c=b.1 z", "t": 45}));
+    let o = check(&recs, &good_rows(), &last);
+    assert!(o.problems.iter().any(|p| p.contains("finished")), "{o:?}");
+    assert_eq!((o.sent, o.acked), (3, 2));
+}

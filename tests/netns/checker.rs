@@ -40,15 +40,16 @@ pub struct Outcome {
     pub problems: Vec<String>,
 }
 
-struct Stored {
-    room: String,
-    seq: u64,
-    sender: String,
-    cid: String,
-    body: String,
-    recipient: String,
-    id: i64,
-    received: bool,
+/// One row of the `messages` table: a room message (`room` set) or a DM.
+pub struct Stored {
+    pub room: String,
+    pub seq: u64,
+    pub sender: String,
+    pub cid: String,
+    pub body: String,
+    pub recipient: String,
+    pub id: i64,
+    pub received: bool,
 }
 
 fn dump(db: &Db) -> (Vec<Stored>, HashMap<String, u64>) {
@@ -113,6 +114,18 @@ fn n(v: &Value, k: &str) -> u64 {
 pub fn check(paths: &[PathBuf], db: &Db, users: usize, fault_ms: Option<u64>) -> Outcome {
     let recs = records(paths);
     let (stored, last_seq) = dump(db);
+    check_data(&recs, &stored, &last_seq, users, fault_ms)
+}
+
+/// [`check`] on data already read: the records, the stored messages and each
+/// room's `last_seq`.
+pub fn check_data(
+    recs: &[Value],
+    stored: &[Stored],
+    last_seq: &HashMap<String, u64>,
+    users: usize,
+    fault_ms: Option<u64>,
+) -> Outcome {
     let mut o = Outcome::default();
     let problem = |o: &mut Outcome, p: String| {
         if o.problems.len() < 50 {
@@ -129,7 +142,7 @@ pub fn check(paths: &[PathBuf], db: &Db, users: usize, fault_ms: Option<u64>) ->
     let mut ended = HashSet::new();
     let mut down_since: HashMap<String, u64> = HashMap::new();
     let mut outages: Vec<u64> = Vec::new();
-    for r in &recs {
+    for r in recs {
         let u = s(r, "u");
         match r["e"].as_str().unwrap_or_default() {
             "send" => {
@@ -215,7 +228,7 @@ pub fn check(paths: &[PathBuf], db: &Db, users: usize, fault_ms: Option<u64>) ->
     // 5. Nothing stored that was never sent; duplicates by sender and id, or by text.
     let mut by_key: HashMap<(String, String), Vec<&Stored>> = HashMap::new();
     let mut texts = HashSet::new();
-    for m in &stored {
+    for m in stored {
         by_key
             .entry((m.sender.clone(), m.cid.clone()))
             .or_default()
@@ -398,7 +411,7 @@ pub fn table_header() -> String {
 pub fn table_row(name: &str, o: &Outcome) -> String {
     let rec = o
         .recovery_secs
-        .map_or("-".to_string(), |r| format!("{r:.1} s"));
+        .map_or("-".to_string(), |r| format!("{r:.2} s"));
     format!(
         "| {:<26} | {:>5} | {:>5} | {:>9} | {:>4} | {:>10} | {:>8} | {:>10} |",
         name, o.sent, o.acked, o.delivered, o.lost, o.duplicated, rec, o.reconnects
