@@ -346,7 +346,7 @@ impl Client {
             if read.read_line(&mut line).await? == 0 {
                 bail!("closed during login");
             }
-            Ok(ServerLine::from_str(line.trim_end()).map_err(|e| anyhow::anyhow!("{e:?}"))?)
+            ServerLine::from_str(line.trim_end()).map_err(|e| anyhow::anyhow!("{e:?}"))
         })
         .await
         .context("login timed out")??;
@@ -570,12 +570,11 @@ impl Client {
                     }
                 }
             }
+            // A DM is shown once per id (delivery is at-least-once).
             ServerLine::Dm {
                 id, sender, text, ..
-            } => {
-                if self.seen_dms.insert(id) {
-                    self.rec(json!({"e": "dm", "id": id, "from": sender, "text": text}));
-                }
+            } if self.seen_dms.insert(id) => {
+                self.rec(json!({"e": "dm", "id": id, "from": sender, "text": text}));
             }
             ServerLine::OkMsg { room, seq, cid, .. } => {
                 if let Some(cid) = cid {
@@ -599,12 +598,13 @@ impl Client {
                     }
                 }
             }
-            ServerLine::OkDm { to, id, cid, .. } => {
-                if let Some(cid) = cid {
-                    if self.pending.remove(&cid).is_some() {
-                        self.rec(json!({"e": "ack", "k": "dm", "to": to, "cid": cid, "id": id}));
-                    }
-                }
+            ServerLine::OkDm {
+                to,
+                id,
+                cid: Some(cid),
+                ..
+            } if self.pending.remove(&cid).is_some() => {
+                self.rec(json!({"e": "ack", "k": "dm", "to": to, "cid": cid, "id": id}));
             }
             ServerLine::Err { code, detail } => {
                 let cid = detail
