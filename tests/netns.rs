@@ -57,9 +57,9 @@ fn enabled() -> bool {
 
 /// Runs one scenario: `fault` injects and heals its fault while traffic
 /// flows and returns when it was injected (Unix ms).
-fn scenario(tag: &str, name: &str, fault: impl FnOnce(&mut Cluster) -> u64) {
+fn scenario(tag: &str, name: &str, fault: impl FnOnce(&mut Cluster) -> u64) -> checker::Outcome {
     if !enabled() {
-        return;
+        return checker::Outcome::default();
     }
     let started = Instant::now();
     let mut c = Cluster::start(tag);
@@ -107,6 +107,15 @@ fn scenario(tag: &str, name: &str, fault: impl FnOnce(&mut Cluster) -> u64) {
         o.sent,
         o.acked
     );
+    o
+}
+
+/// The fault reached clients: some lost their connection (skipped runs pass).
+fn assert_clients_reconnected(o: &checker::Outcome) {
+    assert!(
+        o.acked == 0 || o.reconnects > 0,
+        "no client lost its connection: the fault missed"
+    );
 }
 
 fn sleep_secs(s: u64) {
@@ -115,7 +124,7 @@ fn sleep_secs(s: u64) {
 
 #[test]
 fn kill_chat_server_then_restart() {
-    scenario("ks", "kill -9 chat server", |c| {
+    let o = scenario("ks", "kill -9 chat server", |c| {
         let t = now_ms();
         c.servers[0].kill();
         sleep_secs(FAULT_SECS);
@@ -123,11 +132,12 @@ fn kill_chat_server_then_restart() {
         c.wait_server_ready(0);
         t
     });
+    assert_clients_reconnected(&o);
 }
 
 #[test]
 fn partition_chat_server() {
-    scenario("ps", "partition chat server", |c| {
+    let o = scenario("ps", "partition chat server", |c| {
         let t = now_ms();
         let host = c.host("srv2");
         c.net.set_link(host, false);
@@ -136,6 +146,7 @@ fn partition_chat_server() {
         c.net.set_link(host, true);
         t
     });
+    assert_clients_reconnected(&o);
 }
 
 /// A metric's value in a Prometheus text exposition (`+Inf` included).
@@ -197,6 +208,14 @@ fn kill_dbproxy() {
     scenario("kd", "kill -9 dbproxy", |c| {
         let t = now_ms();
         c.dbproxies[0].kill();
+        // Every chat server moves to the other dbproxy (DbClient failover).
+        for s in &c.servers {
+            cluster::wait_until(
+                &format!("{} fails over to the other dbproxy", s.name),
+                Duration::from_secs(10),
+                || std::fs::read_to_string(&s.log).is_ok_and(|l| l.contains("dbproxy failover")),
+            );
+        }
         sleep_secs(FAULT_SECS);
         c.dbproxies[0].start();
         c.wait_dbproxy_ready(0);
@@ -206,18 +225,19 @@ fn kill_dbproxy() {
 
 #[test]
 fn kill_proxy() {
-    scenario("kx", "kill -9 proxy", |c| {
+    let o = scenario("kx", "kill -9 proxy", |c| {
         let t = now_ms();
         c.proxies[0].kill();
         // Its clients move to the other proxy; it stays down for the rest of the run.
         sleep_secs(FAULT_SECS);
         t
     });
+    assert_clients_reconnected(&o);
 }
 
 #[test]
 fn rolling_restart_of_chat_servers() {
-    scenario("rr", "rolling restart", |c| {
+    let o = scenario("rr", "rolling restart", |c| {
         let t = now_ms();
         for i in 0..c.servers.len() {
             c.servers[i].stop(Duration::from_secs(5));
@@ -227,6 +247,7 @@ fn rolling_restart_of_chat_servers() {
         }
         t
     });
+    assert_clients_reconnected(&o);
 }
 
 /// The checker itself, on a small made-up history: it passes a correct one
