@@ -62,13 +62,16 @@ impl Default for LogConfig {
     }
 }
 
+/// Most chat servers `chat up` starts (their ports are 10 apart).
+pub const MAX_UP_SERVERS: u32 = 8;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpConfig {
     /// Directory for the SQLite database (`<data_dir>/chat.db`); created if missing.
     pub data_dir: PathBuf,
-    /// Number of chat servers to start. Only 1 until rooms span servers
-    /// (issue #4): members of one room on two servers would not hear each other.
+    /// Number of chat servers to start (1 to 8). Server `i` listens on the
+    /// `[server]` ports plus `10 · i` (7000, 7010, 7020 …; admin 9101, 9111 …).
     pub servers: u32,
 }
 
@@ -76,7 +79,7 @@ impl Default for UpConfig {
     fn default() -> Self {
         UpConfig {
             data_dir: PathBuf::from("data"),
-            servers: 1,
+            servers: 3,
         }
     }
 }
@@ -141,9 +144,9 @@ impl UpConfig {
         if self.data_dir.as_os_str().is_empty() {
             bail!("up.data_dir: must not be empty");
         }
-        if self.servers != 1 {
+        if !(1..=MAX_UP_SERVERS).contains(&self.servers) {
             bail!(
-                "up.servers: {} servers need rooms that span servers, which are not built yet (issue #4); use 1",
+                "up.servers: {} is out of range; start 1 to {MAX_UP_SERVERS} chat servers",
                 self.servers
             );
         }
@@ -183,7 +186,7 @@ mod tests {
         assert_eq!(c.log.format, LogFormat::Text);
         assert_eq!(c.log.level, "info");
         assert_eq!(c.up.data_dir, PathBuf::from("data"));
-        assert_eq!(c.up.servers, 1);
+        assert_eq!(c.up.servers, 3);
         assert_eq!(c.server.listen, chat_server::Config::default().listen);
         assert_eq!(c.dbproxy.listen, chat_dbproxy::Config::default().listen);
     }
@@ -273,7 +276,7 @@ mod tests {
 
     #[test]
     fn validate_names_the_key() {
-        let c = Config::load_from(None, env(&[("CHAT_UP__SERVERS", "3")])).unwrap();
+        let c = Config::load_from(None, env(&[("CHAT_UP__SERVERS", "9")])).unwrap();
         let e = format!("{:#}", c.validate().unwrap_err());
         assert!(e.contains("up.servers"), "{e}");
 

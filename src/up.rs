@@ -1,8 +1,9 @@
 //! `chat up`: the whole stack in one process for a single machine — a dbproxy
 //! on embedded SQLite under the data directory (or, with `--mysql` or
-//! `[dbproxy] backend = "mysql"`, on an existing MySQL/MariaDB), one chat
-//! server talking to it and a proxy in front of the server — each a task on its
-//! own listener, stopped by Ctrl-C: proxy and server first, then the dbproxy.
+//! `[dbproxy] backend = "mysql"`, on an existing MySQL/MariaDB), `up.servers`
+//! chat servers (default 3) forming one cluster, and a proxy in front of them
+//! — each a task on its own listeners, stopped by Ctrl-C: proxy and servers
+//! first, then the dbproxy.
 
 use std::path::PathBuf;
 
@@ -65,31 +66,62 @@ pub async fn run(
     // command at once instead of leaving half a stack running.
     let (db_listener, db_addr) = tiers::bind("dbproxy.listen", &config.dbproxy.listen).await?;
     config.server.dbproxy_url = format!("http://{db_addr}");
-    let bound = tiers::bind_server(&config.server).await?;
-    let (client_addr, admin_addr) = (bound.client_addr, bound.admin_addr);
-    // The proxy routes to the server just bound, whatever `[proxy] servers` says.
+    // N chat servers, ports 10 apart, one cluster with a fresh secret.
+    let n = config.up.servers;
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let mut c = config.server.clone();
+        c.listen = offset_port("server.listen", &c.listen, i)?;
+        c.admin_listen = offset_port("server.admin_listen", &c.admin_listen, i)?;
+        let bound = tiers::bind_server(&c).await?;
+        servers.push((c, bound));
+    }
+    let secret = chat_server::cluster::new_secret();
+    let peers: Vec<String> = servers
+        .iter()
+        .map(|(_, b)| b.client_addr.to_string())
+        .collect();
+    for (c, b) in &mut servers {
+        c.cluster.advertise = b.client_addr.to_string();
+        c.cluster.peers = if n > 1 { peers.clone() } else { Vec::new() };
+        c.cluster.dns_name = None;
+        c.cluster.secret.clone_from(&secret);
+    }
+    // The proxy routes to the servers just bound, whatever `[proxy] servers` says.
     config.proxy.dns_name = None;
-    config.proxy.servers = vec![chat_proxy::ServerAddr {
-        client: client_addr.to_string(),
-        admin: admin_addr.to_string(),
-    }];
+    config.proxy.servers = servers
+        .iter()
+        .map(|(_, b)| chat_proxy::ServerAddr {
+            client: b.client_addr.to_string(),
+            admin: b.admin_addr.to_string(),
+        })
+        .collect();
+    let listing: String = servers
+        .iter()
+        .map(|(_, b)| {
+            format!(
+                "\n                {} (metrics http://{}/metrics)",
+                b.client_addr, b.admin_addr
+            )
+        })
+        .collect();
     let bound_proxy = tiers::bind_proxy(&config.proxy).await?;
     let (proxy_addr, proxy_admin) = (bound_proxy.client_addr, bound_proxy.admin_addr);
 
-    // Shutdown order: the server drains first (its in-flight messages still
-    // need storage), then the dbproxy. Either tier failing stops the other.
+    // Shutdown order: the servers drain first (their in-flight messages still
+    // need storage), then the dbproxy. Any tier failing stops the others.
     let server_stop = shutdown.child_token();
     let dbproxy_stop = CancellationToken::new();
     let dbproxy = tokio::spawn({
         let (own, server_stop) = (dbproxy_stop.clone(), server_stop.clone());
         let dbproxy_config = config.dbproxy;
         async move {
-            // A drop guard, so that a panic stops the other tier too.
+            // A drop guard, so that a panic stops the other tiers too.
             let _stop_server = server_stop.drop_guard();
             tiers::run_dbproxy(db_listener, dbproxy_config, own).await
         }
     });
-    // The proxy stops with the server (and, failing, stops it).
+    // The proxy stops with the servers (and, failing, stops them).
     let proxy = tokio::spawn({
         let server_stop = server_stop.clone();
         let proxy_config = config.proxy;
@@ -98,32 +130,44 @@ pub async fn run(
             tiers::run_proxy(bound_proxy, proxy_config, server_stop).await
         }
     });
-    let server = tokio::spawn({
-        let (own, dbproxy_stop) = (server_stop.clone(), dbproxy_stop.clone());
-        let server_config = config.server;
+    // The dbproxy stops once every server has stopped.
+    let servers_done = tokio::spawn({
+        let mut running = tokio::task::JoinSet::new();
+        for (c, bound) in servers {
+            let own = server_stop.clone();
+            running.spawn(async move {
+                let _stop_all = own.clone().drop_guard();
+                tiers::run_server(bound, c, own).await
+            });
+        }
+        let dbproxy_stop = dbproxy_stop.clone();
         async move {
             let _stop_dbproxy = dbproxy_stop.drop_guard();
-            tiers::run_server(bound, server_config, own).await
+            let mut result = Ok(());
+            while let Some(r) = running.join_next().await {
+                let r = r.context("chat server task panicked").and_then(|r| r);
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
         }
     });
 
     println!(
-        "chat is up: a proxy, 1 chat server, dbproxy on {storage}\n\
+        "chat is up: a proxy, {n} chat server{}, dbproxy on {storage}\n\
          \n  talk to it:   nc {} {}          (the proxy)\
          \n                cargo run -- client {proxy_addr}\
-         \n                nc {} {}          (the chat server directly)\
+         \n  servers:{listing}\
          \n  metrics:      http://{proxy_admin}/metrics (proxy)\
-         \n                http://{admin_addr}/metrics (server)\
          \n                http://{db_addr}/metrics (dbproxy)\
-         \n  health:       http://{admin_addr}/healthz  http://{admin_addr}/readyz\
          \n\nCtrl-C to stop.",
+        if n == 1 { "" } else { "s" },
         proxy_addr.ip(),
         proxy_addr.port(),
-        client_addr.ip(),
-        client_addr.port(),
     );
 
-    let (proxy_result, server_result, dbproxy_result) = tokio::join!(proxy, server, dbproxy);
+    let (proxy_result, server_result, dbproxy_result) = tokio::join!(proxy, servers_done, dbproxy);
     proxy_result.context("proxy task panicked")??;
     let server_result = server_result.context("chat server task panicked")?;
     let dbproxy_result = dbproxy_result.context("dbproxy task panicked")?;
@@ -131,4 +175,16 @@ pub async fn run(
     dbproxy_result?;
     println!("chat stopped");
     Ok(())
+}
+
+/// `addr` with its port raised by `10 · i` (port 0 stays 0: any free port).
+fn offset_port(key: &str, addr: &str, i: u32) -> anyhow::Result<String> {
+    let mut a: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("{key}: {addr} is not an ip:port address"))?;
+    if a.port() != 0 {
+        let port = u32::from(a.port()) + 10 * i;
+        a.set_port(u16::try_from(port).with_context(|| format!("{key}: port {port} is too high"))?);
+    }
+    Ok(a.to_string())
 }

@@ -78,7 +78,17 @@ fn configmap_toml_loads_into_every_tier_config() {
     );
     assert_eq!(p.proxy.shutdown_grace_secs, 20);
 
-    let s: ServerFile = load(&k8s.join("base/config/server.toml"));
+    let mut s: ServerFile = load(&k8s.join("base/config/server.toml"));
+    assert!(
+        s.server.cluster.dns_name.is_some(),
+        "the servers find each other through DNS"
+    );
+    // The pod's environment supplies the secret (Secret chat-cluster).
+    assert!(
+        s.server.cluster.secret.is_empty(),
+        "no secret in the ConfigMap"
+    );
+    s.server.cluster.secret = "from-the-chat-cluster-secret".into();
     s.server.validate().expect("base server.toml validates");
 
     for f in [
@@ -339,11 +349,14 @@ async fn start_tiers() -> Tiers {
 
     let (client, server) = bind().await;
     let (admin, server_admin) = bind().await;
-    let srv_cfg = chat_server::Config {
+    let mut srv_cfg = chat_server::Config {
         dbproxy_url: format!("http://{dbproxy}"),
         shutdown_grace_secs: 1,
         ..Default::default()
     };
+    // A peer that is down, so the per-peer cluster series exist.
+    srv_cfg.cluster.peers = vec!["127.0.0.1:1".into()];
+    srv_cfg.cluster.secret = "deploy-test-cluster-secret".into();
     let c = cancel.clone();
     tasks.push(tokio::spawn(async move {
         let l = chat_server::Listeners { client, admin };

@@ -1,12 +1,50 @@
 //! Password hashing (argon2id, PHC strings) and session tokens. The hashing is
-//! CPU-heavy on purpose: callers run it in `spawn_blocking`.
+//! CPU-heavy on purpose, so it runs on blocking threads, at most one per core
+//! at a time ([`hash_password_async`], [`verify_password_async`]): a burst of
+//! logins queues here instead of starving every other task of the process
+//! (in `chat up`, the servers' and the proxy's health checks included).
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use sha2::{Digest, Sha256};
 
+use std::sync::LazyLock;
+
+use tokio::sync::Semaphore;
+
 use crate::api::ApiError;
 use crate::error::internal;
+
+/// Password hashes computed at once: one per core.
+static HASHING: LazyLock<Semaphore> =
+    LazyLock::new(|| Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())));
+
+async fn hashing<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let _permit = HASHING
+        .acquire()
+        .await
+        .map_err(|_| internal("hashing closed"))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal(format!("hashing task failed: {e}")))?
+}
+
+/// [`hash_password`] on a blocking thread, bounded per core.
+pub(crate) async fn hash_password_async(
+    password: std::sync::Arc<String>,
+) -> Result<String, ApiError> {
+    hashing(move || hash_password(&password)).await
+}
+
+/// [`verify_password`] on a blocking thread, bounded per core.
+pub(crate) async fn verify_password_async(
+    password: std::sync::Arc<String>,
+    phc: String,
+) -> Result<bool, ApiError> {
+    hashing(move || verify_password(&password, &phc)).await
+}
 
 pub(crate) fn hash_password(password: &str) -> Result<String, ApiError> {
     let salt_bytes: [u8; 16] = rand::random();

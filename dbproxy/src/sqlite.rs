@@ -342,14 +342,6 @@ fn per_item<I, T>(
     Ok(out)
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| internal(format!("blocking task failed: {e}")))?
-}
-
 fn require(field: &str, value: &str) -> Result<(), ApiError> {
     if value.is_empty() {
         return Err(ApiError::new(
@@ -384,7 +376,7 @@ impl Backend for SqliteBackend {
                     ..
                 }) => {
                     let pw = password.clone();
-                    if !blocking(move || auth::verify_password(&pw, &phc)).await? {
+                    if !auth::verify_password_async(pw, phc).await? {
                         return Err(ApiError::new(ErrorKind::AuthFailed, "wrong password"));
                     }
                     let t = token.clone();
@@ -401,7 +393,7 @@ impl Backend for SqliteBackend {
                 Some(UserRow { live: true, .. }) => return Err(name_taken(&req.user)),
                 _ => {
                     let pw = password.clone();
-                    let phc = blocking(move || auth::hash_password(&pw)).await?;
+                    let phc = auth::hash_password_async(pw).await?;
                     let (name, t) = (req.user.clone(), token.clone());
                     let outcome = self
                         .writer

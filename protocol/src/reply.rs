@@ -32,7 +32,8 @@ impl PartReason {
         }
     }
 
-    fn parse(s: &str) -> Option<PartReason> {
+    /// The reason named by its wire word (`left`, `quit`, …).
+    pub fn parse(s: &str) -> Option<PartReason> {
         [
             PartReason::Left,
             PartReason::Quit,

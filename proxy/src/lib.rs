@@ -19,7 +19,7 @@ pub mod config;
 mod conn;
 pub mod error;
 mod metrics;
-pub mod ring;
+pub use chat_ring as ring;
 mod upstreams;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -43,6 +43,86 @@ pub struct Config {
     pub room_batch_max: usize,
     /// How long draining may take on shutdown.
     pub shutdown_grace_secs: u64,
+    /// The other chat servers: rooms and DMs across servers.
+    pub cluster: ClusterConfig,
+}
+
+/// `[server.cluster]`: which chat servers form the cluster and how their
+/// server-to-server links behave. With no peers (the default) the server is a
+/// cluster of one.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This server's id on the hash ring: its client address as the proxies
+    /// list it (`10.0.3.7:7000`). Empty: the address the client listener bound.
+    pub advertise: String,
+    /// Client addresses of the chat servers (this one may be listed too).
+    /// Peers connect to each other's client port and open with `PEER`.
+    pub peers: Vec<String>,
+    /// DNS name listing the chat servers (a Kubernetes headless Service), at
+    /// `dns_port`; when set, `peers` is ignored.
+    pub dns_name: Option<String>,
+    /// Client port of the servers found through `dns_name`.
+    pub dns_port: u16,
+    /// How often `dns_name` is resolved again.
+    pub dns_refresh_secs: u64,
+    /// Shared secret every server presents when it opens a link. Required
+    /// once there are peers; never logged.
+    pub secret: String,
+    /// Ring points per server; must match the proxies' `vnodes`.
+    pub vnodes: u32,
+    /// How often an idle link sends a heartbeat.
+    pub heartbeat_ms: u64,
+    /// A link that hears nothing for this long is dropped and its server
+    /// leaves this server's ring until the link is back.
+    pub peer_timeout_ms: u64,
+    /// Frames queued for one peer; a peer that stays full for
+    /// `peer_timeout_ms` is disconnected (it resynchronises on reconnect).
+    pub peer_queue: usize,
+    /// A message forwarded to a room's owner that gets no answer in this long
+    /// is answered `ERR UNAVAILABLE` (the client resends it with its id).
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            advertise: String::new(),
+            peers: Vec::new(),
+            dns_name: None,
+            dns_port: 7000,
+            dns_refresh_secs: 5,
+            secret: String::new(),
+            vnodes: chat_ring::DEFAULT_VNODES,
+            heartbeat_ms: 250,
+            peer_timeout_ms: 2000,
+            peer_queue: 65_536,
+            request_timeout_ms: 5000,
+        }
+    }
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("advertise", &self.advertise)
+            .field("peers", &self.peers)
+            .field("dns_name", &self.dns_name)
+            .field("dns_port", &self.dns_port)
+            .field("secret", &"<redacted>")
+            .field("vnodes", &self.vnodes)
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("peer_timeout_ms", &self.peer_timeout_ms)
+            .field("peer_queue", &self.peer_queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterConfig {
+    /// Whether other servers are configured at all.
+    pub fn is_clustered(&self) -> bool {
+        self.dns_name.is_some() || !self.peers.is_empty()
+    }
 }
 
 impl Default for Config {
@@ -64,6 +144,7 @@ impl Default for Config {
             room_queue: 4096,
             room_batch_max: 256,
             shutdown_grace_secs: 10,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -103,6 +184,47 @@ impl Config {
                 return bad(key, "must be greater than 0");
             }
         }
+        let c = &self.cluster;
+        if !c.advertise.is_empty() && !is_host_port(&c.advertise) {
+            return bad("cluster.advertise", "must be host:port");
+        }
+        for (i, p) in c.peers.iter().enumerate() {
+            if !is_host_port(p) {
+                return bad(&format!("cluster.peers[{i}]"), "must be host:port");
+            }
+        }
+        if c.dns_name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+            return bad("cluster.dns_name", "must not be empty");
+        }
+        if c.is_clustered() && c.secret.len() < 16 {
+            return bad(
+                "cluster.secret",
+                "set a shared secret of at least 16 characters when peers are configured",
+            );
+        }
+        let cluster_positive = [
+            ("cluster.dns_refresh_secs", c.dns_refresh_secs),
+            ("cluster.vnodes", c.vnodes.into()),
+            ("cluster.heartbeat_ms", c.heartbeat_ms),
+            ("cluster.peer_queue", c.peer_queue as u64),
+            ("cluster.request_timeout_ms", c.request_timeout_ms),
+        ];
+        for (key, v) in cluster_positive {
+            if v == 0 {
+                return bad(key, "must be greater than 0");
+            }
+        }
+        if c.peer_timeout_ms < 2 * c.heartbeat_ms {
+            return bad(
+                "cluster.peer_timeout_ms",
+                "must be at least 2 × heartbeat_ms",
+            );
+        }
         Ok(())
     }
+}
+
+/// `host:port` with a non-empty host and a numeric port.
+fn is_host_port(s: &str) -> bool {
+    matches!(s.rsplit_once(':'), Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok())
 }

@@ -8,6 +8,7 @@
 //! Direct messages are stored, then handed to the recipient's sessions; the
 //! writer reports each DM it wrote, and `receipts` marks them received.
 
+pub mod cluster;
 pub mod config;
 pub mod error;
 mod hub;
@@ -33,6 +34,7 @@ use tracing::Instrument;
 pub use config::Config;
 pub use error::Error;
 
+use cluster::Cluster;
 use hub::Hub;
 use metrics::Metrics;
 
@@ -71,22 +73,38 @@ pub async fn run(
         grace,
     ));
 
+    let client_addr = listeners.client.local_addr()?;
+    let me = if config.cluster.advertise.is_empty() {
+        client_addr.to_string()
+    } else {
+        config.cluster.advertise.clone()
+    };
+
+    // Client sessions drain first; background work (receipts, token touches,
+    // server links) stops after them.
+    let background = CancellationToken::new();
+    let cluster = Cluster::new(
+        me,
+        config.cluster.clone(),
+        metrics.clone(),
+        background.clone(),
+    );
     let hub = Hub::new(
         config.clone(),
         db.clone(),
         metrics.clone(),
         tasks.clone(),
         shutdown.clone(),
+        cluster.clone(),
     );
     let (receipts_tx, receipts_rx) = mpsc::channel(RECEIPT_QUEUE);
-    let background = CancellationToken::new();
     tasks.spawn(receipts_loop(db.clone(), receipts_rx, background.clone()));
     tasks.spawn(touch_loop(hub.clone(), background.clone()));
+    tasks.spawn(cluster::run(hub.clone(), background.clone()));
 
     health.set_ready(true);
     let acceptor = Acceptor::new(listeners.client, config.max_connections);
-    let addr = acceptor.local_addr()?;
-    tracing::info!(%addr, "chat server listening");
+    tracing::info!(addr = %client_addr, id = %cluster.me, "chat server listening");
     let conn_ids = AtomicU64::new(1);
     let conns = TaskTracker::new();
     while let Some(Accepted {
@@ -114,6 +132,10 @@ pub async fn run(
     // say BYE shutdown and close.
     health.set_ready(false);
     drop(acceptor);
+    // Peers move this server's rooms away now; messages still in flight here
+    // go to the rooms' new owners.
+    cluster.announce_draining();
+    cluster.leave_ring();
     tracing::info!("draining");
     conns.close();
     let _ = tokio::time::timeout(grace + Duration::from_secs(2), conns.wait()).await;

@@ -1,5 +1,6 @@
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Chat server metrics, registered on the registry the caller passes in.
@@ -16,6 +17,11 @@ pub struct Metrics {
     pub ack_latency: Histogram,
     pub storage_latency: HistogramVec,
     pub rooms_active: IntGauge,
+    pub rooms_owned: IntGauge,
+    pub peers_in_ring: IntGauge,
+    pub peer_queue_depth: IntGaugeVec,
+    pub peer_link_drops_total: IntCounterVec,
+    pub fanout_latency: Histogram,
 }
 
 impl Metrics {
@@ -68,7 +74,39 @@ impl Metrics {
                 .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14)?),
                 &["op"],
             )?,
-            rooms_active: IntGauge::new("chat_rooms_active", "Rooms with a live room task")?,
+            rooms_active: IntGauge::new(
+                "chat_rooms_active",
+                "Rooms with members present on this server",
+            )?,
+            rooms_owned: IntGauge::new(
+                "chat_rooms_owned",
+                "Rooms this server owns (orders and fans out) with members present anywhere",
+            )?,
+            peers_in_ring: IntGauge::new(
+                "chat_cluster_peers",
+                "Other chat servers in this server's ring (link up, not draining)",
+            )?,
+            peer_queue_depth: IntGaugeVec::new(
+                Opts::new(
+                    "chat_cluster_queue_depth",
+                    "Frames queued on the link to each peer",
+                ),
+                &["peer"],
+            )?,
+            peer_link_drops_total: IntCounterVec::new(
+                Opts::new(
+                    "chat_cluster_link_drops_total",
+                    "Links to a peer that went down (failure, timeout, full queue)",
+                ),
+                &["peer"],
+            )?,
+            fanout_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "chat_fanout_latency_seconds",
+                    "From a room owner's commit to its lines being queued locally or written to a peer",
+                )
+                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
+            )?,
         };
         registry.register(Box::new(m.connections_total.clone()))?;
         registry.register(Box::new(m.connections_active.clone()))?;
@@ -81,6 +119,11 @@ impl Metrics {
         registry.register(Box::new(m.ack_latency.clone()))?;
         registry.register(Box::new(m.storage_latency.clone()))?;
         registry.register(Box::new(m.rooms_active.clone()))?;
+        registry.register(Box::new(m.rooms_owned.clone()))?;
+        registry.register(Box::new(m.peers_in_ring.clone()))?;
+        registry.register(Box::new(m.peer_queue_depth.clone()))?;
+        registry.register(Box::new(m.peer_link_drops_total.clone()))?;
+        registry.register(Box::new(m.fanout_latency.clone()))?;
         Ok(m)
     }
 }

@@ -21,7 +21,7 @@ use tokio_util::codec::FramedRead;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbound::{self, Out, SessionHandle};
-use crate::room::{with_cid, Publish};
+use crate::room::{with_cid, Origin, Publish};
 
 /// Pending DMs handed over at login, at most (the rest come at the next login).
 const PENDING_DM_LIMIT: u32 = 1000;
@@ -76,6 +76,17 @@ pub async fn run(
         _ = hub.shutdown.cancelled() => return,
     };
     let (identity, guest_room, resumed) = match first {
+        Ok(Some(Ok(Frame::Line(line)))) if line.starts_with("PEER ") => {
+            // Another chat server opening its link, not a client: served
+            // with the background work, which outlives the clients' drain.
+            if frames.read_buffer().is_empty() {
+                let rd = frames.into_inner();
+                let h = hub.clone();
+                hub.tasks
+                    .spawn(async move { crate::cluster::link::serve(h, &line, rd, wr).await });
+            }
+            return;
+        }
         Ok(Some(Ok(Frame::Line(line)))) => match login(&hub, &line).await {
             Ok(ok) => ok,
             Err(err) => {
@@ -450,14 +461,18 @@ impl Session {
                 let Ok(permit) = self.inflight.clone().acquire_owned().await else {
                     return Flow::Continue;
                 };
-                r.publish(Publish {
-                    session: self.handle.clone(),
+                let p = Publish {
+                    origin: Origin::Local {
+                        session: self.handle.clone(),
+                        permit,
+                    },
+                    room,
+                    sender: self.user.clone(),
                     cid,
                     text,
                     received,
-                    permit,
-                })
-                .await;
+                };
+                hub.publish(&r, p).await;
             }
             Command::Dm { cid, to, text } => {
                 let received = Instant::now();
@@ -518,16 +533,21 @@ impl Session {
                 Err(e) => self.reply(storage_error(m, &e, &None).to_bytes()).await,
             },
             Command::Who { room } => {
-                let members = match hub.present_members(&room) {
-                    Some(v) => v,
-                    None => match hub.db.room_info(&room, self.handle.read_pos()).await {
-                        Ok(_) => Vec::new(),
-                        Err(e) => {
-                            self.reply(storage_error(m, &e, &None).to_bytes()).await;
-                            return Flow::Continue;
-                        }
-                    },
+                let Some(members) = hub.present_members(&room).await else {
+                    self.error(
+                        ErrorCode::Unavailable,
+                        "the room's server did not answer; retry",
+                    )
+                    .await;
+                    return Flow::Continue;
                 };
+                if members.is_empty() {
+                    // Nobody present: the room may not exist at all.
+                    if let Err(e) = hub.db.room_info(&room, self.handle.read_pos()).await {
+                        self.reply(storage_error(m, &e, &None).to_bytes()).await;
+                        return Flow::Continue;
+                    }
+                }
                 let count = members.len() as u32;
                 for user in members {
                     let line = ServerLine::Member {
@@ -573,7 +593,12 @@ async fn send_dm(hub: &Hub, item: DmItem, sender: &SessionHandle, received: Inst
             sender: sender.user.to_string(),
             text: item.body,
         };
-        hub.deliver_dm(&item.recipient, &line.to_bytes(), sent.id);
+        hub.route_dm(
+            &item.recipient,
+            &line.to_bytes(),
+            sent.id,
+            sender.read_pos(),
+        );
     }
     m.ack_latency.observe(received.elapsed().as_secs_f64());
     ServerLine::OkDm {

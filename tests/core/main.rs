@@ -5,6 +5,7 @@
 mod common;
 
 mod bad_input;
+mod cluster;
 mod dm;
 mod durability;
 mod history;

@@ -378,14 +378,6 @@ fn room_info((room, last_seq, members): (String, i64, i64)) -> RoomInfo {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| internal(format!("blocking task failed: {e}")))?
-}
-
 pub(crate) struct MysqlBackend {
     topo: Arc<Topology>,
     writer: writer::AppendWriter,
@@ -500,7 +492,7 @@ impl Backend for MysqlBackend {
                     ..
                 }) => {
                     let pw = password.clone();
-                    if !blocking(move || auth::verify_password(&pw, &phc)).await? {
+                    if !auth::verify_password_async(pw, phc).await? {
                         return Err(ApiError::new(ErrorKind::AuthFailed, "wrong password"));
                     }
                     let t = token.clone();
@@ -520,7 +512,7 @@ impl Backend for MysqlBackend {
                 Some(UserRow { live: true, .. }) => return Err(name_taken(&req.user)),
                 _ => {
                     let pw = password.clone();
-                    let phc = blocking(move || auth::hash_password(&pw)).await?;
+                    let phc = auth::hash_password_async(pw).await?;
                     let (name, t) = (req.user.clone(), token.clone());
                     let (outcome, pos) = self
                         .write_tx(|c| {

@@ -25,6 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod cluster;
+
 // The MariaDB harness lives with the dbproxy's own tests; both suites include it.
 #[path = "../../../dbproxy/tests/mariadb_harness/mod.rs"]
 pub mod mariadb;
@@ -155,6 +157,15 @@ impl Stack {
 
     /// Starts a stack whose server config is [`test_server_config`] changed by `configure`.
     pub async fn start_with(configure: impl FnOnce(&mut chat_server::Config)) -> Stack {
+        let mut stack = Stack::storage().await;
+        configure(&mut stack.server_config);
+        stack.start_server().await;
+        stack
+    }
+
+    /// Only the dbproxy (chat servers are started by the caller, e.g. as
+    /// processes); `server_config` is [`test_server_config`] pointed at it.
+    pub async fn storage() -> Stack {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter("warn")
@@ -171,7 +182,6 @@ impl Stack {
             .expect("bind dbproxy");
         let db_addr = db_listener.local_addr().unwrap();
         let mut server_config = test_server_config();
-        configure(&mut server_config);
         server_config.dbproxy_url = format!("http://{db_addr}");
         let mariadb = match test_backend() {
             TestBackend::Sqlite => None,
@@ -194,7 +204,6 @@ impl Stack {
             server: None,
         };
         stack.spawn_dbproxy(db_listener).await;
-        stack.start_server().await;
         stack
     }
 

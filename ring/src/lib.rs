@@ -1,4 +1,5 @@
-//! Which chat server a routing key (a user name, or a token) belongs to.
+//! Which chat server a routing key belongs to: a user name (the proxies place
+//! users; the servers route DMs) or a room name (the servers place rooms).
 //!
 //! [`Ring`] is our thin type over the `consistent_hash` crate's
 //! `StaticHashRing` (virtual nodes, distinct-server candidate walk). The crate

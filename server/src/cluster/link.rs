@@ -1,0 +1,348 @@
+//! Server-to-server links: [`dial_loop`] keeps this server's link to one peer
+//! up; [`serve`] handles a link a peer opened to this server's client port.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chat_protocol::PartReason;
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{self, PeerMsg, HELLO};
+use super::{NodeId, Queued};
+use crate::hub::Hub;
+use crate::room::{Origin, Publish};
+
+/// Longest handshake answer read.
+const HELLO_MAX: usize = 512;
+
+/// Dials `node` and keeps the link up until `stop`, reconnecting with backoff.
+pub async fn dial_loop(hub: Arc<Hub>, node: NodeId, stop: CancellationToken) {
+    let cluster = hub.cluster.clone();
+    let cfg = cluster.config.clone();
+    let timeout = Duration::from_millis(cfg.peer_timeout_ms);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = tokio::select! {
+            r = tokio::time::timeout(timeout, handshake(&node, &cluster.me, &cfg.secret)) => r,
+            _ = stop.cancelled() => return,
+        };
+        match attempt {
+            Ok(Ok((rd, wr))) => {
+                backoff = Duration::from_millis(100);
+                let (tx, rx) = mpsc::channel(cfg.peer_queue);
+                let conn = stop.child_token();
+                cluster.link_up(&node, tx, conn.clone());
+                run_link(&hub, &node, rd, wr, rx, conn).await;
+                cluster.link_down(&hub, &node);
+                hub.peer_lost(&node);
+            }
+            Ok(Err(e)) => tracing::debug!(peer = %node, error = %e, "cannot link to chat server"),
+            Err(_) => tracing::debug!(peer = %node, "linking to chat server timed out"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn handshake(
+    node: &str,
+    me: &str,
+    secret: &str,
+) -> std::io::Result<(OwnedReadHalf, OwnedWriteHalf)> {
+    let stream = TcpStream::connect(node).await?;
+    stream.set_nodelay(true)?;
+    let (rd, mut wr) = stream.into_split();
+    wr.write_all(format!("{HELLO} {me} {secret}\n").as_bytes())
+        .await?;
+    let mut rd = BufReader::with_capacity(HELLO_MAX, rd);
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::take(&mut rd, HELLO_MAX as u64)
+        .read_line(&mut answer)
+        .await?;
+    if answer.trim_end() != format!("OK {HELLO} {node}") {
+        return Err(std::io::Error::other(format!(
+            "handshake refused: {}",
+            answer.trim_end()
+        )));
+    }
+    if !rd.buffer().is_empty() {
+        return Err(std::io::Error::other("handshake: unexpected bytes"));
+    }
+    Ok((rd.into_inner(), wr))
+}
+
+/// Writes queued frames (and a heartbeat every `heartbeat_ms`) and reads the
+/// peer's answers until the connection fails, stays silent for
+/// `peer_timeout_ms`, or `conn` is cancelled.
+async fn run_link(
+    hub: &Arc<Hub>,
+    node: &NodeId,
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Queued>,
+    conn: CancellationToken,
+) {
+    let cfg = &hub.cluster.config;
+    let heartbeat = Duration::from_millis(cfg.heartbeat_ms);
+    let silence = Duration::from_millis(cfg.peer_timeout_ms);
+    let mut sink = FramedWrite::new(wr, wire::codec());
+    let mut frames = FramedRead::new(rd, wire::codec());
+    let metrics = hub.metrics.clone();
+    let writer = async {
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let q = tokio::select! {
+                q = rx.recv() => q,
+                _ = tick.tick() => Some(Queued { msg: PeerMsg::Ping, fanout_started: None }),
+            };
+            let Some(q) = q else { return };
+            // Feed what is queued, flush once.
+            let mut started = Vec::new();
+            let mut next = Some(q);
+            while let Some(q) = next.take() {
+                if let Some(s) = q.fanout_started {
+                    started.push(s);
+                }
+                if tokio::time::timeout(silence, sink.feed(q.msg.encode()))
+                    .await
+                    .map_or(true, |r| r.is_err())
+                {
+                    return;
+                }
+                if started.len() < 1024 {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if tokio::time::timeout(silence, SinkExt::<Bytes>::flush(&mut sink))
+                .await
+                .map_or(true, |r| r.is_err())
+            {
+                return;
+            }
+            for s in started {
+                metrics.fanout_latency.observe(s.elapsed().as_secs_f64());
+            }
+        }
+    };
+    let reader = async {
+        loop {
+            let frame = match tokio::time::timeout(silence, frames.next()).await {
+                Ok(Some(Ok(f))) => f,
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(peer = %node, error = %e, "bad frame from chat server");
+                    return;
+                }
+                Ok(None) => return,
+                Err(_) => {
+                    tracing::warn!(peer = %node, "chat server silent; dropping the link");
+                    return;
+                }
+            };
+            match PeerMsg::decode(&frame) {
+                Ok(PeerMsg::Members { req, users }) => hub.cluster.members(req, users),
+                Ok(PeerMsg::Pong) => {}
+                Ok(_) => tracing::warn!(peer = %node, "unexpected frame on an outgoing link"),
+                Err(e) => {
+                    tracing::warn!(peer = %node, error = %e, "undecodable frame from chat server");
+                    return;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = writer => {}
+        _ = reader => {}
+        _ = conn.cancelled() => {}
+    }
+}
+
+/// Serves a link a peer opened with `PEER <id> <secret>` (the first line,
+/// already read). Refuses a wrong secret or our own id.
+pub async fn serve(hub: Arc<Hub>, hello: &str, rd: OwnedReadHalf, mut wr: OwnedWriteHalf) {
+    let cluster = hub.cluster.clone();
+    let mut words = hello.split(' ');
+    let (Some(HELLO), Some(id), Some(secret), None) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        let _ = wr.write_all(b"ERR BAD_ARGS PEER <id> <secret>\n").await;
+        return;
+    };
+    if !cluster.config.is_clustered() || !wire::same_secret(secret, &cluster.config.secret) {
+        tracing::warn!(peer = %id, "refused a chat server link: wrong secret");
+        let _ = wr
+            .write_all(b"ERR AUTH_FAILED peer links need the cluster secret\n")
+            .await;
+        return;
+    }
+    if *id == *cluster.me {
+        let _ = wr.write_all(b"ERR BAD_ARGS that is my own id\n").await;
+        return;
+    }
+    let node: NodeId = Arc::from(id);
+    if wr
+        .write_all(format!("OK {HELLO} {}\n", cluster.me).as_bytes())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tracing::info!(peer = %node, "chat server linked to us");
+    // A (re)started peer owns nothing of ours yet.
+    hub.resync_peer(&node);
+
+    // Answers to requests and heartbeats; as deep as the requests' queue.
+    let (tx, mut rx) = mpsc::channel::<PeerMsg>(cluster.config.peer_queue);
+    let mut sink = FramedWrite::new(wr, wire::codec());
+    let silence = Duration::from_millis(cluster.config.peer_timeout_ms);
+    // Heartbeats go out on a timer, not in reply to pings: a reader held up
+    // by a full room queue (backpressure) must not look like a dead server.
+    let heartbeat = Duration::from_millis(cluster.config.heartbeat_ms);
+    let writer = async move {
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let m = tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => m,
+                    None => return,
+                },
+                _ = tick.tick() => PeerMsg::Pong,
+            };
+            let fed = tokio::time::timeout(silence, sink.feed(m.encode())).await;
+            if fed.map_or(true, |r| r.is_err()) {
+                return;
+            }
+            if rx.is_empty() {
+                let flushed =
+                    tokio::time::timeout(silence, SinkExt::<Bytes>::flush(&mut sink)).await;
+                if flushed.map_or(true, |r| r.is_err()) {
+                    return;
+                }
+            }
+        }
+    };
+    let reader = read_incoming(&hub, &node, FramedRead::new(rd, wire::codec()), tx);
+    tokio::select! {
+        _ = writer => {}
+        _ = reader => {}
+        _ = cluster.stopped().cancelled() => {}
+    }
+    tracing::info!(peer = %node, "chat server link closed");
+    // Answers to what we forwarded to this peer came on this connection.
+    cluster.peer_gone(&hub, &node);
+}
+
+async fn read_incoming(
+    hub: &Arc<Hub>,
+    node: &NodeId,
+    mut frames: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    reply: mpsc::Sender<PeerMsg>,
+) {
+    let silence = Duration::from_millis(hub.cluster.config.peer_timeout_ms);
+    loop {
+        let frame = match tokio::time::timeout(silence, frames.next()).await {
+            Ok(Some(Ok(f))) => f,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(peer = %node, error = %e, "bad frame from chat server");
+                return;
+            }
+            Ok(None) => return,
+            Err(_) => {
+                tracing::warn!(peer = %node, "chat server silent; closing its link");
+                return;
+            }
+        };
+        let msg = match PeerMsg::decode(&frame) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(peer = %node, error = %e, "undecodable frame from chat server");
+                return;
+            }
+        };
+        if !dispatch(hub, node, msg, &reply).await {
+            return;
+        }
+    }
+}
+
+/// Applies one frame from a peer; false to close the link.
+async fn dispatch(
+    hub: &Arc<Hub>,
+    node: &NodeId,
+    msg: PeerMsg,
+    reply: &mpsc::Sender<PeerMsg>,
+) -> bool {
+    match msg {
+        PeerMsg::Publish {
+            req,
+            room,
+            sender,
+            session,
+            cid,
+            text,
+        } => {
+            let p = Publish {
+                origin: Origin::Peer {
+                    node: node.clone(),
+                    req,
+                    session,
+                },
+                room,
+                sender: Arc::from(sender),
+                cid,
+                text,
+                received: Instant::now(),
+            };
+            // Waits while the room's queue is full: backpressure on the link.
+            hub.owner_publish(p).await;
+        }
+        PeerMsg::Enter { room, users } => hub.owner_enter(node, &room, users),
+        PeerMsg::Leave { room, user, reason } => {
+            let reason = PartReason::parse(&reason).unwrap_or(PartReason::Disconnected);
+            hub.owner_leave(node, &room, &user, reason);
+        }
+        PeerMsg::Unsubscribe { room } => hub.owner_unsubscribe(node, &room),
+        PeerMsg::Who { req, room } => {
+            let users = hub.owner_members(&room);
+            if reply.try_send(PeerMsg::Members { req, users }).is_err() {
+                return false;
+            }
+        }
+        PeerMsg::Deliver { room, lines } => {
+            let pos = lines.last().and_then(|d| d.pos.clone());
+            let local: Vec<(Bytes, Option<u64>)> = lines
+                .into_iter()
+                .map(|d| (Bytes::from(d.line), d.except))
+                .collect();
+            hub.deliver_local(&room, &local, pos.as_ref());
+        }
+        PeerMsg::Dm {
+            recipient,
+            line,
+            id,
+            pos,
+            forwarded,
+        } => hub.peer_dm(&recipient, line, id, pos, forwarded),
+        PeerMsg::Locate { user, here } => hub.peer_locate(node, user, here),
+        // Keeps this side's read timeout from firing; our own heartbeats go
+        // out on a timer.
+        PeerMsg::Ping => {}
+        PeerMsg::Draining => hub.cluster.peer_draining(node),
+        PeerMsg::Published { req, result, pos } => hub.cluster.published(hub, req, result, pos),
+        PeerMsg::Members { .. } | PeerMsg::Pong => {
+            tracing::warn!(peer = %node, "unexpected answer on an incoming link");
+        }
+    }
+    true
+}
