@@ -28,6 +28,8 @@ pub struct Outcome {
     pub sent: usize,
     pub acked: usize,
     pub delivered: usize,
+    /// Room messages received live (`MSG`), not through `HISTORY`.
+    pub delivered_live: usize,
     pub lost: usize,
     pub duplicated: usize,
     /// Longest send → ack wait among messages in flight at or after the fault.
@@ -169,6 +171,9 @@ pub fn check_data(
                     .or_default()
                     .insert(n(r, "seq"), text);
                 o.delivered += 1;
+                if r["via"] == "live" {
+                    o.delivered_live += 1;
+                }
             }
             "dm" => {
                 let id = r["id"].as_i64().unwrap_or_default();
