@@ -73,12 +73,13 @@ fn scenario(tag: &str, name: &str, fault: impl FnOnce(&mut Cluster) -> u64) -> c
     let row = checker::table_row(name, &o);
     println!("{}\n{row}", checker::table_header());
     println!(
-        "{name}: setup {:.1}s, total {:.1}s; {} of {} deliveries live (rest HISTORY); \
+        "{name}: setup {:.1}s, total {:.1}s; {} DMs and {} room messages delivered, {} of those live (rest HISTORY); \
          {} ERR UNAVAILABLE retried, {} DMs pending, {} read-your-writes probes, [server.cluster] {}",
         setup.as_secs_f64(),
         started.elapsed().as_secs_f64(),
+        o.delivered_dms,
+        o.delivered - o.delivered_dms,
         o.delivered_live,
-        o.delivered,
         o.unavailable,
         o.dms_pending,
         o.ryw_probes,

@@ -28,7 +28,9 @@ pub struct Outcome {
     pub sent: usize,
     pub acked: usize,
     pub delivered: usize,
-    /// Room messages received live (`MSG`), not through `HISTORY`.
+    /// Of `delivered`: DMs received.
+    pub delivered_dms: usize,
+    /// Of `delivered`: room messages received live (`MSG`), not through `HISTORY`.
     pub delivered_live: usize,
     pub lost: usize,
     pub duplicated: usize,
@@ -182,6 +184,7 @@ pub fn check_data(
                     .or_default()
                     .insert(id, (s(r, "from"), s(r, "text")));
                 o.delivered += 1;
+                o.delivered_dms += 1;
             }
             "ryw" => {
                 o.ryw_probes += 1;
