@@ -56,6 +56,8 @@ const SWEEP_CAP: Duration = Duration::from_secs(20);
 const RELOGIN_WAIT: Duration = Duration::from_millis(1500);
 /// Every acked message whose seq is a multiple of this is read back at once.
 const RYW_EVERY: u64 = 5;
+/// After `QUIT`, how long to wait for the server to close.
+const QUIT_WAIT: Duration = Duration::from_secs(5);
 /// A gap in a room is re-asked with HISTORY at this interval.
 const GAP_CHECK: Duration = Duration::from_millis(500);
 
@@ -694,8 +696,40 @@ impl Client {
                 }
             }
         }
-        let _ = write.write_all(b"QUIT\n").await;
+        self.quit(read, write, line).await;
         Ok(())
+    }
+
+    /// `QUIT`, then read to the end: the server may still write events (a DM
+    /// it then counts as received) until it closes the connection.
+    async fn quit(
+        &mut self,
+        mut read: BufReader<OwnedReadHalf>,
+        mut write: OwnedWriteHalf,
+        mut line: String,
+    ) {
+        if write.write_all(b"QUIT\n").await.is_err() {
+            return;
+        }
+        let until = Instant::now() + QUIT_WAIT;
+        loop {
+            tokio::select! {
+                r = read.read_line(&mut line) => match r {
+                    Ok(n) if n > 0 => {
+                        let ended = self.on_line(line.trim_end()).is_err();
+                        line.clear();
+                        if ended {
+                            return;
+                        }
+                    }
+                    _ => return,
+                },
+                _ = tokio::time::sleep_until(until.into()) => {
+                    self.rec(json!({"e": "err", "code": "QUIT_TIMEOUT"}));
+                    return;
+                }
+            }
+        }
     }
 
     /// One more login: DMs that waited (their recipient was on another chat
@@ -730,6 +764,6 @@ impl Client {
                 _ = tokio::time::sleep_until(until.into()) => break,
             }
         }
-        let _ = write.write_all(b"QUIT\n").await;
+        self.quit(read, write, line).await;
     }
 }
