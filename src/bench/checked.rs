@@ -746,7 +746,7 @@ impl Client {
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
-        let Some((mut read, mut write)) = conn else {
+        let Some((mut read, write)) = conn else {
             self.rec(json!({"e": "err", "code": "RELOGIN_FAILED"}));
             return;
         };
