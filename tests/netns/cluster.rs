@@ -63,7 +63,9 @@ pub fn cluster_supported() -> bool {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("probe.toml");
         std::fs::write(&f, server_toml(0, true)).expect("write");
-        let ok = Command::new(chat_bin())
+        let mut cmd = Command::new(chat_bin());
+        super::procs::strip_chat_env(&mut cmd);
+        let ok = cmd
             .args(["--check-config", "--config"])
             .arg(&f)
             .arg("server")

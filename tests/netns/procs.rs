@@ -45,12 +45,7 @@ impl Proc {
             .open(&self.log)
             .expect("log file");
         let mut cmd = Command::new("ip");
-        // `chat` reads CHAT_* variables as configuration: none of the test's own.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("CHAT_") {
-                cmd.env_remove(k);
-            }
-        }
+        strip_chat_env(&mut cmd);
         let child = cmd
             .args(["netns", "exec", &self.ns])
             .arg(&self.program)
@@ -123,6 +118,16 @@ impl Proc {
         let s = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// `chat` reads `CHAT_*` variables as configuration: it gets none of the test's
+/// own (e.g. `CHAT_NETNS_KEEP`, `CHAT_TEST_BACKEND`).
+pub fn strip_chat_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("CHAT_") {
+            cmd.env_remove(k);
+        }
     }
 }
 
