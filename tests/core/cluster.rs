@@ -224,7 +224,7 @@ async fn check_room(members: &mut [Member], room: &str, sent: &HashSet<String>) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_spans_servers_in_seq_order() {
-    let cluster = Cluster::start(3, 3, 2).await;
+    let cluster = Cluster::start(101, 3, 3, 2).await;
     let proxies = cluster.proxy_addrs();
     let mut members = Vec::new();
     for s in 0..3 {
@@ -310,7 +310,7 @@ async fn a_room_spans_servers_in_seq_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dm_crosses_servers() {
-    let cluster = Cluster::start(3, 3, 2).await;
+    let cluster = Cluster::start(102, 3, 3, 2).await;
     let proxies = cluster.proxy_addrs();
     let alice = cluster.user_on(0, "dma", 0);
     let bob = cluster.user_on(1, "dmb", 0);
@@ -341,8 +341,8 @@ async fn a_dm_crosses_servers() {
 
 /// Six members, two per server, in one room whose owner suffers `fault` while
 /// they all send; then the history checks and the reconnect bound.
-async fn room_survives(fault: impl AsyncFnOnce(&mut Cluster, usize)) {
-    let mut cluster = Cluster::start(3, 3, 2).await;
+async fn room_survives(net: u8, fault: impl AsyncFnOnce(&mut Cluster, usize)) {
+    let mut cluster = Cluster::start(net, 3, 3, 2).await;
     let proxies = cluster.proxy_addrs();
     let ring = cluster.ring();
     let owner_id = ring.pick(b"busy").unwrap().to_string();
@@ -408,17 +408,23 @@ async fn room_survives(fault: impl AsyncFnOnce(&mut Cluster, usize)) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_room_owner_loses_nothing() {
-    room_survives(async |cluster: &mut Cluster, owner: usize| cluster.kill(owner)).await;
+    room_survives(103, async |cluster: &mut Cluster, owner: usize| {
+        cluster.kill(owner)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_a_room_owner_loses_nothing() {
-    room_survives(async |cluster: &mut Cluster, owner: usize| cluster.terminate(owner).await).await;
+    room_survives(106, async |cluster: &mut Cluster, owner: usize| {
+        cluster.terminate(owner).await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_server_moves_few_users() {
-    let mut cluster = Cluster::start(4, 3, 2).await;
+    let mut cluster = Cluster::start(104, 4, 3, 2).await;
     let proxies = cluster.proxy_addrs();
     const USERS: usize = 300;
     let mut clients = Vec::new();
@@ -472,7 +478,7 @@ async fn a_fourth_server_moves_few_users() {
 async fn a_dm_finds_a_user_connected_off_their_hash() {
     // Bounded loads (or a proxy with another view of the ring) can put a
     // user on a server other than their hash owner; the owner forwards.
-    let cluster = Cluster::start(3, 3, 1).await;
+    let cluster = Cluster::start(105, 3, 3, 1).await;
     let bob = cluster.user_on(0, "offb", 0);
     let alice = cluster.user_on(1, "offa", 0);
     let (mut b, _) = Client::login(cluster.servers[2].client, &bob, "pw").await;

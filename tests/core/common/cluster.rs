@@ -49,25 +49,28 @@ pub struct Cluster {
     dir: TempDir,
 }
 
-/// A free port on 127.0.0.1 (bound and released; the OS does not hand it
-/// out again at once).
-async fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    l.local_addr().unwrap()
+/// Server `i` of cluster `net` listens on `127.<net>.0.<i+1>`, ports 7000
+/// (clients) and 9101 (admin): fixed ids, so the ring, and so every test's
+/// placement, is the same on every run. Each test uses its own `net`.
+fn server_addrs(net: u8, i: usize) -> (SocketAddr, SocketAddr) {
+    let ip = std::net::Ipv4Addr::new(127, net, 0, i as u8 + 1);
+    (SocketAddr::from((ip, 7000)), SocketAddr::from((ip, 9101)))
 }
 
 impl Cluster {
     /// `slots` server slots of which the first `running` are started, and
     /// `proxies` proxies routing over all slots by the plain ring (no bounded
-    /// loads, so a test can tell from the ring where a user is).
-    pub async fn start(slots: usize, running: usize, proxies: usize) -> Cluster {
+    /// loads, so a test can tell from the ring where a user is). `net` picks
+    /// the loopback addresses (see [`server_addrs`]); unique per test.
+    pub async fn start(net: u8, slots: usize, running: usize, proxies: usize) -> Cluster {
         let stack = Stack::storage().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let mut servers = Vec::new();
         for i in 0..slots {
+            let (client, admin) = server_addrs(net, i);
             servers.push(ServerSlot {
-                client: free_addr().await,
-                admin: free_addr().await,
+                client,
+                admin,
                 config: dir.path().join(format!("server{i}.toml")),
                 log: dir.path().join(format!("server{i}.log")),
                 child: None,
