@@ -1,6 +1,16 @@
 //! [`DbClient`]: the chat server's typed handle on the dbproxy API, over a
 //! pooled HTTP/1.1 keep-alive client.
+//!
+//! Several dbproxies may be named (`dbproxy_url = "http://a:7100,http://b:7100"`).
+//! Requests go to the one that answered last; when it cannot be reached, the
+//! next is tried. A request that may already have been applied is sent again
+//! only if repeating it is harmless ([`Retry::Safe`]): reads, joins, parts,
+//! receipts, and appends / DMs whose every item carries a client id (storage
+//! dedups by (sender, client id), so a resend returns the original). Anything
+//! else moves on only when the connect itself failed, i.e. the first dbproxy
+//! never saw the request.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +43,10 @@ pub struct DbClient {
 }
 
 struct Inner {
-    base: String,
+    /// Base URLs without a trailing slash; never empty.
+    bases: Vec<String>,
+    /// Index into `bases` of the dbproxy that answered last.
+    current: AtomicUsize,
     http: Client<HttpConnector, Full<Bytes>>,
     in_flight: Semaphore,
 }
@@ -41,7 +54,7 @@ struct Inner {
 impl std::fmt::Debug for DbClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DbClient")
-            .field("base", &self.inner.base)
+            .field("bases", &self.inner.bases)
             .finish()
     }
 }
@@ -50,9 +63,49 @@ fn unavailable(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::Unavailable, message)
 }
 
+/// Whether a request may be sent to another dbproxy after one failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    /// Repeating it is harmless: retry on any unavailability.
+    Safe,
+    /// Retry only when the connect failed (the request was never sent).
+    ConnectOnly,
+}
+
+/// How one attempt failed: whether the request surely never left.
+struct Failure {
+    error: ApiError,
+    not_sent: bool,
+}
+
+impl From<ApiError> for Failure {
+    fn from(error: ApiError) -> Failure {
+        Failure {
+            error,
+            not_sent: false,
+        }
+    }
+}
+
+/// Splits a `dbproxy_url` setting into base URLs: comma-separated, blanks
+/// ignored, trailing slashes dropped.
+fn parse_bases(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(|u| u.trim().trim_end_matches('/'))
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 impl DbClient {
-    /// `base_url` like `http://127.0.0.1:7100`.
+    /// `base_url` like `http://127.0.0.1:7100`, or several of them separated
+    /// by commas (`http://10.0.0.1:7100,http://10.0.0.2:7100`) to fail over.
     pub fn new(base_url: &str) -> DbClient {
+        let mut bases = parse_bases(base_url);
+        if bases.is_empty() {
+            // Fails at request time with a clear "bad dbproxy url".
+            bases.push(String::new());
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(3)));
@@ -62,67 +115,104 @@ impl DbClient {
             .build(connector);
         DbClient {
             inner: Arc::new(Inner {
-                base: base_url.trim_end_matches('/').to_owned(),
+                bases,
+                current: AtomicUsize::new(0),
                 http,
                 in_flight: Semaphore::new(MAX_IN_FLIGHT),
             }),
         }
     }
 
+    /// The dbproxy base URLs, in failover order.
+    pub fn bases(&self) -> &[String] {
+        &self.inner.bases
+    }
+
     async fn post<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         path: &str,
         req: &Req,
+        retry: Retry,
     ) -> Result<Resp, ApiError> {
-        let body = serde_json::to_vec(req)
-            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("encoding: {e}")))?;
-        let request = Request::post(format!("{}{}", self.inner.base, path))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("bad dbproxy url: {e}")))?;
+        let body = Bytes::from(
+            serde_json::to_vec(req)
+                .map_err(|e| ApiError::new(ErrorKind::Internal, format!("encoding: {e}")))?,
+        );
         let _permit = self
             .inner
             .in_flight
             .acquire()
             .await
             .map_err(|_| unavailable("client closed"))?;
+        let n = self.inner.bases.len();
+        let first = self.inner.current.load(Ordering::Relaxed) % n;
+        let mut last = unavailable("no dbproxy configured");
+        // Each dbproxy once, starting with the one that answered last.
+        for k in 0..n {
+            let i = (first + k) % n;
+            match self.attempt(&self.inner.bases[i], path, body.clone()).await {
+                Ok(bytes) => {
+                    if i != first {
+                        tracing::info!(dbproxy = %self.inner.bases[i], "dbproxy failover");
+                        self.inner.current.store(i, Ordering::Relaxed);
+                    }
+                    return serde_json::from_slice(&bytes).map_err(|e| {
+                        ApiError::new(ErrorKind::Internal, format!("bad dbproxy answer: {e}"))
+                    });
+                }
+                Err(f) => {
+                    let next = f.error.kind == ErrorKind::Unavailable
+                        && (f.not_sent || retry == Retry::Safe);
+                    last = f.error;
+                    if !next {
+                        break;
+                    }
+                    tracing::debug!(dbproxy = %self.inner.bases[i], error = %last.message, "dbproxy attempt failed");
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// One request to one dbproxy: the body of a 200 answer, or why not.
+    async fn attempt(&self, base: &str, path: &str, body: Bytes) -> Result<Bytes, Failure> {
+        let request = Request::post(format!("{base}{path}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("bad dbproxy url: {e}")))?;
         let exchange = async {
             let resp = self
                 .inner
                 .http
                 .request(request)
                 .await
-                .map_err(|e| unavailable(format!("dbproxy request failed: {e}")))?;
+                .map_err(|e| Failure {
+                    not_sent: e.is_connect(),
+                    error: unavailable(format!("dbproxy request failed: {e}")),
+                })?;
             let status = resp.status();
             let bytes = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
                 .map_err(|e| unavailable(format!("dbproxy response failed: {e}")))?
                 .to_bytes();
-            Ok::<_, ApiError>((status, bytes))
+            Ok::<_, Failure>((status, bytes))
         };
         let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
             .map_err(|_| unavailable("dbproxy request timed out"))??;
         if status == StatusCode::OK {
-            return serde_json::from_slice(&bytes).map_err(|e| {
-                ApiError::new(ErrorKind::Internal, format!("bad dbproxy answer: {e}"))
-            });
+            return Ok(bytes);
         }
-        match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(body) => Err(body.error),
-            Err(_) if status.is_server_error() => {
-                Err(unavailable(format!("dbproxy answered {status}")))
+        Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => body.error,
+            Err(_) if status.is_server_error() => unavailable(format!("dbproxy answered {status}")),
+            Err(_) if status == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::new(ErrorKind::BadRequest, "request too large for dbproxy")
             }
-            Err(_) if status == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
-                ErrorKind::BadRequest,
-                "request too large for dbproxy",
-            )),
-            Err(_) => Err(ApiError::new(
-                ErrorKind::Internal,
-                format!("dbproxy answered {status}"),
-            )),
+            Err(_) => ApiError::new(ErrorKind::Internal, format!("dbproxy answered {status}")),
         }
+        .into())
     }
 
     pub async fn login(
@@ -136,7 +226,8 @@ impl DbClient {
             password: password.into(),
             token_idle_ttl_ms: ttl_ms,
         };
-        self.post(PATH_LOGIN, &req).await
+        // A login that registered the user answers the same when repeated.
+        self.post(PATH_LOGIN, &req, Retry::Safe).await
     }
 
     pub async fn guest(&self, name: &str, ttl_ms: i64) -> Result<Identity, ApiError> {
@@ -144,7 +235,8 @@ impl DbClient {
             name: name.into(),
             token_idle_ttl_ms: ttl_ms,
         };
-        self.post(PATH_GUEST, &req).await
+        // A repeated guest start would find its own name taken.
+        self.post(PATH_GUEST, &req, Retry::ConnectOnly).await
     }
 
     pub async fn resume(&self, token: &str, ttl_ms: i64) -> Result<Identity, ApiError> {
@@ -152,11 +244,13 @@ impl DbClient {
             token: token.into(),
             token_idle_ttl_ms: ttl_ms,
         };
-        self.post(PATH_RESUME, &req).await
+        self.post(PATH_RESUME, &req, Retry::Safe).await
     }
 
     pub async fn touch(&self, tokens: Vec<String>) -> Result<(), ApiError> {
-        let _: WriteAck = self.post(PATH_TOUCH, &TouchReq { tokens }).await?;
+        let _: WriteAck = self
+            .post(PATH_TOUCH, &TouchReq { tokens }, Retry::Safe)
+            .await?;
         Ok(())
     }
 
@@ -165,7 +259,7 @@ impl DbClient {
             room: room.into(),
             user: user.into(),
         };
-        self.post(PATH_JOIN, &req).await
+        self.post(PATH_JOIN, &req, Retry::Safe).await
     }
 
     pub async fn part(&self, room: &str, user: &str) -> Result<WriteAck, ApiError> {
@@ -173,7 +267,7 @@ impl DbClient {
             room: room.into(),
             user: user.into(),
         };
-        self.post(PATH_PART, &req).await
+        self.post(PATH_PART, &req, Retry::Safe).await
     }
 
     pub async fn user_rooms(
@@ -185,11 +279,12 @@ impl DbClient {
             user: user.into(),
             min_pos,
         };
-        self.post(PATH_USER_ROOMS, &req).await
+        self.post(PATH_USER_ROOMS, &req, Retry::Safe).await
     }
 
     pub async fn rooms(&self, limit: u32, min_pos: Option<String>) -> Result<RoomList, ApiError> {
-        self.post(PATH_ROOMS, &RoomsReq { limit, min_pos }).await
+        self.post(PATH_ROOMS, &RoomsReq { limit, min_pos }, Retry::Safe)
+            .await
     }
 
     pub async fn room_info(
@@ -201,11 +296,16 @@ impl DbClient {
             room: room.into(),
             min_pos,
         };
-        self.post(PATH_ROOM_INFO, &req).await
+        self.post(PATH_ROOM_INFO, &req, Retry::Safe).await
     }
 
     pub async fn append(&self, items: Vec<AppendItem>) -> Result<AppendResp, ApiError> {
-        self.post(PATH_APPEND, &AppendReq { items }).await
+        let retry = if items.iter().all(|i| i.client_id.is_some()) {
+            Retry::Safe
+        } else {
+            Retry::ConnectOnly
+        };
+        self.post(PATH_APPEND, &AppendReq { items }, retry).await
     }
 
     pub async fn history(
@@ -221,11 +321,16 @@ impl DbClient {
             limit,
             min_pos,
         };
-        self.post(PATH_HISTORY, &req).await
+        self.post(PATH_HISTORY, &req, Retry::Safe).await
     }
 
     pub async fn send_dms(&self, items: Vec<DmItem>) -> Result<SendDmsResp, ApiError> {
-        self.post(PATH_SEND_DMS, &SendDmsReq { items }).await
+        let retry = if items.iter().all(|i| i.client_id.is_some()) {
+            Retry::Safe
+        } else {
+            Retry::ConnectOnly
+        };
+        self.post(PATH_SEND_DMS, &SendDmsReq { items }, retry).await
     }
 
     pub async fn pending_dms(&self, user: &str, limit: u32) -> Result<PendingDmsResp, ApiError> {
@@ -233,11 +338,26 @@ impl DbClient {
             user: user.into(),
             limit,
         };
-        self.post(PATH_PENDING_DMS, &req).await
+        self.post(PATH_PENDING_DMS, &req, Retry::Safe).await
     }
 
     pub async fn mark_received(&self, ids: Vec<i64>) -> Result<WriteAck, ApiError> {
-        self.post(PATH_MARK_RECEIVED, &MarkReceivedReq { ids })
+        self.post(PATH_MARK_RECEIVED, &MarkReceivedReq { ids }, Retry::Safe)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bases;
+
+    #[test]
+    fn bases_are_comma_separated() {
+        assert_eq!(parse_bases("http://a:1"), ["http://a:1"]);
+        assert_eq!(
+            parse_bases(" http://a:1/ ,http://b:2,, "),
+            ["http://a:1", "http://b:2"]
+        );
+        assert!(parse_bases(" , ").is_empty());
     }
 }

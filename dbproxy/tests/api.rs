@@ -601,3 +601,83 @@ async fn shutdown_keeps_every_acked_write() {
     }
     p.stop().await;
 }
+
+/// A fake dbproxy that answers every request `503` without a JSON body and
+/// counts them: it stands for one whose database is down.
+async fn always_unavailable() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 8192];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+        }
+    });
+    (base, hits)
+}
+
+/// A loopback address nobody listens on: connects are refused.
+fn dead_base() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", l.local_addr().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_dbproxies_fail_over() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proxy::start(dir.path()).await;
+
+    // The first one refuses connections: everything, guest start included
+    // (it was never sent), moves on to the live one.
+    let c = DbClient::new(&format!("{}, {}/", dead_base(), p.base));
+    assert_eq!(c.bases().len(), 2);
+    c.guest("a", TTL).await.unwrap();
+    c.join("r", "a").await.unwrap();
+    let r = c
+        .append(vec![item("r", "a", Some("k1"), "one")])
+        .await
+        .unwrap();
+    assert_eq!(r.results[0].clone().unwrap().seq, 1);
+
+    // The first one answers 503: requests that are safe to repeat move on
+    // (appends with client ids, reads); a guest start, which would not be, does not.
+    let (sick, hits) = always_unavailable().await;
+    let c = DbClient::new(&format!("{sick},{}", p.base));
+    let r = c
+        .append(vec![item("r", "a", Some("k2"), "two")])
+        .await
+        .unwrap();
+    assert_eq!(r.results[0].clone().unwrap().seq, 2);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    // The live one is now preferred: the next request goes straight there.
+    assert_eq!(c.history("r", 0, 10, None).await.unwrap().messages.len(), 2);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    let c = DbClient::new(&format!("{sick},{}", p.base));
+    let e = c.guest("b", TTL).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unavailable);
+    let e = c
+        .append(vec![item("r", "a", None, "no id")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unavailable);
+    let h = p.client.history("r", 0, 10, None).await.unwrap().messages;
+    assert_eq!(h.len(), 2, "nothing without an id was stored by a retry");
+
+    // Every one down: unavailable, not a hang.
+    let c = DbClient::new(&format!("{},{}", dead_base(), dead_base()));
+    assert_eq!(
+        c.rooms(10, None).await.unwrap_err().kind,
+        ErrorKind::Unavailable
+    );
+    p.stop().await;
+}

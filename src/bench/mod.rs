@@ -8,6 +8,7 @@
 //!
 //! Every phase has a deadline, so a stuck server cannot hang the bench.
 
+mod checked;
 mod conn;
 mod stats;
 
@@ -43,11 +44,16 @@ pub enum Scenario {
     Durable,
     /// Pairs of users sending each other direct messages.
     Dm,
+    /// Room messages and DMs from clients that reconnect, resume, fill gaps with
+    /// HISTORY and resend un-acked messages; every send, ack and delivery is
+    /// written to `--record` for a checker (tests/netns).
+    Checked,
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
-    /// Where to connect (the proxy of `chat up` by default).
+    /// Where to connect (the proxy of `chat up` by default). checked: several
+    /// proxies, comma-separated, tried in turn.
     #[arg(long, default_value = "127.0.0.1:7001")]
     target: String,
     #[arg(long, value_enum, default_value = "fanout")]
@@ -85,6 +91,19 @@ pub struct Options {
     /// Server process ids whose VmRSS is read before and after connecting.
     #[arg(long, value_delimiter = ',')]
     server_pids: Vec<u32>,
+    /// checked: the JSONL file every send, ack and delivery is written to.
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+    /// checked: a name shared by the client hosts of one run; user and room
+    /// names start with it.
+    #[arg(long)]
+    run_id: Option<String>,
+    /// checked: how many client hosts take part (DMs go to users of all of them).
+    #[arg(long, default_value_t = 1)]
+    hosts: usize,
+    /// checked: which of the client hosts this is (0-based).
+    #[arg(long, default_value_t = 0)]
+    host_index: usize,
 }
 
 fn plans(o: &Options, run_id: &str) -> anyhow::Result<Vec<Plan>> {
@@ -114,6 +133,7 @@ fn plans(o: &Options, run_id: &str) -> anyhow::Result<Vec<Plan>> {
             (o.rooms.unwrap_or(200) * size, size, size)
         }
         Scenario::Dm => (o.clients & !1, 2, 2),
+        Scenario::Checked => anyhow::bail!("the checked scenario plans its own clients"),
     };
     anyhow::ensure!(room_size > 0, "--room-size must be at least 1");
     anyhow::ensure!(
@@ -138,6 +158,9 @@ fn plans(o: &Options, run_id: &str) -> anyhow::Result<Vec<Plan>> {
 }
 
 pub async fn run(o: Options, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if o.scenario == Scenario::Checked {
+        return checked::run(o, shutdown).await;
+    }
     anyhow::ensure!(o.window >= 1, "--window must be at least 1");
     anyhow::ensure!(o.rate >= 0.0, "--rate must not be negative");
     let duration = Duration::from_secs(o.duration.min(MAX_DURATION_SECS));
