@@ -29,6 +29,10 @@ const PUMP_BUF: usize = 2048;
 /// not read gets this long, then the connection is dropped.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a moved or draining client's server may take to flush and close
+/// before the proxy cuts it off.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 const FIRST_LINE_USAGE: &str =
     "first line must be LOGIN <user> <password>, RESUME <token> or JOIN <room> <name>";
 
@@ -185,7 +189,7 @@ async fn connect(ctx: &Ctx, snap: &Snapshot, key: &[u8]) -> Result<(TcpStream, S
 
 enum Down {
     /// The chat server closed (after its own `BYE`/`ERR`, or it died).
-    UpstreamClosed,
+    UpstreamClosed { at_line_start: bool },
     /// Writing to the client failed.
     ClientGone,
     /// Stopped on request between two writes.
@@ -213,11 +217,19 @@ async fn proxy(
     let key = first.key;
     let (cr, mut cw) = client.split();
     let (ur, mut uw) = upstream.split();
+    // Moving a client: stop reading it and half-close the server side; the
+    // server answers what it read, writes what it queued and closes, and all
+    // of that still reaches the client before `RECONNECT`. Cutting the server
+    // off instead would drop lines it already wrote, DMs it counts as
+    // delivered among them. `stop` cuts it off after `DRAIN_TIMEOUT`.
     let stop = CancellationToken::new();
+    let stop_up = CancellationToken::new();
     let mut reason: Option<&'static str> = None;
+    let drain = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(drain);
     let end = {
         let down = pump_down(&ur, &mut cw, &stop);
-        let up = pump_up(&cr, &mut uw);
+        let up = pump_up(&cr, &mut uw, &stop_up);
         tokio::pin!(down, up);
         let mut client_done = false;
         loop {
@@ -228,23 +240,30 @@ async fn proxy(
                     if gone.is_err() {
                         break Down::ClientGone;
                     }
-                    // Client EOF: its half-close went to the server, which
-                    // answers what it read and closes; `down` sees that.
+                    // Client EOF (or a move): the half-close went to the
+                    // server, which answers what it read and closes; `down`
+                    // sees that.
                 }
                 _ = wait_moved(&mut ring_rx, &mut placed, &key, server), if reason.is_none() => {
                     reason = Some("moved");
-                    stop.cancel();
+                    stop_up.cancel();
+                    drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                 }
                 _ = ctx.shutdown.cancelled(), if reason.is_none() => {
                     reason = Some("shutdown");
-                    stop.cancel();
+                    stop_up.cancel();
+                    drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                 }
+                _ = &mut drain, if reason.is_some() => stop.cancel(),
             }
         }
     };
     drop(upstream);
     match (end, reason) {
-        (Down::Stopped { at_line_start }, Some(reason)) => {
+        (
+            Down::Stopped { at_line_start } | Down::UpstreamClosed { at_line_start },
+            Some(reason),
+        ) => {
             if reason == "moved" {
                 ctx.metrics.rebalance_moves_total.inc();
             }
@@ -293,7 +312,7 @@ where
             _ = stop.cancelled() => return Down::Stopped { at_line_start },
             r = read_ready(ur) => match r {
                 Ok(Some(buf)) => buf,
-                Ok(None) | Err(_) => return Down::UpstreamClosed,
+                Ok(None) | Err(_) => return Down::UpstreamClosed { at_line_start },
             },
         };
         if cw.write_all(&buf).await.is_err() {
@@ -303,14 +322,22 @@ where
     }
 }
 
-/// Client → server until the client's EOF (passed on as a half-close) or an
-/// error (`Err`).
-async fn pump_up<W>(cr: &ReadHalf<'_>, uw: &mut W) -> Result<(), ()>
+/// Client → server until the client's EOF or `stop` (either passed on as a
+/// half-close) or an error (`Err`).
+async fn pump_up<W>(cr: &ReadHalf<'_>, uw: &mut W, stop: &CancellationToken) -> Result<(), ()>
 where
     W: AsyncWrite + Unpin,
 {
     loop {
-        match read_ready(cr).await {
+        let read = tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                let _ = uw.shutdown().await;
+                return Ok(());
+            }
+            r = read_ready(cr) => r,
+        };
+        match read {
             Ok(None) => {
                 let _ = uw.shutdown().await;
                 return Ok(());

@@ -176,8 +176,12 @@ async fn close(
 ) {
     let hub = session.hub.clone();
     let handle = session.handle.clone();
-    if matches!(reason, PartReason::Shutdown | PartReason::Quit) {
-        // A clean close: MSG/DM already read get their answers before BYE.
+    if matches!(
+        reason,
+        PartReason::Shutdown | PartReason::Quit | PartReason::Disconnected
+    ) {
+        // MSG/DM already read get their answers before BYE (or before the
+        // close a proxy waits for when it moves the client elsewhere).
         let grace = Duration::from_secs(hub.config.shutdown_grace_secs);
         let all = hub.config.max_inflight_per_conn as u32;
         let _ = timeout(grace, session.inflight.acquire_many(all)).await;

@@ -368,11 +368,16 @@ impl Client {
             other => bail!("login answered {other}"),
         }
         self.rec(json!({"e": "up", "target": target}));
-        if !self.counted_login {
-            self.counted_login = true;
-            for room in self.rooms.clone() {
+        // JOIN every room not confirmed yet (an `OK JOIN`, ours or the one a
+        // RESUME sends for each membership, puts it in `seqs`): a JOIN whose
+        // connection broke before it reached the server goes again.
+        for room in self.rooms.clone() {
+            if !self.seqs.contains_key(&room) {
                 write.write_all(format!("JOIN {room}\n").as_bytes()).await?;
             }
+        }
+        if !self.counted_login {
+            self.counted_login = true;
             self.run
                 .logged_in
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
