@@ -41,6 +41,9 @@ pub enum Origin {
         node: NodeId,
         req: u64,
         session: u64,
+        /// The connection the request came on, for the answer when this
+        /// server's own link to that server is not up.
+        reply: mpsc::Sender<PeerMsg>,
     },
 }
 
@@ -84,13 +87,18 @@ impl Publish {
                 session.line(reply.to_bytes());
                 drop(permit);
             }
-            Origin::Peer { node, req, .. } => {
+            Origin::Peer {
+                node, req, reply, ..
+            } => {
                 // On this server's own link to the sender's server, behind the
                 // room's deliveries to it: the sender's other sessions and its
-                // neighbours see `MSG … n` before its `OK MSG … n`. Not sent:
-                // that server answers its client after `request_timeout_ms`.
-                hub.cluster
-                    .send(&node, PeerMsg::Published { req, result, pos });
+                // neighbours see `MSG … n` before its `OK MSG … n`. When that
+                // link is down (the other server just restarted), back on the
+                // connection the request came on.
+                let msg = PeerMsg::Published { req, result, pos };
+                if let Err(msg) = hub.cluster.try_send(&node, msg) {
+                    let _ = reply.try_send(msg);
+                }
             }
         }
     }

@@ -151,6 +151,10 @@ async fn run_link(
             };
             match PeerMsg::decode(&frame) {
                 Ok(PeerMsg::Members { req, users }) => hub.cluster.members(req, users),
+                // The owner's answer, when its own link to us was down.
+                Ok(PeerMsg::Published { req, result, pos }) => {
+                    hub.cluster.published(hub, req, result, pos)
+                }
                 Ok(PeerMsg::Pong) => {}
                 Ok(_) => tracing::warn!(peer = %node, "unexpected frame on an outgoing link"),
                 Err(e) => {
@@ -297,6 +301,7 @@ async fn dispatch(
                     node: node.clone(),
                     req,
                     session,
+                    reply: reply.clone(),
                 },
                 room,
                 sender: Arc::from(sender),

@@ -312,6 +312,26 @@ impl Cluster {
         )
     }
 
+    /// [`Cluster::send`] that gives the frame back when the link is not up.
+    pub fn try_send(&self, node: &str, msg: PeerMsg) -> Result<(), PeerMsg> {
+        let Some((tx, conn)) = self.queue(node) else {
+            return Err(msg);
+        };
+        let q = Queued {
+            msg,
+            fanout_started: None,
+        };
+        match tx.try_send(q) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(q)) => {
+                tracing::warn!(peer = %node, "link queue full; dropping the link");
+                conn.cancel();
+                Err(q.msg)
+            }
+            Err(mpsc::error::TrySendError::Closed(q)) => Err(q.msg),
+        }
+    }
+
     fn enqueue(&self, node: &str, q: Queued) -> bool {
         let Some((tx, conn)) = self.queue(node) else {
             return false;

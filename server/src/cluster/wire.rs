@@ -7,7 +7,8 @@
 //! [`PeerMsg`]. The dialling server sends requests and events; the accepting
 //! server answers `Who` with [`PeerMsg::Members`] on the same connection.
 //! Answers to `Publish` ([`PeerMsg::Published`]) travel on the owner's own
-//! link, behind its deliveries. Both sides send a heartbeat every
+//! link, behind its deliveries (on the request's connection when that link
+//! is down). Both sides send a heartbeat every
 //! `heartbeat_ms`. Each server dials every peer, so each ordered pair of
 //! servers has its own connection and a room owner's deliveries to one server
 //! arrive in the order it sent them.
