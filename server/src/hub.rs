@@ -276,15 +276,14 @@ impl Hub {
         }
     }
 
+    /// The room this server owns by that name, if it is live.
+    fn owned(&self, name: &str) -> Option<Arc<Room>> {
+        self.owned.lock().expect("owned lock").get(name).cloned()
+    }
+
     /// Owner side of `Leave`.
     pub fn owner_leave(&self, node: &NodeId, room_name: &str, user: &str, reason: PartReason) {
-        let Some(room) = self
-            .owned
-            .lock()
-            .expect("owned lock")
-            .get(room_name)
-            .cloned()
-        else {
+        let Some(room) = self.owned(room_name) else {
             return;
         };
         let removed = {
@@ -308,13 +307,7 @@ impl Hub {
 
     /// Owner side of `Unsubscribe`: forget `node`'s members without a PART.
     pub fn owner_unsubscribe(&self, node: &NodeId, room_name: &str) {
-        let Some(room) = self
-            .owned
-            .lock()
-            .expect("owned lock")
-            .get(room_name)
-            .cloned()
-        else {
+        let Some(room) = self.owned(room_name) else {
             return;
         };
         room.subs.lock().expect("subs lock").remove(node);
@@ -670,13 +663,9 @@ impl Hub {
 
     /// Owner side of `Who`.
     pub fn owner_members(&self, room_name: &str) -> Vec<String> {
-        let room = self
-            .owned
-            .lock()
-            .expect("owned lock")
-            .get(room_name)
-            .cloned();
-        room.map(|r| r.present()).unwrap_or_default()
+        self.owned(room_name)
+            .map(|r| r.present())
+            .unwrap_or_default()
     }
 
     /// How many rooms `user` is present in (after login: every room they are a

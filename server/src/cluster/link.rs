@@ -136,31 +136,15 @@ async fn run_link(
         }
     };
     let reader = async {
-        loop {
-            let frame = match tokio::time::timeout(silence, frames.next()).await {
-                Ok(Some(Ok(f))) => f,
-                Ok(Some(Err(e))) => {
-                    tracing::warn!(peer = %node, error = %e, "bad frame from chat server");
-                    return;
-                }
-                Ok(None) => return,
-                Err(_) => {
-                    tracing::warn!(peer = %node, "chat server silent; dropping the link");
-                    return;
-                }
-            };
-            match PeerMsg::decode(&frame) {
-                Ok(PeerMsg::Members { req, users }) => hub.cluster.members(req, users),
+        while let Some(msg) = next_frame(&mut frames, silence, node).await {
+            match msg {
+                PeerMsg::Members { req, users } => hub.cluster.members(req, users),
                 // The owner's answer, when its own link to us was down.
-                Ok(PeerMsg::Published { req, result, pos }) => {
+                PeerMsg::Published { req, result, pos } => {
                     hub.cluster.published(hub, req, result, pos)
                 }
-                Ok(PeerMsg::Pong) => {}
-                Ok(_) => tracing::warn!(peer = %node, "unexpected frame on an outgoing link"),
-                Err(e) => {
-                    tracing::warn!(peer = %node, error = %e, "undecodable frame from chat server");
-                    return;
-                }
+                PeerMsg::Pong => {}
+                _ => tracing::warn!(peer = %node, "unexpected frame on an outgoing link"),
             }
         }
     };
@@ -254,28 +238,37 @@ async fn read_incoming(
     reply: mpsc::Sender<PeerMsg>,
 ) {
     let silence = Duration::from_millis(hub.cluster.config.peer_timeout_ms);
-    loop {
-        let frame = match tokio::time::timeout(silence, frames.next()).await {
-            Ok(Some(Ok(f))) => f,
-            Ok(Some(Err(e))) => {
-                tracing::warn!(peer = %node, error = %e, "bad frame from chat server");
-                return;
-            }
-            Ok(None) => return,
-            Err(_) => {
-                tracing::warn!(peer = %node, "chat server silent; closing its link");
-                return;
-            }
-        };
-        let msg = match PeerMsg::decode(&frame) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(peer = %node, error = %e, "undecodable frame from chat server");
-                return;
-            }
-        };
+    while let Some(msg) = next_frame(&mut frames, silence, node).await {
         if !dispatch(hub, node, msg, &reply).await {
             return;
+        }
+    }
+}
+
+/// The next frame of a link; `None` (logged) when it closed, broke, stayed
+/// silent for `silence` or sent something undecodable.
+async fn next_frame(
+    frames: &mut FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    silence: Duration,
+    node: &NodeId,
+) -> Option<PeerMsg> {
+    let frame = match tokio::time::timeout(silence, frames.next()).await {
+        Ok(Some(Ok(f))) => f,
+        Ok(Some(Err(e))) => {
+            tracing::warn!(peer = %node, error = %e, "bad frame from chat server");
+            return None;
+        }
+        Ok(None) => return None,
+        Err(_) => {
+            tracing::warn!(peer = %node, "chat server silent; dropping the link");
+            return None;
+        }
+    };
+    match PeerMsg::decode(&frame) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(peer = %node, error = %e, "undecodable frame from chat server");
+            None
         }
     }
 }
