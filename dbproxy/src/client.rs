@@ -11,7 +11,7 @@
 //! never saw the request.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +25,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::api::*;
+use crate::coalesce::{self, Coalescer, SendFn};
 
 /// A request that takes longer has a stuck dbproxy behind it; the caller
 /// retries (Unavailable) rather than waiting forever.
@@ -49,6 +50,54 @@ struct Inner {
     current: AtomicUsize,
     http: Client<HttpConnector, Full<Bytes>>,
     in_flight: Semaphore,
+    /// Appends and DMs of concurrent callers, sent together (see
+    /// [`coalesce`]).
+    appends: Coalescer<AppendItem, Result<Appended, ApiError>>,
+    dms: Coalescer<DmItem, Result<DmSent, ApiError>>,
+}
+
+impl coalesce::Item for AppendItem {
+    fn idempotent(&self) -> bool {
+        self.client_id.is_some()
+    }
+    fn weight(&self) -> usize {
+        64 + self.room.len() + self.sender.len() + self.body.len()
+    }
+}
+
+impl coalesce::Item for DmItem {
+    fn idempotent(&self) -> bool {
+        self.client_id.is_some()
+    }
+    fn weight(&self) -> usize {
+        64 + self.sender.len() + self.recipient.len() + self.body.len()
+    }
+}
+
+/// How a coalescer sends: through the client, as long as it exists (the
+/// coalescers' tasks hold only a weak reference, so dropping the last
+/// `DbClient` ends them).
+fn sender<I, O, F, Fut>(inner: &Weak<Inner>, f: F) -> SendFn<I, O>
+where
+    I: Send + 'static,
+    F: Fn(DbClient, Vec<I>, Retry) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = coalesce::Outcome<O>> + Send + 'static,
+{
+    let inner = inner.clone();
+    let f = Arc::new(f);
+    Arc::new(move |items, safe| {
+        let inner = inner.upgrade();
+        let f = f.clone();
+        Box::pin(async move {
+            let inner = inner.ok_or_else(|| unavailable("client closed"))?;
+            let retry = if safe {
+                Retry::Safe
+            } else {
+                Retry::ConnectOnly
+            };
+            f(DbClient { inner }, items, retry).await
+        })
+    })
 }
 
 impl std::fmt::Debug for DbClient {
@@ -113,14 +162,21 @@ impl DbClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(MAX_IN_FLIGHT)
             .build(connector);
-        DbClient {
-            inner: Arc::new(Inner {
-                bases,
-                current: AtomicUsize::new(0),
-                http,
-                in_flight: Semaphore::new(MAX_IN_FLIGHT),
-            }),
-        }
+        let inner = Arc::new_cyclic(|weak| Inner {
+            bases,
+            current: AtomicUsize::new(0),
+            http,
+            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            appends: Coalescer::new(sender(weak, |c, items, retry| async move {
+                let r: AppendResp = c.post(PATH_APPEND, &AppendReq { items }, retry).await?;
+                Ok((r.results, r.pos))
+            })),
+            dms: Coalescer::new(sender(weak, |c, items, retry| async move {
+                let r: SendDmsResp = c.post(PATH_SEND_DMS, &SendDmsReq { items }, retry).await?;
+                Ok((r.results, r.pos))
+            })),
+        });
+        DbClient { inner }
     }
 
     /// The dbproxy base URLs, in failover order.
@@ -299,13 +355,11 @@ impl DbClient {
         self.post(PATH_ROOM_INFO, &req, Retry::Safe).await
     }
 
+    /// Stores room messages, in one request with other callers' appends
+    /// waiting at the same time.
     pub async fn append(&self, items: Vec<AppendItem>) -> Result<AppendResp, ApiError> {
-        let retry = if items.iter().all(|i| i.client_id.is_some()) {
-            Retry::Safe
-        } else {
-            Retry::ConnectOnly
-        };
-        self.post(PATH_APPEND, &AppendReq { items }, retry).await
+        let (results, pos) = self.inner.appends.call(items).await?;
+        Ok(AppendResp { results, pos })
     }
 
     pub async fn history(
@@ -324,13 +378,11 @@ impl DbClient {
         self.post(PATH_HISTORY, &req, Retry::Safe).await
     }
 
+    /// Stores DMs, in one request with other callers' DMs waiting at the
+    /// same time.
     pub async fn send_dms(&self, items: Vec<DmItem>) -> Result<SendDmsResp, ApiError> {
-        let retry = if items.iter().all(|i| i.client_id.is_some()) {
-            Retry::Safe
-        } else {
-            Retry::ConnectOnly
-        };
-        self.post(PATH_SEND_DMS, &SendDmsReq { items }, retry).await
+        let (results, pos) = self.inner.dms.call(items).await?;
+        Ok(SendDmsResp { results, pos })
     }
 
     pub async fn pending_dms(&self, user: &str, limit: u32) -> Result<PendingDmsResp, ApiError> {

@@ -1,7 +1,8 @@
 //! dbproxy: the storage tier, the only code that knows SQL. The chat servers
 //! call it over HTTP/JSON ([`api`], through [`client::DbClient`]).
 //!
-//! Modules: [`api`] (the contract), [`client`] (typed client), [`config`],
+//! Modules: [`api`] (the contract), [`client`] (typed client; `coalesce`
+//! gathers concurrent appends and DMs into few requests), [`config`],
 //! [`error`], `http` (accept loop and router), `backend` (the storage trait),
 //! `sqlite` (the SQLite backend), `mysql` (the MySQL/MariaDB backend:
 //! primary + replicas, routing, heartbeat, GTID read-your-writes), `writer`
@@ -19,6 +20,7 @@ pub mod api;
 mod auth;
 mod backend;
 pub mod client;
+mod coalesce;
 pub mod config;
 pub mod error;
 mod http;

@@ -3,6 +3,7 @@
 //! `spawn_blocking`. `pos` is always `None` and `min_pos` is ignored: with one
 //! file every read sees every committed write.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -23,13 +24,18 @@ use crate::writer::{self, now_ms, Batch, JobResult, WriterHandle};
 
 /// Largest page of history, rooms or pending DMs in one answer.
 const MAX_PAGE: u32 = 1000;
+/// How often the checkpointer copies the WAL into the database. Often
+/// enough that the WAL stays small (it restarts from its beginning once
+/// everything in it was copied), rarely enough to cost nothing when idle.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub(crate) struct SqliteBackend {
     writer: WriterHandle,
     readers: ReadPool,
     stop: CancellationToken,
-    // std Mutex: only taken once, in `close`, to move the handle out.
+    // std Mutex: only taken once, in `close`, to move the handles out.
     writer_task: Mutex<Option<JoinHandle<()>>>,
+    checkpoint_task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl SqliteBackend {
@@ -42,7 +48,9 @@ impl SqliteBackend {
         };
         let conn = schema::open_writer(&path).map_err(db_err)?;
         let readers = ReadPool::open(&path, config.read_connections).map_err(db_err)?;
+        let checkpointer = schema::open_checkpointer(&path).map_err(db_err)?;
         let stop = CancellationToken::new();
+        let checkpoint_task = tokio::spawn(checkpoint_loop(checkpointer, stop.clone()));
         let (writer, task) = writer::spawn(
             conn,
             config.write_queue,
@@ -55,7 +63,40 @@ impl SqliteBackend {
             readers,
             stop,
             writer_task: Mutex::new(Some(task)),
+            checkpoint_task: Mutex::new(Some(checkpoint_task)),
         })
+    }
+}
+
+/// Checkpoints every [`CHECKPOINT_EVERY`] until `stop`, so that commits do
+/// not (see `schema::open_writer`).
+async fn checkpoint_loop(conn: Connection, stop: CancellationToken) {
+    let mut conn = Some(conn);
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let Some(c) = conn.take() else { return };
+        match tokio::task::spawn_blocking(move || {
+            let r = schema::checkpoint(&c);
+            (c, r)
+        })
+        .await
+        {
+            Ok((c, r)) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "checkpoint failed; the next one retries");
+                }
+                conn = Some(c);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "checkpoint task failed; the writer checkpoints alone");
+                return;
+            }
+        }
     }
 }
 
@@ -215,29 +256,8 @@ fn append_one(c: &Connection, b: &mut Batch, item: &AppendItem) -> JobResult<App
         return Ok(Err(no_such_user(&item.sender)));
     };
     if let Some(cid) = &item.client_id {
-        let prior = c
-            .prepare_cached(
-                "SELECT seq, sent_at_ms FROM messages WHERE sender_id = ?1 AND client_id = ?2",
-            )?
-            .query_row(params![sender, cid], |r| {
-                Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?))
-            })
-            .optional()?;
-        match prior {
-            Some((Some(seq), ts)) => {
-                return Ok(Ok(Appended {
-                    seq: seq as u64,
-                    ts,
-                    duplicate: true,
-                }))
-            }
-            Some((None, _)) => {
-                return Ok(Err(ApiError::new(
-                    ErrorKind::BadRequest,
-                    "client_id already used for a direct message",
-                )))
-            }
-            None => {}
+        if let Some(prior) = prior_append(c, sender, cid)? {
+            return Ok(prior);
         }
     }
     let next = c
@@ -261,6 +281,146 @@ fn append_one(c: &Connection, b: &mut Batch, item: &AppendItem) -> JobResult<App
         seq: seq as u64,
         ts: b.now,
         duplicate: false,
+    }))
+}
+
+/// Appends a request's items. The usual request (no item repeats another's
+/// client id) goes through [`append_grouped`]: one `UPDATE rooms` per room
+/// and no savepoint per item; savepoints per item cost more than the inserts
+/// (each copies every page it touches). Anything else, and any storage error
+/// on the way, goes item by item, each in its own savepoint, as before.
+fn append_all(
+    c: &Connection,
+    b: &mut Batch,
+    items: &[AppendItem],
+) -> rusqlite::Result<Vec<Result<Appended, ApiError>>> {
+    let stored = b.stored;
+    c.execute_batch("SAVEPOINT grouped")?;
+    match append_grouped(c, b, items) {
+        Ok(Some(results)) => {
+            c.execute_batch("RELEASE grouped")?;
+            return Ok(results);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::debug!(error = %e, "grouped append failed; storing item by item"),
+    }
+    c.execute_batch("ROLLBACK TO grouped; RELEASE grouped")?;
+    b.stored = stored;
+    per_item(c, b, items, append_one)
+}
+
+/// Same results as [`append_one`] on each item in turn, or `None` (before
+/// writing anything) when two items carry the same (sender, client id).
+fn append_grouped(
+    c: &Connection,
+    b: &mut Batch,
+    items: &[AppendItem],
+) -> rusqlite::Result<Option<Vec<Result<Appended, ApiError>>>> {
+    let mut results: Vec<Option<Result<Appended, ApiError>>> = vec![None; items.len()];
+    let mut users: HashMap<&str, Option<i64>> = HashMap::new();
+    let mut ids: HashSet<(i64, &str)> = HashSet::new();
+    // Per room, in first-seen order: the new items and their senders.
+    let mut rooms: Vec<(&str, Vec<(usize, i64)>)> = Vec::new();
+    let mut room_at: HashMap<&str, usize> = HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        let sender = match users.get(item.sender.as_str()) {
+            Some(id) => *id,
+            None => {
+                let id = user_id(c, &item.sender)?;
+                users.insert(&item.sender, id);
+                id
+            }
+        };
+        let Some(sender) = sender else {
+            results[i] = Some(Err(no_such_user(&item.sender)));
+            continue;
+        };
+        if let Some(cid) = &item.client_id {
+            if !ids.insert((sender, cid.as_str())) {
+                return Ok(None);
+            }
+            if let Some(prior) = prior_append(c, sender, cid)? {
+                results[i] = Some(prior);
+                continue;
+            }
+        }
+        let k = *room_at.entry(&item.room).or_insert_with(|| {
+            rooms.push((&item.room, Vec::new()));
+            rooms.len() - 1
+        });
+        rooms[k].1.push((i, sender));
+    }
+    for (room, new) in rooms {
+        let next = c
+            .prepare_cached(
+                "UPDATE rooms SET last_seq = last_seq + ?2 WHERE name = ?1 RETURNING id, last_seq",
+            )?
+            .query_row(params![room, new.len() as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            })
+            .optional()?;
+        let Some((room_id, last)) = next else {
+            for (i, _) in new {
+                results[i] = Some(Err(no_such_room(room)));
+            }
+            continue;
+        };
+        let first = last - new.len() as i64 + 1;
+        let mut insert = c.prepare_cached(
+            "INSERT INTO messages (room_id, seq, sender_id, client_id, sent_at_ms, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for (k, (i, sender)) in new.into_iter().enumerate() {
+            let seq = first + k as i64;
+            let item = &items[i];
+            insert.execute(params![
+                room_id,
+                seq,
+                sender,
+                item.client_id,
+                b.now,
+                item.body
+            ])?;
+            b.stored += 1;
+            results[i] = Some(Ok(Appended {
+                seq: seq as u64,
+                ts: b.now,
+                duplicate: false,
+            }));
+        }
+    }
+    Ok(Some(
+        results
+            .into_iter()
+            .map(|r| r.expect("every item answered"))
+            .collect(),
+    ))
+}
+
+/// What storing (sender, client id) again answers, if it was stored before.
+fn prior_append(
+    c: &Connection,
+    sender: i64,
+    cid: &str,
+) -> rusqlite::Result<Option<Result<Appended, ApiError>>> {
+    let prior = c
+        .prepare_cached(
+            "SELECT seq, sent_at_ms FROM messages WHERE sender_id = ?1 AND client_id = ?2",
+        )?
+        .query_row(params![sender, cid], |r| {
+            Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?))
+        })
+        .optional()?;
+    Ok(prior.map(|p| match p {
+        (Some(seq), ts) => Ok(Appended {
+            seq: seq as u64,
+            ts,
+            duplicate: true,
+        }),
+        (None, _) => Err(ApiError::new(
+            ErrorKind::BadRequest,
+            "client_id already used for a direct message",
+        )),
     }))
 }
 
@@ -606,9 +766,7 @@ impl Backend for SqliteBackend {
         }
         let results = self
             .writer
-            .submit(items.len(), move |c, b| {
-                per_item(c, b, &items, append_one).map(Ok)
-            })
+            .submit(items.len(), move |c, b| append_all(c, b, &items).map(Ok))
             .await?;
         Ok(AppendResp { results, pos: None })
     }
@@ -711,6 +869,10 @@ impl Backend for SqliteBackend {
             if let Err(e) = task.await {
                 tracing::error!(error = %e, "writer task failed");
             }
+        }
+        let task = self.checkpoint_task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
         }
     }
 }

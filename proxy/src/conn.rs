@@ -2,14 +2,16 @@
 //! ways, until either side closes, the ring moves the user elsewhere
 //! (`RECONNECT moved`) or the proxy shuts down (`RECONNECT shutdown`).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use chat_protocol::{Command, ErrorCode, Frame, LineCodec, ServerLine};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::ReadHalf;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -18,12 +20,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ConnError;
 use crate::metrics::Metrics;
-use crate::upstreams::{has_moved, Snapshot, Upstreams};
+use crate::upstreams::{has_moved, LoadGuard, Snapshot, Upstreams};
 use crate::Config;
 
-/// Largest read per direction. The buffer exists only while bytes are moving
-/// (see `read_ready`): idle connections, most of them, hold none.
-const PUMP_BUF: usize = 2048;
+/// Reads per direction start this large and grow (×4 while reads fill them)
+/// up to [`PUMP_BUF_MAX`], so a busy connection (a member of a busy room)
+/// moves its backlog in few large reads while a chatty one stays small. The
+/// buffer exists only while bytes are moving (see `read_ready`): idle
+/// connections, most of them, hold none.
+const PUMP_BUF_MIN: usize = 2048;
+const PUMP_BUF_MAX: usize = 64 * 1024;
 
 /// A line the proxy writes itself (an error, a RECONNECT) to a client that does
 /// not read gets this long, then the connection is dropped.
@@ -53,39 +59,67 @@ struct FirstLine {
 }
 
 /// Serves one client connection to the end.
-pub(crate) async fn serve(ctx: Arc<Ctx>, mut client: TcpStream, peer: SocketAddr) {
+///
+/// The first-line and connect phases run boxed, and the copy phase gets
+/// only what it needs ([`Link`]): most connections are idle, and whatever a
+/// long-lived async function keeps in scope stays in its task's memory.
+pub(crate) async fn serve(ctx: Arc<Ctx>, client: TcpStream, peer: SocketAddr) {
+    let Some(link) = Box::pin(setup(&ctx, client, peer)).await else {
+        return;
+    };
+    let mut link = link;
+    if let Err(e) = link.relay(&ctx).await {
+        tracing::debug!(%peer, error = %e, "connection ended");
+    }
+}
+
+/// A client routed to its chat server, the first line not yet replayed.
+struct Link {
+    client: TcpStream,
+    upstream: TcpStream,
+    first: FirstLine,
+    server: String,
+    ring_rx: watch::Receiver<Arc<Snapshot>>,
+    placed: Arc<Snapshot>,
+    _load: LoadGuard,
+}
+
+/// Reads the first line and connects to the user's chat server; `None`
+/// once the connection was answered and closed here.
+async fn setup(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> Option<Link> {
     let _ = client.set_nodelay(true);
-    // The first-line and connect phases are boxed, each in a statement of its
-    // own: the connection's task then keeps only the copy phase's state for
-    // its lifetime.
-    let read = Box::pin(read_first_line(&ctx, &mut client)).await;
-    let first = match read {
+    let first = match read_first_line(ctx, &mut client).await {
         Ok(Some(first)) => first,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(reply) => {
             ctx.metrics.first_line_errors_total.inc();
             tracing::debug!(%peer, reply = %reply, "first line refused");
             farewell(&mut client, &reply, true).await;
-            return;
+            return None;
         }
     };
     let mut ring_rx = ctx.upstreams.subscribe();
     let placed = ring_rx.borrow_and_update().clone();
-    let connected = Box::pin(connect(&ctx, &placed, &first.key)).await;
-    let (upstream, server) = match connected {
+    let (upstream, server) = match connect(ctx, &placed, &first.key).await {
         Ok(pair) => pair,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "no chat server for the connection");
             let reply = ServerLine::err(ErrorCode::Unavailable, "no chat server available");
             farewell(&mut client, &reply, true).await;
-            return;
+            return None;
         }
     };
-    let _load = ctx.upstreams.acquire(&server);
+    let load = ctx.upstreams.acquire(&server);
     tracing::debug!(%peer, upstream = %server, "routed");
-    if let Err(e) = proxy(&ctx, client, upstream, first, &server, ring_rx, placed).await {
-        tracing::debug!(%peer, upstream = %server, error = %e, "connection ended");
-    }
+    Some(Link {
+        client,
+        upstream,
+        first,
+        server,
+        ring_rx,
+        placed,
+        _load: load,
+    })
 }
 
 /// Reads up to the end of the first line. `Ok(None)`: the client left (or the
@@ -187,163 +221,245 @@ async fn connect(ctx: &Ctx, snap: &Snapshot, key: &[u8]) -> Result<(TcpStream, S
     Err(ConnError::Upstream("every chat server refused".into()))
 }
 
-enum Down {
-    /// The chat server closed (after its own `BYE`/`ERR`, or it died).
-    UpstreamClosed { at_line_start: bool },
-    /// Writing to the client failed.
-    ClientGone,
-    /// Stopped on request between two writes.
-    Stopped { at_line_start: bool },
+/// One direction of the copy: bytes read but not yet written, and the
+/// size of the next read (grown while reads fill it, see [`PUMP_BUF_MIN`]).
+struct Pump {
+    pending: Vec<u8>,
+    written: usize,
+    size: usize,
+    /// The last byte written so far.
+    last: Option<u8>,
 }
 
-/// Replays the first line, then copies both ways. Not `copy_bidirectional`:
-/// the proxy must be able to stop the server→client direction between two
-/// writes, know whether the client is at the start of a line, and then write
-/// its own `RECONNECT` line on the same socket.
-async fn proxy(
-    ctx: &Ctx,
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-    first: FirstLine,
-    server: &str,
-    mut ring_rx: watch::Receiver<Arc<Snapshot>>,
-    mut placed: Arc<Snapshot>,
-) -> Result<(), ConnError> {
-    upstream
-        .write_all(&first.raw)
-        .await
-        .map_err(|e| ConnError::Upstream(format!("replaying the first line: {e}")))?;
-    drop(first.raw);
-    let key = first.key;
-    let (cr, mut cw) = client.split();
-    let (ur, mut uw) = upstream.split();
-    // Moving a client: stop reading it and half-close the server side; the
-    // server answers what it read, writes what it queued and closes, and all
-    // of that still reaches the client before `RECONNECT`. Cutting the server
-    // off instead would drop lines it already wrote, DMs it counts as
-    // delivered among them. `stop` cuts it off after `DRAIN_TIMEOUT`.
-    let stop = CancellationToken::new();
-    let stop_up = CancellationToken::new();
-    let mut reason: Option<&'static str> = None;
-    let drain = tokio::time::sleep(Duration::from_secs(3600));
-    tokio::pin!(drain);
-    let end = {
-        let down = pump_down(&ur, &mut cw, &stop);
-        let up = pump_up(&cr, &mut uw, &stop_up);
-        tokio::pin!(down, up);
-        let mut client_done = false;
-        loop {
-            tokio::select! {
-                end = &mut down => break end,
-                gone = &mut up, if !client_done => {
-                    client_done = true;
-                    if gone.is_err() {
-                        break Down::ClientGone;
-                    }
-                    // Client EOF (or a move): the half-close went to the
-                    // server, which answers what it read and closes; `down`
-                    // sees that.
-                }
-                _ = wait_moved(&mut ring_rx, &mut placed, &key, server), if reason.is_none() => {
-                    reason = Some("moved");
-                    stop_up.cancel();
-                    drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);
-                }
-                _ = ctx.shutdown.cancelled(), if reason.is_none() => {
-                    reason = Some("shutdown");
-                    stop_up.cancel();
-                    drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);
-                }
-                _ = &mut drain, if reason.is_some() => stop.cancel(),
-            }
-        }
-    };
-    drop(upstream);
-    match (end, reason) {
-        (
-            Down::Stopped { at_line_start } | Down::UpstreamClosed { at_line_start },
-            Some(reason),
-        ) => {
-            if reason == "moved" {
-                ctx.metrics.rebalance_moves_total.inc();
-            }
-            let line = ServerLine::Reconnect {
-                reason: reason.into(),
-            };
-            farewell(&mut client, &line, at_line_start).await;
-            Ok(())
-        }
-        (Down::ClientGone, _) => Err(ConnError::Client("client went away".into())),
-        _ => {
-            let _ = timeout(FAREWELL_TIMEOUT, client.shutdown()).await;
-            Ok(())
+impl Pump {
+    fn new() -> Pump {
+        Pump {
+            pending: Vec::new(),
+            written: 0,
+            size: PUMP_BUF_MIN,
+            last: None,
         }
     }
-}
 
-/// Reads what `r` has ready into a buffer allocated for it: waits for
-/// readability first, so an idle connection holds no copy buffer. `Ok(None)`
-/// is end of stream.
-async fn read_ready(r: &ReadHalf<'_>) -> std::io::Result<Option<Vec<u8>>> {
-    loop {
-        r.readable().await?;
-        let mut buf = vec![0u8; PUMP_BUF];
-        match r.try_read(&mut buf) {
-            Ok(0) => return Ok(None),
+    fn busy(&self) -> bool {
+        self.written < self.pending.len()
+    }
+
+    /// Reads what `from` has ready; `Ok(false)` at end of stream. The buffer
+    /// is allocated only now and freed once written, so an idle connection
+    /// holds none.
+    fn read(&mut self, from: &TcpStream) -> std::io::Result<bool> {
+        let mut buf = Vec::with_capacity(self.size);
+        match from.try_read_buf(&mut buf) {
+            Ok(0) => Ok(false),
             Ok(n) => {
-                buf.truncate(n);
-                return Ok(Some(buf));
+                if n == self.size {
+                    self.size = (self.size * 4).min(PUMP_BUF_MAX);
+                } else if n < self.size / 8 {
+                    self.size = (self.size / 2).max(PUMP_BUF_MIN);
+                }
+                self.pending = buf;
+                self.written = 0;
+                Ok(true)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(true),
+            Err(e) => Err(e),
         }
+    }
+
+    /// Writes as much of what is pending as `to` takes now.
+    fn write(&mut self, to: &TcpStream) -> std::io::Result<()> {
+        while self.busy() {
+            match to.try_write(&self.pending[self.written..]) {
+                Ok(n) => {
+                    self.written += n;
+                    self.last = self.pending.get(self.written.wrapping_sub(1)).copied();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        self.pending = Vec::new();
+        self.written = 0;
+        Ok(())
+    }
+
+    /// Whether what was written so far ends a line (or nothing was).
+    fn at_line_start(&self) -> bool {
+        self.last.is_none_or(|b| b == b'\n')
     }
 }
 
-/// Server → client until the server closes, the client fails or `stop`.
-async fn pump_down<W>(ur: &ReadHalf<'_>, cw: &mut W, stop: &CancellationToken) -> Down
-where
-    W: AsyncWrite + Unpin,
-{
-    let mut at_line_start = true;
-    loop {
-        let buf = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return Down::Stopped { at_line_start },
-            r = read_ready(ur) => match r {
-                Ok(Some(buf)) => buf,
-                Ok(None) | Err(_) => return Down::UpstreamClosed { at_line_start },
-            },
-        };
-        if cw.write_all(&buf).await.is_err() {
-            return Down::ClientGone;
-        }
-        at_line_start = buf.last() == Some(&b'\n');
-    }
+/// What woke the copy loop.
+enum Event {
+    UpstreamReadable,
+    ClientWritable,
+    ClientReadable,
+    UpstreamWritable,
+    /// The ring moved this client, or the proxy is shutting down.
+    Stop(&'static str),
+    DrainOver,
+    /// A socket reported an error.
+    Failed(End),
 }
 
-/// Client → server until the client's EOF or `stop` (either passed on as a
-/// half-close) or an error (`Err`).
-async fn pump_up<W>(cr: &ReadHalf<'_>, uw: &mut W, stop: &CancellationToken) -> Result<(), ()>
-where
-    W: AsyncWrite + Unpin,
-{
-    loop {
-        let read = tokio::select! {
-            biased;
-            _ = stop.cancelled() => {
-                let _ = uw.shutdown().await;
-                return Ok(());
+/// How the copy phase ended.
+enum End {
+    /// The chat server closed (after its own `BYE`/`ERR`, or it died), or a
+    /// drain ran out of time.
+    Upstream,
+    /// The client went away (or writing to either side failed).
+    Client,
+}
+
+impl Link {
+    /// Replays the first line, then copies both ways. Not
+    /// `copy_bidirectional`: the proxy must be able to stop the
+    /// server→client direction, know whether the client is at the start of
+    /// a line, and then write its own `RECONNECT` line on the same socket.
+    ///
+    /// One loop over readiness events rather than a task or future per
+    /// direction: an idle connection then holds only its sockets, its two
+    /// pending-free pumps and the move and shutdown waits. Each direction reads again only once its last read
+    /// is written (backpressure both ways).
+    ///
+    /// Moving a client: stop reading it and half-close the server side (after
+    /// passing on what the client already sent); the server answers what it
+    /// read, writes what it queued and closes, and all of that still reaches
+    /// the client before `RECONNECT`. Cutting the server off instead would
+    /// drop lines it already wrote, DMs it counts as delivered among them.
+    /// A server that does not close within `DRAIN_TIMEOUT` is cut off.
+    async fn relay(&mut self, ctx: &Ctx) -> Result<(), ConnError> {
+        self.upstream
+            .write_all(&self.first.raw)
+            .await
+            .map_err(|e| ConnError::Upstream(format!("replaying the first line: {e}")))?;
+        self.first.raw = BytesMut::new();
+        let mut down = Pump::new();
+        let mut up = Pump::new();
+        // Client → server still open (no EOF, no stop, no half-close yet).
+        let mut up_open = true;
+        let mut reason: Option<&'static str> = None;
+        let mut drain: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        // Created once and polled in place: an idle connection waits in
+        // `poll_fn` below with no per-wait futures of its own.
+        let moved = wait_moved(
+            &mut self.ring_rx,
+            &mut self.placed,
+            &self.first.key,
+            &self.server,
+        );
+        let shutdown = ctx.shutdown.cancelled();
+        tokio::pin!(moved, shutdown);
+        let end = loop {
+            let event = std::future::poll_fn(|cx| {
+                use std::task::Poll::{Pending, Ready};
+                if let Some(d) = drain.as_mut() {
+                    if d.as_mut().poll(cx).is_ready() {
+                        return Ready(Event::DrainOver);
+                    }
+                }
+                if down.busy() {
+                    if let Ready(r) = self.client.poll_write_ready(cx) {
+                        return Ready(
+                            r.map_or(Event::Failed(End::Client), |()| Event::ClientWritable),
+                        );
+                    }
+                } else if let Ready(r) = self.upstream.poll_read_ready(cx) {
+                    return Ready(
+                        r.map_or(Event::Failed(End::Upstream), |()| Event::UpstreamReadable),
+                    );
+                }
+                if up.busy() {
+                    if let Ready(r) = self.upstream.poll_write_ready(cx) {
+                        return Ready(
+                            r.map_or(Event::Failed(End::Client), |()| Event::UpstreamWritable),
+                        );
+                    }
+                } else if up_open {
+                    if let Ready(r) = self.client.poll_read_ready(cx) {
+                        return Ready(
+                            r.map_or(Event::Failed(End::Client), |()| Event::ClientReadable),
+                        );
+                    }
+                }
+                if reason.is_none() {
+                    if moved.as_mut().poll(cx).is_ready() {
+                        return Ready(Event::Stop("moved"));
+                    }
+                    if shutdown.as_mut().poll(cx).is_ready() {
+                        return Ready(Event::Stop("shutdown"));
+                    }
+                }
+                Pending
+            })
+            .await;
+            match event {
+                Event::Failed(end) => break end,
+                Event::UpstreamReadable => match down.read(&self.upstream) {
+                    Ok(true) => {
+                        if down.write(&self.client).is_err() {
+                            break End::Client;
+                        }
+                    }
+                    Ok(false) | Err(_) => break End::Upstream,
+                },
+                Event::ClientWritable => {
+                    if down.write(&self.client).is_err() {
+                        break End::Client;
+                    }
+                }
+                Event::ClientReadable => match up.read(&self.client) {
+                    Ok(true) => {
+                        if up.write(&self.upstream).is_err() {
+                            break End::Client;
+                        }
+                    }
+                    // Client EOF: the half-close goes to the server, which
+                    // answers what it read and closes; `down` sees that.
+                    Ok(false) => {
+                        up_open = false;
+                        let _ = self.upstream.shutdown().await;
+                    }
+                    Err(_) => break End::Client,
+                },
+                Event::UpstreamWritable => {
+                    if up.write(&self.upstream).is_err() {
+                        break End::Client;
+                    }
+                    if !up_open && !up.busy() {
+                        let _ = self.upstream.shutdown().await;
+                    }
+                }
+                Event::Stop(why) => {
+                    reason = Some(why);
+                    drain = Some(Box::pin(tokio::time::sleep(DRAIN_TIMEOUT)));
+                    if up_open {
+                        up_open = false;
+                        if !up.busy() {
+                            let _ = self.upstream.shutdown().await;
+                        }
+                    }
+                }
+                Event::DrainOver => break End::Upstream,
             }
-            r = read_ready(cr) => r,
         };
-        match read {
-            Ok(None) => {
-                let _ = uw.shutdown().await;
-                return Ok(());
+        match (end, reason) {
+            (End::Upstream, Some(reason)) => {
+                if reason == "moved" {
+                    ctx.metrics.rebalance_moves_total.inc();
+                }
+                let line = ServerLine::Reconnect {
+                    reason: reason.into(),
+                };
+                Box::pin(farewell(&mut self.client, &line, down.at_line_start())).await;
+                Ok(())
             }
-            Ok(Some(buf)) => uw.write_all(&buf).await.map_err(|_| ())?,
-            Err(_) => return Err(()),
+            (End::Client, _) => Err(ConnError::Client("client went away".into())),
+            (End::Upstream, None) => {
+                let _ = timeout(FAREWELL_TIMEOUT, self.client.shutdown()).await;
+                Ok(())
+            }
         }
     }
 }

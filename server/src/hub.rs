@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use chat_dbproxy::DbClient;
 use chat_protocol::{PartReason, ServerLine};
 use tokio_util::sync::CancellationToken;
@@ -85,8 +85,11 @@ impl Hub {
         let first = {
             let mut online = self.online.write().expect("online lock");
             let u = online.entry(session.user.clone()).or_default();
+            // Most users have one session and one token: no spare capacity.
+            u.sessions.reserve_exact(1);
             u.sessions.push(session.clone());
             if !u.tokens.contains(&token) {
+                u.tokens.reserve_exact(1);
                 u.tokens.push(token);
             }
             u.sessions.len() == 1
@@ -518,6 +521,17 @@ impl Hub {
         else {
             return;
         };
+        // Encoded once for everyone; only a session that must skip one of
+        // the lines (its own message) gets a copy without it.
+        let all = if lines.len() == 1 {
+            lines[0].0.clone()
+        } else {
+            let mut buf = BytesMut::with_capacity(lines.iter().map(|(l, _)| l.len()).sum());
+            for (line, _) in lines {
+                buf.extend_from_slice(line);
+            }
+            buf.freeze()
+        };
         let members = room.members.lock().expect("members lock");
         let online = self.online.read().expect("online lock");
         let mut n = 0;
@@ -529,13 +543,22 @@ impl Hub {
                 if pos.is_some() {
                     s.wrote(pos.cloned());
                 }
-                for (line, except) in lines {
-                    if *except == Some(s.id) {
-                        continue;
+                let skips = lines.iter().filter(|(_, e)| *e == Some(s.id)).count();
+                let count = lines.len() - skips;
+                let out = match (skips, count) {
+                    (_, 0) => continue,
+                    (0, 1) => Out::Line(all.clone()),
+                    (0, _) => Out::Lines(all.clone(), count),
+                    _ => {
+                        let mut buf = BytesMut::new();
+                        for (line, _) in lines.iter().filter(|(_, e)| *e != Some(s.id)) {
+                            buf.extend_from_slice(line);
+                        }
+                        Out::Lines(buf.freeze(), count)
                     }
-                    if s.line(line.clone()) {
-                        n += 1;
-                    }
+                };
+                if s.send(out) {
+                    n += count as u64;
                 }
             }
         }

@@ -116,12 +116,14 @@ pub async fn run(
         let id = conn_ids.fetch_add(1, Ordering::Relaxed);
         metrics.connections_total.inc();
         metrics.connections_active.inc();
-        let (hub, receipts, metrics) = (hub.clone(), receipts_tx.clone(), metrics.clone());
+        // Only what the task needs: it lives as long as the connection.
+        let (hub, receipts) = (hub.clone(), receipts_tx.clone());
+        let active = metrics.connections_active.clone();
         let span = tracing::info_span!("conn", id, %peer);
         conns.spawn(
             async move {
                 session::run(hub, stream, peer, id, receipts).await;
-                metrics.connections_active.dec();
+                active.dec();
                 drop(permit);
             }
             .instrument(span),

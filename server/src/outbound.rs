@@ -19,19 +19,39 @@ use chat_protocol::PartReason;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, Notify};
-use tokio_util::sync::CancellationToken;
 
 pub enum Out {
     Line(Bytes),
+    /// Several lines in one buffer (a room's batch, encoded once for every
+    /// member); counts as that many lines against the queue's bound.
+    Lines(Bytes, usize),
     /// A direct message: once written, its id is reported as received.
     Dm(Bytes, i64),
     /// Last line; the writer flushes it and closes the socket.
     Close(Bytes),
 }
 
+impl Out {
+    fn lines(&self) -> usize {
+        match self {
+            Out::Lines(_, n) => *n,
+            _ => 1,
+        }
+    }
+}
+
+/// The queued items and how many lines they hold.
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Out>,
+    lines: usize,
+}
+
 /// State shared by a queue's senders and its receiver.
 struct Shared {
-    items: Mutex<VecDeque<Out>>,
+    queue: Mutex<Queue>,
+    /// Most lines queued at once; an item is refused once the queue holds
+    /// this many (an empty queue takes any one item).
     cap: usize,
     /// Something was queued, or the last sender went away.
     filled: Notify,
@@ -39,6 +59,14 @@ struct Shared {
     drained: Notify,
     closed: AtomicBool,
     senders: AtomicUsize,
+    /// Why the session was kicked (`KICK_NONE` while it is not); set once.
+    kick_reason: AtomicU8,
+    /// Wakes everyone waiting in [`SessionHandle::kicked`].
+    kicked: Notify,
+    /// Storage position of this session's latest write; its reads carry it so
+    /// they see their own writes even when a replica serves them. A mutex
+    /// because room tasks and the session both update it (never across await).
+    pos: Mutex<Option<String>>,
 }
 
 enum PushError {
@@ -47,8 +75,8 @@ enum PushError {
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Out>> {
-        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn try_push(&self, out: Out) -> Result<(), PushError> {
@@ -56,10 +84,12 @@ impl Shared {
             return Err(PushError::Closed);
         }
         let mut q = self.lock();
-        if q.len() >= self.cap {
+        let n = out.lines();
+        if !q.items.is_empty() && q.lines + n > self.cap {
             return Err(PushError::Full(out));
         }
-        q.push_back(out);
+        q.lines += n;
+        q.items.push_back(out);
         drop(q);
         self.filled.notify_one();
         Ok(())
@@ -121,13 +151,19 @@ const KEEP_SLOTS: usize = 16;
 impl Rx {
     fn try_recv(&mut self) -> Option<Out> {
         let mut q = self.0.lock();
-        let was_full = q.len() >= self.0.cap;
-        let out = q.pop_front();
-        if q.is_empty() && q.capacity() > KEEP_SLOTS {
-            *q = VecDeque::new();
+        // Someone may be waiting for room once the queue is half full.
+        let was_full = q.lines * 2 >= self.0.cap;
+        let out = q.items.pop_front();
+        if let Some(o) = &out {
+            q.lines -= o.lines();
+        }
+        let now_empty = q.items.is_empty();
+        if now_empty && q.items.capacity() > KEEP_SLOTS {
+            q.items = VecDeque::new();
         }
         drop(q);
-        if was_full {
+        // An empty queue takes any item, so a waiter with a big one wakes too.
+        if was_full || (now_empty && out.is_some()) {
             self.0.drained.notify_waiters();
         }
         out
@@ -147,7 +183,7 @@ impl Rx {
     }
 
     fn is_empty(&self) -> bool {
-        self.0.lock().is_empty()
+        self.0.lock().items.is_empty()
     }
 }
 
@@ -155,18 +191,14 @@ const KICK_NONE: u8 = 0;
 const KICK_SLOW: u8 = 1;
 const KICK_GONE: u8 = 2;
 
-/// A cheap, cloneable handle to a live session's send queue.
+/// A cheap, cloneable handle to a live session's send queue. Everything
+/// shared lives in one allocation (`Shared`): a session costs memory for as
+/// long as it is connected, and most sessions are idle.
 #[derive(Clone)]
 pub struct SessionHandle {
     pub id: u64,
     pub user: Arc<str>,
     tx: Tx,
-    kick: CancellationToken,
-    kick_reason: Arc<AtomicU8>,
-    /// Storage position of this session's latest write; its reads carry it so
-    /// they see their own writes even when a replica serves them. A mutex
-    /// because room tasks and the session both update it (never across await).
-    pos: Arc<Mutex<Option<String>>>,
 }
 
 impl SessionHandle {
@@ -194,7 +226,7 @@ impl SessionHandle {
                     false
                 }
             },
-            _ = self.kick.cancelled() => false,
+            _ = self.kicked() => false,
         }
     }
 
@@ -208,35 +240,49 @@ impl SessionHandle {
     }
 
     fn kick(&self, reason: u8) {
-        let _ = self.kick_reason.compare_exchange(
-            KICK_NONE,
-            reason,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-        self.kick.cancel();
+        let shared = &self.tx.0;
+        let first = shared
+            .kick_reason
+            .compare_exchange(KICK_NONE, reason, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if first {
+            shared.kicked.notify_waiters();
+        }
+    }
+
+    fn is_kicked(&self) -> bool {
+        self.tx.0.kick_reason.load(Ordering::Acquire) != KICK_NONE
     }
 
     /// Records the position of a write this session made.
     pub fn wrote(&self, pos: Option<String>) {
         if pos.is_some() {
-            let mut cur = self.pos.lock().expect("pos lock");
+            let mut cur = self.tx.0.pos.lock().expect("pos lock");
             *cur = later_pos(cur.take(), pos);
         }
     }
 
     /// The position this session's reads must observe.
     pub fn read_pos(&self) -> Option<String> {
-        self.pos.lock().expect("pos lock").clone()
+        self.tx.0.pos.lock().expect("pos lock").clone()
     }
 
-    pub fn kicked(&self) -> &CancellationToken {
-        &self.kick
+    /// Returns once the session is kicked (at once if it already was).
+    pub async fn kicked(&self) {
+        loop {
+            let notified = self.tx.0.kicked.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_kicked() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Why the session was kicked, if it was.
     pub fn kick_reason(&self) -> Option<PartReason> {
-        match self.kick_reason.load(Ordering::Relaxed) {
+        match self.tx.0.kick_reason.load(Ordering::Acquire) {
             KICK_SLOW => Some(PartReason::Slow),
             KICK_GONE => Some(PartReason::Disconnected),
             _ => None,
@@ -247,22 +293,18 @@ impl SessionHandle {
 /// Creates the queue; the receiver goes to [`write_loop`].
 pub fn channel(id: u64, user: Arc<str>, capacity: usize) -> (SessionHandle, Rx) {
     let shared = Arc::new(Shared {
-        items: Mutex::new(VecDeque::new()),
+        queue: Mutex::new(Queue::default()),
         cap: capacity,
         filled: Notify::new(),
         drained: Notify::new(),
         closed: AtomicBool::new(false),
         senders: AtomicUsize::new(1),
+        kick_reason: AtomicU8::new(KICK_NONE),
+        kicked: Notify::new(),
+        pos: Mutex::new(None),
     });
     let (tx, rx) = (Tx(shared.clone()), Rx(shared));
-    let handle = SessionHandle {
-        id,
-        user,
-        tx,
-        kick: CancellationToken::new(),
-        kick_reason: Arc::new(AtomicU8::new(KICK_NONE)),
-        pos: Arc::new(Mutex::new(None)),
-    };
+    let handle = SessionHandle { id, user, tx };
     (handle, rx)
 }
 
@@ -270,7 +312,7 @@ pub fn channel(id: u64, user: Arc<str>, capacity: usize) -> (SessionHandle, Rx) 
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Most bytes gathered from the queue into one write.
-const WRITE_CHUNK: usize = 16 * 1024;
+const WRITE_CHUNK: usize = 64 * 1024;
 
 /// Drains the queue into the socket until `Out::Close` or the socket fails.
 /// Ids of written DMs go to `receipts` (best effort: a full receipts queue
@@ -289,7 +331,7 @@ pub async fn write_loop(
     loop {
         let out = tokio::select! {
             biased;
-            _ = handle.kick.cancelled() => break,
+            _ = handle.kicked() => break,
             out = rx.recv() => out,
         };
         let Some(out) = out else { break };
@@ -313,7 +355,7 @@ pub async fn write_loop(
         };
         let res = tokio::select! {
             r = w.write_all(&bytes) => r,
-            _ = handle.kick.cancelled() => break,
+            _ = handle.kicked() => break,
         };
         drop(bytes);
         if res.is_err() {
@@ -337,7 +379,7 @@ pub async fn write_loop(
 /// The bytes of a queued item, and whether it is the last; notes DM ids.
 fn unpack(out: Out, dms: &mut Vec<i64>) -> (Bytes, bool) {
     match out {
-        Out::Line(b) => (b, false),
+        Out::Line(b) | Out::Lines(b, _) => (b, false),
         Out::Dm(b, id) => {
             dms.push(id);
             (b, false)

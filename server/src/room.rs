@@ -244,7 +244,9 @@ async fn publish_loop(hub: Arc<Hub>, room: Arc<RoomCore>, mut rx: mpsc::Receiver
                 Err(_) => break,
             }
         }
-        commit_and_fan_out(&hub, &room, &mut batch).await;
+        // Boxed: the commit's state exists only while a batch is in flight,
+        // so an idle room's task stays small.
+        Box::pin(commit_and_fan_out(&hub, &room, &mut batch)).await;
     }
 }
 

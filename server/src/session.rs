@@ -64,10 +64,11 @@ type Frames = FramedRead<tokio::net::tcp::OwnedReadHalf, LineCodec>;
 
 /// Serves one connection to the end.
 ///
-/// The phases around the command loop (first line and login, welcome,
-/// teardown) run boxed, each in a statement of its own: the connection's
-/// task then holds only the command loop's state for the connection's
-/// lifetime, which matters because most connections are idle.
+/// Most connections are idle, so what an idle one holds matters: the phases
+/// around the command loop (first line and login, welcome, teardown) run
+/// boxed, and only what the loop needs ([`Live`]) is kept between them; a
+/// value kept in this function's own scope would stay in the task for the
+/// connection's lifetime, even after it was moved out.
 pub async fn run(
     hub: Arc<Hub>,
     stream: TcpStream,
@@ -75,10 +76,49 @@ pub async fn run(
     id: u64,
     receipts: mpsc::Sender<i64>,
 ) {
-    let opened = Box::pin(open(&hub, stream, peer)).await;
-    let Some((identity, guest_room, resumed, mut frames, wr)) = opened else {
+    let Some(mut live) = Box::pin(start(hub, stream, peer, id, receipts)).await else {
         return;
     };
+    let reason = match live.refused.take() {
+        None => {
+            let idle = Duration::from_secs(live.session.hub.config.idle_timeout_secs);
+            live.session.command_loop(&mut live.frames, idle).await
+        }
+        Some(line) => {
+            Box::pin(live.session.reply(line.to_bytes())).await;
+            PartReason::Disconnected
+        }
+    };
+    let Live {
+        session,
+        frames,
+        writer,
+        token,
+        ..
+    } = live;
+    drop(frames);
+    Box::pin(close(session, reason, writer, token)).await;
+}
+
+/// A logged-in connection: what its command loop and teardown need.
+struct Live {
+    session: Session,
+    frames: Frames,
+    writer: tokio::task::JoinHandle<()>,
+    token: String,
+    /// The welcome failed: this line is the answer, then the connection ends.
+    refused: Option<ServerLine>,
+}
+
+/// First line, login, the writer task and the welcome.
+async fn start(
+    hub: Arc<Hub>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    receipts: mpsc::Sender<i64>,
+) -> Option<Live> {
+    let (identity, guest_room, resumed, frames, wr) = open(&hub, stream, peer).await?;
     let user: Arc<str> = Arc::from(identity.user.as_str());
     tracing::debug!(%peer, user = %user, "logged in");
 
@@ -90,26 +130,20 @@ pub async fn run(
     hub.add_session(handle.clone(), identity.token.clone());
     let mut session = Session {
         hub: hub.clone(),
-        handle: handle.clone(),
+        handle,
         user,
         inflight: Arc::new(Semaphore::new(hub.config.max_inflight_per_conn)),
         bucket: TokenBucket::new(hub.config.rate_per_sec, hub.config.rate_burst),
         limited_in_a_row: 0,
     };
-    let welcomed = Box::pin(session.welcome(&identity, guest_room, resumed)).await;
-    let token = identity.token;
-    let reason = match welcomed {
-        Ok(()) => {
-            let idle = Duration::from_secs(hub.config.idle_timeout_secs);
-            session.command_loop(&mut frames, idle).await
-        }
-        Err(line) => {
-            session.reply(line.to_bytes()).await;
-            PartReason::Disconnected
-        }
-    };
-    drop(frames);
-    Box::pin(close(session, reason, writer, token)).await;
+    let refused = session.welcome(&identity, guest_room, resumed).await.err();
+    Some(Live {
+        session,
+        frames,
+        writer,
+        token: identity.token,
+        refused,
+    })
 }
 
 /// Reads and answers the first line. `None` when the connection ends there
@@ -380,7 +414,7 @@ impl Session {
         loop {
             let frame = tokio::select! {
                 biased;
-                _ = self.handle.kicked().cancelled() => {
+                _ = self.handle.kicked() => {
                     return self.handle.kick_reason().unwrap_or(PartReason::Disconnected);
                 }
                 _ = self.hub.shutdown.cancelled() => return PartReason::Shutdown,

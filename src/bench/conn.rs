@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use chat_protocol::ServerLine;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -50,7 +50,8 @@ pub struct Plan {
 
 /// Everything the connections of one run share.
 pub struct Shared {
-    pub target: SocketAddr,
+    /// Connection `i` goes to `targets[i % targets.len()]`.
+    pub targets: Vec<SocketAddr>,
     pub protocol: Protocol,
     pub window: usize,
     pub t0: Instant,
@@ -77,7 +78,8 @@ impl Shared {
 pub async fn run(shared: Arc<Shared>, plan: Plan) {
     let handshake = async {
         let _permit = shared.connecting.acquire().await?;
-        let stream = connect(shared.target, plan.index).await?;
+        let target = shared.targets[plan.index % shared.targets.len()];
+        let stream = connect(target, plan.index).await?;
         tokio::time::timeout(HANDSHAKE_TIMEOUT, login(&shared, &plan, stream))
             .await
             .context("handshake timed out")?
@@ -255,33 +257,104 @@ async fn send_loop(
     }
 }
 
-/// The time embedded after `t=` in a message text, as a latency in µs.
-fn latency_from_text(shared: &Shared, text: &str) -> Option<u64> {
-    let t: u64 = text.strip_prefix("t=")?.split(' ').next()?.parse().ok()?;
-    Some(shared.now_nanos().saturating_sub(t) / 1000)
+/// Most bytes read at once; a member of a busy room gets its backlog in few reads.
+const READ_BUF: usize = 64 * 1024;
+
+/// The number after the first `key` in `line` (digits only).
+fn number_after(line: &[u8], key: &[u8]) -> Option<u64> {
+    let at = memchr::memmem::find(line, key)? + key.len();
+    let digits = &line[at..];
+    let end = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
-/// The time embedded in a message id `<n>.<nanos>`, as a latency in µs.
-fn latency_from_cid(shared: &Shared, cid: &str) -> Option<u64> {
-    let t: u64 = cid.split_once('.')?.1.parse().ok()?;
-    Some(shared.now_nanos().saturating_sub(t) / 1000)
+/// What one connection counted since the counters were last published.
+#[derive(Default)]
+struct Tally {
+    delivered: u64,
+    acked: u64,
+    errors: u64,
 }
 
+impl Tally {
+    fn publish(&mut self, c: &Counters) {
+        if self.delivered > 0 {
+            Counters::add(&c.delivered, self.delivered);
+        }
+        if self.acked > 0 {
+            Counters::add(&c.acked, self.acked);
+        }
+        if self.errors > 0 {
+            Counters::add(&c.errors, self.errors);
+        }
+        *self = Tally::default();
+    }
+}
+
+/// What a line meant for the reader.
+enum Seen {
+    Nothing,
+    /// Window slots to give back.
+    Release(usize),
+    /// The server ended the session.
+    Closed,
+}
+
+/// Reads lines without allocating per line: whole reads of up to
+/// [`READ_BUF`], scanned for newlines in place, counted locally and
+/// published once per read, and the clock read once per read (every line
+/// of one read arrived at the same moment). The bench shares the machine
+/// with what it measures, so its own cost per delivery matters.
 async fn read_loop(
     shared: Arc<Shared>,
-    mut read: BufReader<OwnedReadHalf>,
+    read: BufReader<OwnedReadHalf>,
     tx: mpsc::Sender<String>,
     window: Arc<Semaphore>,
 ) {
-    let mut deliver = new_histogram();
-    let mut ack = new_histogram();
+    let mut hist = Hists::default();
     let c = &shared.counters;
-    let mut line = String::new();
+    let mut buf = bytes::BytesMut::with_capacity(READ_BUF);
+    buf.extend_from_slice(read.buffer());
+    let mut read = read.into_inner();
+    let mut tally = Tally::default();
     let mut irc_acked: u64 = 0;
-    loop {
-        line.clear();
+    let mut closed = false;
+    while !closed {
+        let now_us = shared.now_nanos() / 1000;
+        let mut pos = 0;
+        while let Some(i) = memchr::memchr(b'\n', &buf[pos..]) {
+            let mut line = &buf[pos..pos + i];
+            pos += i + 1;
+            if let [rest @ .., b'\r'] = line {
+                line = rest;
+            }
+            let seen = match shared.protocol {
+                Protocol::Chat => chat_line(line, now_us, &mut tally, &mut hist),
+                Protocol::Irc => irc_line(line, now_us, &mut tally, &mut hist, &mut irc_acked, &tx),
+            };
+            match seen {
+                Seen::Nothing => {}
+                Seen::Release(k) => window.add_permits(k),
+                Seen::Closed => {
+                    Counters::add(&c.closed, 1);
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        bytes::Buf::advance(&mut buf, pos);
+        tally.publish(c);
+        if closed {
+            break;
+        }
+        if buf.capacity() - buf.len() < READ_BUF / 4 {
+            buf.reserve(READ_BUF);
+        }
         let n = tokio::select! {
-            r = read.read_line(&mut line) => r,
+            r = read.read_buf(&mut buf) => r,
             _ = shared.end.cancelled() => break,
         };
         match n {
@@ -293,62 +366,169 @@ async fn read_loop(
             }
             Ok(_) => {}
         }
-        let l = line.trim_end();
-        match shared.protocol {
-            Protocol::Chat => match ServerLine::from_str(l) {
-                Ok(ServerLine::Msg { text, .. }) | Ok(ServerLine::Dm { text, .. }) => {
-                    Counters::add(&c.delivered, 1);
-                    if let Some(us) = latency_from_text(&shared, &text) {
-                        record(&mut deliver, us);
-                    }
-                }
-                Ok(ServerLine::OkMsg { cid, .. }) | Ok(ServerLine::OkDm { cid, .. }) => {
-                    Counters::add(&c.acked, 1);
-                    window.add_permits(1);
-                    if let Some(us) = cid.as_deref().and_then(|x| latency_from_cid(&shared, x)) {
-                        record(&mut ack, us);
-                    }
-                }
-                Ok(ServerLine::Err { detail, .. }) => {
-                    Counters::add(&c.errors, 1);
-                    if detail.starts_with("id=") {
-                        window.add_permits(1);
-                    }
-                }
-                Ok(ServerLine::Bye { .. }) | Ok(ServerLine::Reconnect { .. }) => {
-                    Counters::add(&c.closed, 1);
-                    break;
-                }
-                _ => {}
-            },
-            Protocol::Irc => {
-                if let Some(arg) = l.strip_prefix("PING ") {
-                    let _ = tx.try_send(format!("PONG {arg}\r\n"));
-                } else if let Some(i) = l.find(" PRIVMSG ") {
-                    Counters::add(&c.delivered, 1);
-                    let text = l[i..].split_once(" :").map(|x| x.1).unwrap_or("");
-                    if let Some(us) = latency_from_text(&shared, text) {
-                        record(&mut deliver, us);
-                    }
-                } else if l.split(' ').nth(1) == Some("PONG") {
-                    let upto: u64 = l
-                        .rsplit(' ')
-                        .next()
-                        .map(|s| s.trim_start_matches(':'))
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(irc_acked);
-                    if upto > irc_acked {
-                        let k = upto - irc_acked;
-                        irc_acked = upto;
-                        Counters::add(&c.acked, k);
-                        window.add_permits(k as usize);
-                    }
-                } else if l.starts_with("ERROR") {
-                    Counters::add(&c.closed, 1);
-                    break;
-                }
-            }
-        }
     }
-    shared.latencies.merge(&deliver, &ack);
+    shared
+        .latencies
+        .merge(hist.deliver.as_ref(), hist.ack.as_ref());
+}
+
+/// Latency histograms of one connection, made on first use: an idle
+/// connection (most of them, in the idle scenario) keeps none.
+#[derive(Default)]
+struct Hists {
+    deliver: Option<hdrhistogram::Histogram<u64>>,
+    ack: Option<hdrhistogram::Histogram<u64>>,
+}
+
+fn record_since(h: &mut Option<hdrhistogram::Histogram<u64>>, now_us: u64, sent_nanos: u64) {
+    let h = h.get_or_insert_with(new_histogram);
+    record(h, now_us.saturating_sub(sent_nanos / 1000));
+}
+
+fn chat_line(line: &[u8], now_us: u64, tally: &mut Tally, hist: &mut Hists) -> Seen {
+    if line.starts_with(b"MSG ") || line.starts_with(b"DM ") {
+        tally.delivered += 1;
+        if let Some(t) = number_after(line, b" t=") {
+            record_since(&mut hist.deliver, now_us, t);
+        }
+        Seen::Nothing
+    } else if line.starts_with(b"OK MSG ") || line.starts_with(b"OK DM ") {
+        tally.acked += 1;
+        // The id is `id=<n>.<nanos at send>`.
+        if let Some(t) = memchr::memmem::find(line, b" id=")
+            .and_then(|at| memchr::memchr(b'.', &line[at..]).map(|d| at + d))
+            .and_then(|dot| number_after(&line[dot..], b"."))
+        {
+            record_since(&mut hist.ack, now_us, t);
+        }
+        Seen::Release(1)
+    } else if line.starts_with(b"ERR ") {
+        tally.errors += 1;
+        // An error about one of our messages names its id: its slot is free.
+        let about_message = line
+            .splitn(3, |b| *b == b' ')
+            .nth(2)
+            .is_some_and(|detail| detail.starts_with(b"id="));
+        if about_message {
+            Seen::Release(1)
+        } else {
+            Seen::Nothing
+        }
+    } else if line.starts_with(b"BYE") || line.starts_with(b"RECONNECT") {
+        Seen::Closed
+    } else {
+        Seen::Nothing
+    }
+}
+
+fn irc_line(
+    line: &[u8],
+    now_us: u64,
+    tally: &mut Tally,
+    hist: &mut Hists,
+    acked: &mut u64,
+    tx: &mpsc::Sender<String>,
+) -> Seen {
+    if let Some(arg) = line.strip_prefix(b"PING ") {
+        let _ = tx.try_send(format!("PONG {}\r\n", String::from_utf8_lossy(arg)));
+        Seen::Nothing
+    } else if let Some(i) = memchr::memmem::find(line, b" PRIVMSG ") {
+        tally.delivered += 1;
+        if let Some(t) = number_after(&line[i..], b" :t=") {
+            record_since(&mut hist.deliver, now_us, t);
+        }
+        Seen::Nothing
+    } else if line.split(|b| *b == b' ').nth(1) == Some(b"PONG") {
+        // `:server PONG server :<n>`: everything up to message n was handled.
+        let upto = line
+            .rsplit(|b| *b == b' ')
+            .next()
+            .map(|s| s.strip_prefix(b":").unwrap_or(s))
+            .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u64>().ok())
+            .unwrap_or(*acked);
+        if upto > *acked {
+            let k = upto - *acked;
+            *acked = upto;
+            tally.acked += k;
+            Seen::Release(k as usize)
+        } else {
+            Seen::Nothing
+        }
+    } else if line.starts_with(b"ERROR") {
+        Seen::Closed
+    } else {
+        Seen::Nothing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_lines_are_counted_and_timed() {
+        let mut t = Tally::default();
+        let mut h = Hists::default();
+        let seen = chat_line(b"MSG r 7 1700 alice t=3000000 pad", 5000, &mut t, &mut h);
+        assert!(matches!(seen, Seen::Nothing));
+        assert_eq!(t.delivered, 1);
+        let d = h.deliver.as_ref().unwrap();
+        assert_eq!(d.len(), 1);
+        assert!(d.equivalent(d.max(), 2000), "{}", d.max());
+        let seen = chat_line(b"OK MSG r 7 1700 id=12.4000000", 5000, &mut t, &mut h);
+        assert!(matches!(seen, Seen::Release(1)));
+        assert_eq!(t.acked, 1);
+        let a = h.ack.as_ref().unwrap();
+        assert!(a.equivalent(a.max(), 1000), "{}", a.max());
+        assert!(matches!(
+            chat_line(b"ERR UNAVAILABLE id=3 storage down", 0, &mut t, &mut h),
+            Seen::Release(1)
+        ));
+        assert!(matches!(
+            chat_line(b"ERR BAD_ARGS no", 0, &mut t, &mut h),
+            Seen::Nothing
+        ));
+        assert_eq!(t.errors, 2);
+        assert!(matches!(
+            chat_line(b"BYE shutdown", 0, &mut t, &mut h),
+            Seen::Closed
+        ));
+        assert!(matches!(
+            chat_line(b"JOIN r bob", 0, &mut t, &mut h),
+            Seen::Nothing
+        ));
+    }
+
+    #[test]
+    fn irc_lines_are_counted() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut t = Tally::default();
+        let mut h = Hists::default();
+        let mut acked = 0;
+        let l = b":n1!n1@x PRIVMSG #r0 :t=1000000 pad";
+        irc_line(l, 3000, &mut t, &mut h, &mut acked, &tx);
+        assert_eq!(t.delivered, 1);
+        assert_eq!(h.deliver.as_ref().unwrap().len(), 1);
+        irc_line(b"PING :abc", 0, &mut t, &mut h, &mut acked, &tx);
+        assert_eq!(rx.try_recv().unwrap(), "PONG :abc\r\n");
+        let seen = irc_line(
+            b":bench.local PONG bench.local :8",
+            0,
+            &mut t,
+            &mut h,
+            &mut acked,
+            &tx,
+        );
+        assert!(matches!(seen, Seen::Release(8)));
+        assert_eq!((acked, t.acked), (8, 8));
+        let seen = irc_line(
+            b":bench.local PONG bench.local :8",
+            0,
+            &mut t,
+            &mut h,
+            &mut acked,
+            &tx,
+        );
+        assert!(matches!(seen, Seen::Nothing));
+    }
 }

@@ -52,8 +52,9 @@ pub enum Scenario {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
-    /// Where to connect (the proxy of `chat up` by default). checked: several
-    /// proxies, comma-separated, tried in turn.
+    /// Where to connect (the proxy of `chat up` by default). Several
+    /// addresses, comma-separated: connections are spread over them in turn
+    /// (checked: each client tries them in turn).
     #[arg(long, default_value = "127.0.0.1:7001")]
     target: String,
     #[arg(long, value_enum, default_value = "fanout")]
@@ -88,7 +89,8 @@ pub struct Options {
     json: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "chat")]
     protocol: Protocol,
-    /// Server process ids whose VmRSS is read before and after connecting.
+    /// Server process ids whose VmRSS is read before and after connecting,
+    /// and whose CPU time is read before and after the sending phase.
     #[arg(long, value_delimiter = ',')]
     server_pids: Vec<u32>,
     /// checked: the JSONL file every send, ack and delivery is written to.
@@ -164,16 +166,22 @@ pub async fn run(o: Options, shutdown: CancellationToken) -> anyhow::Result<()> 
     anyhow::ensure!(o.window >= 1, "--window must be at least 1");
     anyhow::ensure!(o.rate >= 0.0, "--rate must not be negative");
     let duration = Duration::from_secs(o.duration.min(MAX_DURATION_SECS));
-    let target: SocketAddr = tokio::net::lookup_host(&o.target)
-        .await
-        .with_context(|| format!("--target {}", o.target))?
-        .next()
-        .with_context(|| format!("--target {}: no address", o.target))?;
+    let mut targets: Vec<SocketAddr> = Vec::new();
+    for t in o.target.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let addr = tokio::net::lookup_host(t)
+            .await
+            .with_context(|| format!("--target {t}"))?
+            .next()
+            .with_context(|| format!("--target {t}: no address"))?;
+        targets.push(addr);
+    }
+    anyhow::ensure!(!targets.is_empty(), "--target: no address");
+    let target = o.target.clone();
     let run_id = format!("{:x}", std::process::id() ^ (now_unix_ms() as u32));
     let plans = plans(&o, &run_id)?;
     let clients = plans.len();
     let shared = Arc::new(Shared {
-        target,
+        targets,
         protocol: o.protocol,
         window: o.window,
         t0: Instant::now(),
@@ -227,6 +235,7 @@ pub async fn run(o: Options, shutdown: CancellationToken) -> anyhow::Result<()> 
     }
     let rss_after = rss(&o.server_pids);
 
+    let cpu_before = stats::CpuSample::take(&o.server_pids);
     shared.go.cancel();
     let run_start = Instant::now();
     let (mut last_acked, mut last_delivered) = (0, 0);
@@ -248,6 +257,8 @@ pub async fn run(o: Options, shutdown: CancellationToken) -> anyhow::Result<()> 
     }
     shared.stop.cancel();
     let run_secs = run_start.elapsed().as_secs_f64();
+    let (cpu_percent, bench_cpu_percent) =
+        stats::CpuSample::take(&o.server_pids).since(&cpu_before);
 
     // Drain: outstanding acks, then the deliveries that follow them.
     let drain_start = Instant::now();
@@ -302,6 +313,8 @@ pub async fn run(o: Options, shutdown: CancellationToken) -> anyhow::Result<()> 
             .then(|| rss_growth as f64 * 1024.0 / connected as f64),
         rss_before_kib: rss_before,
         rss_after_kib: rss_after,
+        cpu_percent,
+        bench_cpu_percent,
     };
     print_summary(&report);
     if let Some(path) = &o.json {
@@ -347,6 +360,15 @@ fn print_summary(r: &Report) {
         ms(r.ack_latency.p50_ms),
         ms(r.ack_latency.p99_ms),
     );
+    if !r.cpu_percent.is_empty() || r.bench_cpu_percent.is_some() {
+        let each: Vec<String> = r.cpu_percent.iter().map(|c| format!("{c:.0}%")).collect();
+        println!(
+            "  CPU while sending: servers {} bench {}",
+            each.join(" "),
+            r.bench_cpu_percent
+                .map_or("-".to_string(), |c| format!("{c:.0}%"))
+        );
+    }
     if let Some(b) = r.rss_per_conn_bytes {
         println!(
             "  RSS {:?} → {:?} KiB: {:.0} bytes per connection",

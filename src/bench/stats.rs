@@ -58,12 +58,12 @@ impl Default for Latencies {
 }
 
 impl Latencies {
-    pub fn merge(&self, deliver: &Histogram<u64>, ack: &Histogram<u64>) {
-        if let Ok(mut h) = self.deliver.lock() {
-            let _ = h.add(deliver);
+    pub fn merge(&self, deliver: Option<&Histogram<u64>>, ack: Option<&Histogram<u64>>) {
+        if let (Some(d), Ok(mut h)) = (deliver, self.deliver.lock()) {
+            let _ = h.add(d);
         }
-        if let Ok(mut h) = self.ack.lock() {
-            let _ = h.add(ack);
+        if let (Some(a), Ok(mut h)) = (ack, self.ack.lock()) {
+            let _ = h.add(a);
         }
     }
 }
@@ -120,6 +120,56 @@ pub struct Report {
     pub rss_before_kib: Vec<u64>,
     pub rss_after_kib: Vec<u64>,
     pub rss_per_conn_bytes: Option<f64>,
+    /// CPU (user + system) each `--server-pids` process used while the
+    /// senders ran, in % of one core; and the bench's own.
+    pub cpu_percent: Vec<f64>,
+    pub bench_cpu_percent: Option<f64>,
+}
+
+/// CPU time of some processes and of this one, with the moment it was read.
+pub struct CpuSample {
+    at: std::time::Instant,
+    ticks: Vec<Option<u64>>,
+    own: Option<u64>,
+}
+
+impl CpuSample {
+    pub fn take(pids: &[u32]) -> CpuSample {
+        CpuSample {
+            at: std::time::Instant::now(),
+            ticks: pids.iter().map(|&p| cpu_ticks(&p.to_string())).collect(),
+            own: cpu_ticks("self"),
+        }
+    }
+
+    /// % of one core per process, and this process's, between two samples.
+    pub fn since(&self, before: &CpuSample) -> (Vec<f64>, Option<f64>) {
+        let secs = self.at.duration_since(before.at).as_secs_f64().max(1e-9);
+        let pct = |a: Option<u64>, b: Option<u64>| {
+            Some(a?.saturating_sub(b?) as f64 / CLOCK_TICKS_PER_SEC / secs * 100.0)
+        };
+        let each = self
+            .ticks
+            .iter()
+            .zip(&before.ticks)
+            .map(|(a, b)| pct(*a, *b).unwrap_or(0.0))
+            .collect();
+        (each, pct(self.own, before.own))
+    }
+}
+
+/// `USER_HZ`: the unit of /proc/PID/stat times, 100 on Linux.
+const CLOCK_TICKS_PER_SEC: f64 = 100.0;
+
+/// utime + stime of a process, from /proc/PID/stat (fields 14 and 15; the
+/// command name before them may contain spaces, so count from its `)`).
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// VmRSS of a process in KiB, from /proc/PID/status.
