@@ -12,6 +12,7 @@ use bytes::BytesMut;
 use chat_protocol::{Command, ErrorCode, Frame, LineCodec, ServerLine};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -250,7 +251,7 @@ impl Pump {
     /// holds none.
     fn read(&mut self, from: &TcpStream) -> std::io::Result<bool> {
         let mut buf = Vec::with_capacity(self.size);
-        match from.try_read_buf(&mut buf) {
+        match read_drained(from, &mut buf) {
             Ok(0) => Ok(false),
             Ok(n) => {
                 if n == self.size {
@@ -287,6 +288,28 @@ impl Pump {
     /// Whether what was written so far ends a line (or nothing was).
     fn at_line_start(&self) -> bool {
         self.last.is_none_or(|b| b == b'\n')
+    }
+}
+
+/// Reads what `from` has ready into the spare capacity of `buf`. A read
+/// that does not fill the buffer emptied the socket, so its readiness is
+/// cleared right away; otherwise tokio learns that only from one more read
+/// that finds nothing, a system call per chunk copied.
+pub(crate) fn read_drained(from: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut got = None;
+    let r = from.try_io(Interest::READABLE, || {
+        let n = from.try_read_buf(buf)?;
+        got = Some(n);
+        if n > 0 && buf.len() < buf.capacity() {
+            // Clears the readiness (unless an event came in meanwhile).
+            Err(std::io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match (got, r) {
+        (Some(n), _) => Ok(n),
+        (None, r) => r,
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use chat_protocol::ServerLine;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -318,7 +318,7 @@ async fn read_loop(
     let c = &shared.counters;
     let mut buf = bytes::BytesMut::with_capacity(READ_BUF);
     buf.extend_from_slice(read.buffer());
-    let mut read = read.into_inner();
+    let read = read.into_inner();
     let mut tally = Tally::default();
     let mut irc_acked: u64 = 0;
     let mut closed = false;
@@ -353,23 +353,51 @@ async fn read_loop(
         if buf.capacity() - buf.len() < READ_BUF / 4 {
             buf.reserve(READ_BUF);
         }
-        let n = tokio::select! {
-            r = read.read_buf(&mut buf) => r,
-            _ = shared.end.cancelled() => break,
+        let n = loop {
+            let ready = tokio::select! {
+                r = read.readable() => r,
+                _ = shared.end.cancelled() => break None,
+            };
+            match ready.and_then(|()| read_drained(read.as_ref(), &mut buf)) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => break Some(r),
+            }
         };
         match n {
-            Ok(0) | Err(_) => {
+            None => break,
+            Some(Ok(0) | Err(_)) => {
                 if !shared.end.is_cancelled() {
                     Counters::add(&c.closed, 1);
                 }
                 break;
             }
-            Ok(_) => {}
+            Some(Ok(_)) => {}
         }
     }
     shared
         .latencies
         .merge(hist.deliver.as_ref(), hist.ack.as_ref());
+}
+
+/// Reads what `from` has ready into `buf`'s spare capacity; a read that
+/// leaves some of it unfilled emptied the socket, and clears its readiness
+/// at once instead of after one more read that finds nothing (the same as
+/// the proxy's copy loop does).
+fn read_drained(from: &TcpStream, buf: &mut bytes::BytesMut) -> std::io::Result<usize> {
+    let mut got = None;
+    let r = from.try_io(tokio::io::Interest::READABLE, || {
+        let n = from.try_read_buf(buf)?;
+        got = Some(n);
+        if n > 0 && buf.len() < buf.capacity() {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match (got, r) {
+        (Some(n), _) => Ok(n),
+        (None, r) => r,
+    }
 }
 
 /// Latency histograms of one connection, made on first use: an idle
