@@ -233,11 +233,32 @@ impl Topology {
 
     /// A connection to the primary; fails fast with `Unavailable` while none is known.
     pub(crate) async fn primary(&self) -> Result<Routed<'_>, ApiError> {
+        let (i, conn) = self.primary_conn().await?;
+        Ok(self.routed(conn, Route::Primary, i))
+    }
+
+    /// The primary's index and a connection to it, for a caller that keeps
+    /// the connection across requests (the append writer) and reports each
+    /// request with [`Topology::record_primary`].
+    pub(crate) async fn primary_conn(&self) -> Result<(usize, Conn), ApiError> {
         let Some(i) = self.primary_index() else {
             return Err(unavailable("no writable MySQL server"));
         };
-        let conn = self.acquire(i, self.acquire_timeout).await?;
-        Ok(self.routed(conn, Route::Primary, i))
+        Ok((i, self.acquire(i, self.acquire_timeout).await?))
+    }
+
+    /// Counts one request served on primary `i` since `started`, as a
+    /// [`Routed`] does when dropped.
+    pub(crate) fn record_primary(&self, i: usize, started: Instant) {
+        let route = Route::Primary.as_str();
+        self.metrics
+            .route
+            .with_label_values(&[route, &self.nodes[i].addr])
+            .inc();
+        self.metrics
+            .query_duration
+            .with_label_values(&[route])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Replicas fit for reads, starting at a rotating offset.
