@@ -11,8 +11,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use chat_protocol::{Command, ErrorCode, Frame, LineCodec, ServerLine};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout;

@@ -169,9 +169,14 @@ impl Rx {
         out
     }
 
-    /// The next item; `None` once every sender is gone and the queue is empty.
+    /// The next item; `None` once the session is kicked, or every sender is
+    /// gone and the queue is empty. (A kick also wakes this wait, so the
+    /// writer needs no kick future of its own per line.)
     async fn recv(&mut self) -> Option<Out> {
         loop {
+            if self.0.kick_reason.load(Ordering::Acquire) != KICK_NONE {
+                return None;
+            }
             if let Some(out) = self.try_recv() {
                 return Some(out);
             }
@@ -247,6 +252,7 @@ impl SessionHandle {
             .is_ok();
         if first {
             shared.kicked.notify_waiters();
+            shared.filled.notify_one();
         }
     }
 
@@ -329,12 +335,7 @@ pub async fn write_loop(
 ) {
     let mut written_dms = Vec::new();
     loop {
-        let out = tokio::select! {
-            biased;
-            _ = handle.kicked() => break,
-            out = rx.recv() => out,
-        };
-        let Some(out) = out else { break };
+        let Some(out) = rx.recv().await else { break };
         let (first, mut last) = unpack(out, &mut written_dms);
         let bytes = if last || rx.is_empty() {
             first
@@ -353,9 +354,23 @@ pub async fn write_loop(
             }
             buf.freeze()
         };
-        let res = tokio::select! {
-            r = w.write_all(&bytes) => r,
-            _ = handle.kicked() => break,
+        // Most writes go through at once; only one that would block waits,
+        // and only that wait also listens for a kick.
+        let done = match w.try_write(&bytes) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                handle.kick(KICK_GONE);
+                break;
+            }
+        };
+        let res = if done == bytes.len() {
+            Ok(())
+        } else {
+            tokio::select! {
+                r = w.write_all(&bytes[done..]) => r,
+                _ = handle.kicked() => break,
+            }
         };
         drop(bytes);
         if res.is_err() {

@@ -100,8 +100,15 @@ pub async fn run(shared: Arc<Shared>, plan: Plan) {
     let (tx, mut rx) = mpsc::channel::<String>(WRITE_QUEUE);
     let writer = tokio::spawn(async move {
         let mut write = write;
-        while let Some(line) = rx.recv().await {
-            if write.write_all(line.as_bytes()).await.is_err() {
+        // Everything queued goes out in one write, as a real client's
+        // buffered writer would send it.
+        let (mut lines, mut out) = (Vec::new(), Vec::new());
+        while rx.recv_many(&mut lines, WRITE_QUEUE).await > 0 {
+            out.clear();
+            for line in lines.drain(..) {
+                out.extend_from_slice(line.as_bytes());
+            }
+            if write.write_all(&out).await.is_err() {
                 break;
             }
         }
