@@ -103,6 +103,15 @@ def cpu(name, r):
     return ", ".join(parts) or "-"
 
 
+sweep = sorted((n for n in runs if n.startswith("ack-")), key=lambda n: int(n[4:]))
+
+
+def busy(r):
+    """CPU of every listed process plus the bench, in % of one core."""
+    total = sum(r.get("cpu_percent", [])) + (r.get("bench_cpu_percent") or 0)
+    return f"{total:.0f}% of {int(sh('nproc') or 1) * 100}%"
+
+
 cpu_model = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2")
 mem_total = sh("free -h | awk '/^Mem/ {print $2}'")
 swap_total = sh("free -h | awk '/^Swap/ {print $2}'")
@@ -149,6 +158,18 @@ lines += [
     f"Ours vs inspircd {ratio:.2f}×, vs ngircd {ratio_ng:.2f}×. Straight to the chat server",
     f"(no proxy): {num(runs['fanout-direct']['delivered_per_sec'])} deliveries/s.",
     "",
+    "## Ack latency by rate",
+    "",
+    "The durable workload paced at several rates (SQLite; the last row on MariaDB):",
+    "",
+    "| msgs/s | ack p50 ms | ack p99 ms | CPU of the stack and the bench |",
+    "| --- | --- | --- | --- |",
+] + [
+    f"| {num(runs[n]['acked_per_sec'])} | {num(runs[n]['ack_latency']['p50_ms'], 2)} | "
+    f"{num(runs[n]['ack_latency']['p99_ms'], 2)} | {busy(runs[n])} |"
+    for n in sweep + ["ack5k", "ack5k-mariadb"]
+] + [
+    "",
     "## Idle memory per connection",
     "",
     f"{num(idle['connected'])} connections measured on top of as many already open,",
@@ -169,7 +190,7 @@ lines += [
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 order = ["idle"] + [f"{p}-{r}" for r in range(1, rounds + 1) for p in ("fanout", "inspircd", "ngircd")] + [
-    "fanout-direct", "durable", "ack5k", "dm", "durable-mariadb", "ack5k-mariadb"]
+    "fanout-direct", "durable"] + sweep + ["ack5k", "dm", "durable-mariadb", "ack5k-mariadb"]
 for n in order:
     x = runs[n]
     d, a = x["deliver_latency"], x["ack_latency"]

@@ -22,10 +22,13 @@ use tokio::task::JoinSet;
 
 use crate::api::{ApiError, ErrorKind};
 
-/// Requests of one kind outstanding at once. Two would keep one dbproxy
-/// writer busy (one committing, one waiting); a few more let several
-/// dbproxies or writer connections overlap without making requests small.
-const REQUESTS_IN_FLIGHT: usize = 4;
+/// Requests of one kind outstanding at once. Two keep a dbproxy busy (one
+/// request committing while the next is on its way) and let the MySQL
+/// backend's two append writers work side by side; more make each request
+/// smaller and commits more frequent. Measured with `chat bench --scenario
+/// durable` (200 rooms): at 5k msgs/s on SQLite, ack p99 38–46 ms with 1 or
+/// 2 and 143 ms with 4; unpaced on MariaDB, 21k acked/s with 1 and 29k with 2.
+const REQUESTS_IN_FLIGHT: usize = 2;
 /// Items per request: the dbproxy's group commit takes up to
 /// `batch_max_items` (512 by default) per transaction, so bigger requests
 /// gain nothing.

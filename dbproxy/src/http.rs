@@ -168,17 +168,18 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
         );
     }
     let started = Instant::now();
-    let (status, outcome, resp) = match dispatch(shared, label, req).await {
+    let (_status, outcome, resp) = match dispatch(shared, label, req).await {
         Ok(body) => (StatusCode::OK, "ok", json_response(StatusCode::OK, body)),
         Err((status, e)) => {
             let kind = e.kind.as_str();
             shared.metrics.errors.with_label_values(&[kind]).inc();
+            if status.is_server_error() {
+                // The message is the storage's (no request data, no secrets).
+                tracing::warn!(path = label, status = status.as_u16(), error = %e.message, "request failed");
+            }
             (status, kind, error_response(status, e))
         }
     };
-    if status.is_server_error() {
-        tracing::warn!(path = label, status = status.as_u16(), "request failed");
-    }
     shared
         .metrics
         .requests

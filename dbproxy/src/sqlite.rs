@@ -134,19 +134,24 @@ impl ReadPool {
             .map_err(|_| internal("read pool poisoned"))?
             .pop()
             .ok_or_else(|| internal("read pool empty"))?;
-        let (conn, result) = tokio::task::spawn_blocking(move || {
+        let done = tokio::task::spawn_blocking(move || {
             let result = f(&conn);
             (conn, result)
         })
-        .await
-        .map_err(|e| {
-            // The connection died with the task: the pool is one smaller for good.
-            permit.forget();
-            internal(format!("read task failed: {e}"))
-        })?;
+        .await;
+        let (conn, result) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                // The connection died with the task: the pool is one smaller for good.
+                permit.forget();
+                return Err(internal(format!("read task failed: {e}")));
+            }
+        };
         if let Ok(mut pool) = conns.lock() {
             pool.push(conn);
         }
+        // Only now: the next reader must find the connection back in the pool.
+        drop(permit);
         result.map_err(|e| from_sqlite(&e))?
     }
 }
@@ -905,4 +910,31 @@ fn register(
     };
     insert_token(c, id, token, b.now)?;
     Ok(Ok(Registered::Done))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many more concurrent reads than connections: each waits for one and
+    /// none finds the pool empty (a permit used to come back before its
+    /// connection did, and the next reader failed with "read pool empty").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_beyond_the_pool_size_wait_for_a_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        drop(schema::open_writer(&path).unwrap());
+        let pool = Arc::new(ReadPool::open(&path, 2).unwrap());
+        let mut reads = Vec::new();
+        for _ in 0..200 {
+            let pool = pool.clone();
+            reads.push(tokio::spawn(async move {
+                pool.read(|c| Ok(Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?)))
+                    .await
+            }));
+        }
+        for r in reads {
+            assert_eq!(r.await.unwrap().unwrap(), 1);
+        }
+    }
 }

@@ -218,7 +218,14 @@ async fn send_loop(
         _ = shared.stop.cancelled() => return,
     }
     let mut pace = (rate > 0.0).then(|| {
-        let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        // Each sender starts at its own point of the period (spread by the
+        // golden ratio over the connection index): if all started together,
+        // a paced run would offer every sender's message in the same instant
+        // once a period, a burst instead of the rate asked for.
+        let period = Duration::from_secs_f64(1.0 / rate);
+        let phase = (plan.index as f64 * 0.618_033_988_749_895).fract();
+        let start = tokio::time::Instant::now() + period.mul_f64(phase);
+        let mut i = tokio::time::interval_at(start, period);
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });
