@@ -4,7 +4,7 @@
 //!
 //! stdin thread → channel → [`session`] → socket; socket → [`LineCodec`] →
 //! [`ServerLine`] → [`ClientState::on_line`] (what to show, what to send back:
-//! `RESUME`, `HISTORY` for gaps) → stdout. On connect failure or disconnect the
+//! `RESUME` and `ACK`, `HISTORY` for gaps, `ACK <id>` per DM) → stdout. On connect failure or disconnect the
 //! client moves to the next address after a bounded backoff.
 
 mod state;
@@ -219,8 +219,8 @@ impl Client {
             }
         }
         while let Some(line) = self.outbox.pop_front() {
-            self.state.on_user_line(&line);
-            if let Err(e) = send(&mut write, &line).await {
+            let then = self.state.on_user_line(&line);
+            if let Err(e) = send_then(&mut write, &line, then).await {
                 self.outbox.push_front(line);
                 eprintln!("-- connection lost: {e}");
                 return Outcome::Lost;
@@ -262,8 +262,8 @@ impl Client {
                 },
                 line = stdin.recv(), if self.stdin_open && quit_deadline.is_none() => match line {
                     Some(line) => {
-                        self.state.on_user_line(&line);
-                        if let Err(e) = send(&mut write, &line).await {
+                        let then = self.state.on_user_line(&line);
+                        if let Err(e) = send_then(&mut write, &line, then).await {
                             self.outbox.push_front(line);
                             eprintln!("-- connection lost: {e}");
                             return self.lost_or_done();
@@ -319,7 +319,9 @@ impl Client {
             println!("{}", render(&line));
         }
         for out in &reaction.send {
-            eprintln!("-- catching up: {out}");
+            if !out.starts_with("ACK ") {
+                eprintln!("-- catching up: {out}");
+            }
             send(write, out).await?;
         }
         if reaction.reconnect {
@@ -327,6 +329,19 @@ impl Client {
             return Ok(false);
         }
         Ok(true)
+    }
+}
+
+/// Sends a line the user typed and what the state asked to follow it.
+async fn send_then(
+    write: &mut OwnedWriteHalf,
+    line: &str,
+    then: Option<&str>,
+) -> std::io::Result<()> {
+    send(write, line).await?;
+    match then {
+        Some(next) => send(write, next).await,
+        None => Ok(()),
     }
 }
 

@@ -7,6 +7,8 @@ use crate::error::{ErrorCode, ParseError};
 use crate::names;
 
 pub const HISTORY_MAX_LIMIT: u32 = 1000;
+/// Most DM ids one `ACK` line may carry.
+pub const ACK_MAX_IDS: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -47,6 +49,11 @@ pub enum Command {
     Ping {
         word: Option<String>,
     },
+    /// Acknowledges DMs by id; as a session's first command (ids or not) it
+    /// makes that session's DMs count as received only once acknowledged.
+    Ack {
+        ids: Vec<i64>,
+    },
     Quit,
 }
 
@@ -64,6 +71,7 @@ impl Command {
             Command::Rooms => "ROOMS",
             Command::Who { .. } => "WHO",
             Command::Ping { .. } => "PING",
+            Command::Ack { .. } => "ACK",
             Command::Quit => "QUIT",
         }
     }
@@ -184,6 +192,16 @@ impl Command {
                     _ => Err(ParseError::bad_args("PING [<word>]")),
                 }
             }
+            "ACK" => {
+                let usage = "ACK [<dm-id> ...] (at most 256 ids)";
+                let ids = rest
+                    .split_whitespace()
+                    .map(|w| w.parse::<i64>().ok().filter(|id| *id > 0))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| ParseError::bad_args(usage))?;
+                check(ids.len() <= ACK_MAX_IDS, usage)?;
+                Ok(Command::Ack { ids })
+            }
             "QUIT" | "DISCONNECT" => {
                 words::<0>(rest, "QUIT")?;
                 Ok(Command::Quit)
@@ -281,6 +299,13 @@ impl fmt::Display for Command {
             Command::Who { room } => write!(f, "WHO {room}"),
             Command::Ping { word: None } => f.write_str("PING"),
             Command::Ping { word: Some(w) } => write!(f, "PING {w}"),
+            Command::Ack { ids } => {
+                f.write_str("ACK")?;
+                for id in ids {
+                    write!(f, " {id}")?;
+                }
+                Ok(())
+            }
             Command::Quit => f.write_str("QUIT"),
         }
     }
@@ -336,6 +361,8 @@ mod tests {
             }
         );
         assert_eq!(p("disconnect").unwrap(), Command::Quit);
+        assert_eq!(p("ACK").unwrap(), Command::Ack { ids: vec![] });
+        assert_eq!(p("ack 7  9").unwrap(), Command::Ack { ids: vec![7, 9] });
         assert_eq!(
             p("PING x").unwrap(),
             Command::Ping {
@@ -357,6 +384,11 @@ mod tests {
         assert_eq!(p("RESUME nothex").unwrap_err().code, ErrorCode::BadArgs);
         assert_eq!(p("LOGIN alice").unwrap_err().code, ErrorCode::BadArgs);
         assert_eq!(p("QUIT now").unwrap_err().code, ErrorCode::BadArgs);
+        assert_eq!(p("ACK x").unwrap_err().code, ErrorCode::BadArgs);
+        assert_eq!(p("ACK 0").unwrap_err().code, ErrorCode::BadArgs);
+        assert_eq!(p("ACK -3").unwrap_err().code, ErrorCode::BadArgs);
+        let many = format!("ACK{}", " 1".repeat(ACK_MAX_IDS + 1));
+        assert_eq!(p(&many).unwrap_err().code, ErrorCode::BadArgs);
     }
 
     fn word(re: &'static str) -> impl Strategy<Value = String> {
@@ -382,6 +414,7 @@ mod tests {
             Just(Command::Rooms),
             room().prop_map(|room| Command::Who { room }),
             proptest::option::of(word("[!-~]{1,64}")).prop_map(|word| Command::Ping { word }),
+            proptest::collection::vec(1i64..i64::MAX, 0..8).prop_map(|ids| Command::Ack { ids }),
             Just(Command::Quit),
         ]
     }

@@ -87,6 +87,11 @@ pub enum ServerLine {
         room: String,
         count: u32,
     },
+    /// How many of an `ACK`'s ids were DMs written to this session and not
+    /// acknowledged before.
+    OkAck {
+        count: u32,
+    },
     Hist {
         room: String,
         seq: u64,
@@ -183,6 +188,7 @@ impl fmt::Display for ServerLine {
             OkHistory { room, count } => write!(f, "OK HISTORY {room} {count}"),
             OkRooms { count } => write!(f, "OK ROOMS {count}"),
             OkWho { room, count } => write!(f, "OK WHO {room} {count}"),
+            OkAck { count } => write!(f, "OK ACK {count}"),
             Hist {
                 room,
                 seq,
@@ -321,6 +327,9 @@ impl FromStr for ServerLine {
                         }
                     }
                     "ROOMS" => OkRooms {
+                        count: rest.parse().map_err(|_| bad())?,
+                    },
+                    "ACK" => OkAck {
                         count: rest.parse().map_err(|_| bad())?,
                     },
                     _ => return Err(bad()),
@@ -462,6 +471,7 @@ mod tests {
             ServerLine::err(ErrorCode::Internal, ""),
             ServerLine::Pong { word: None },
             ServerLine::OkRooms { count: 2 },
+            ServerLine::OkAck { count: 3 },
             ServerLine::Room {
                 room: "r".into(),
                 last_seq: 2,

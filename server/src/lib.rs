@@ -6,7 +6,9 @@
 //! (orders a room's messages: batch → dbproxy append → fan-out in seq order)
 //! → each recipient's bounded queue → `outbound::write_loop` → socket.
 //! Direct messages are stored, then handed to the recipient's sessions; the
-//! writer reports each DM it wrote, and `receipts` marks them received.
+//! writer reports each DM it wrote to the session, which counts it received
+//! as written or once the client acknowledges it (`ACK`); `receipts` marks
+//! them received in storage.
 
 pub mod cluster;
 pub mod config;

@@ -25,7 +25,8 @@ pub enum Out {
     /// Several lines in one buffer (a room's batch, encoded once for every
     /// member); counts as that many lines against the queue's bound.
     Lines(Bytes, usize),
-    /// A direct message: once written, its id is reported as received.
+    /// A direct message: once written, its id goes to the session's
+    /// [`Receipts`] (reported received at once, or when the client acks it).
     Dm(Bytes, i64),
     /// Last line; the writer flushes it and closes the socket.
     Close(Bytes),
@@ -67,6 +68,38 @@ struct Shared {
     /// they see their own writes even when a replica serves them. A mutex
     /// because room tasks and the session both update it (never across await).
     pos: Mutex<Option<String>>,
+    receipts: Mutex<Receipts>,
+}
+
+/// Most DMs a session holds written but not yet reported received; past it a
+/// DM simply stays pending (and is delivered again at the next login).
+pub const MAX_UNACKED_DMS: usize = 1024;
+
+/// When the DMs written to a session count as received (docs/PROTOCOL.md,
+/// "Direct messages"). Until the session's first command the writer keeps
+/// their ids; that command decides: `ACK` makes the client acknowledge them
+/// one by one, anything else (or the end of the connection) reports them
+/// received as written.
+#[derive(Default)]
+struct Receipts {
+    mode: ReceiptMode,
+    /// Written and not yet reported received.
+    ids: Vec<i64>,
+}
+
+#[derive(Default, PartialEq, Eq, Clone, Copy)]
+enum ReceiptMode {
+    #[default]
+    Undecided,
+    OnWrite,
+    OnAck,
+}
+
+fn report(ids: impl IntoIterator<Item = i64>, to: &mpsc::Sender<i64>) {
+    for id in ids {
+        // A full receipts queue leaves the DM pending: delivered again later.
+        let _ = to.try_send(id);
+    }
 }
 
 enum PushError {
@@ -268,6 +301,78 @@ impl SessionHandle {
         }
     }
 
+    fn receipts(&self) -> std::sync::MutexGuard<'_, Receipts> {
+        self.tx.0.receipts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The writer wrote these DMs into the connection.
+    fn dms_written(&self, ids: &mut Vec<i64>, to: &mpsc::Sender<i64>) {
+        let mut r = self.receipts();
+        if r.mode == ReceiptMode::OnWrite {
+            drop(r);
+            report(ids.drain(..), to);
+            return;
+        }
+        let room = MAX_UNACKED_DMS.saturating_sub(r.ids.len());
+        let n = ids.len().min(room);
+        r.ids.extend(ids.drain(..n));
+        ids.clear();
+    }
+
+    /// The session's first command decides how its DMs count as received:
+    /// `on_ack` (it was `ACK`) or as written. Later calls change nothing.
+    pub fn decide_receipts(&self, on_ack: bool, to: &mpsc::Sender<i64>) {
+        let mut r = self.receipts();
+        if r.mode != ReceiptMode::Undecided {
+            return;
+        }
+        if on_ack {
+            r.mode = ReceiptMode::OnAck;
+        } else {
+            r.mode = ReceiptMode::OnWrite;
+            let ids = std::mem::take(&mut r.ids);
+            drop(r);
+            report(ids, to);
+        }
+    }
+
+    /// The client acknowledged these DMs: those written to this session are
+    /// reported received. Returns how many were.
+    pub fn ack_dms(&self, acked: &[i64], to: &mpsc::Sender<i64>) -> usize {
+        let mut r = self.receipts();
+        if r.mode != ReceiptMode::OnAck {
+            return 0;
+        }
+        let mut done = Vec::new();
+        for id in acked {
+            // A DM can be written twice (live, and again as pending at a login).
+            let before = r.ids.len();
+            r.ids.retain(|x| x != id);
+            if r.ids.len() < before {
+                done.push(*id);
+            }
+        }
+        if r.ids.is_empty() {
+            r.ids = Vec::new();
+        }
+        drop(r);
+        let n = done.len();
+        report(done, to);
+        n
+    }
+
+    /// The connection ended: a session that never decided counts what was
+    /// written as received; un-acked DMs of an acking one stay pending.
+    fn writer_done(&self, to: &mpsc::Sender<i64>) {
+        let mut r = self.receipts();
+        let ids = std::mem::take(&mut r.ids);
+        if r.mode == ReceiptMode::Undecided {
+            r.mode = ReceiptMode::OnWrite;
+            drop(r);
+            report(ids, to);
+        }
+    }
+
     /// The position this session's reads must observe.
     pub fn read_pos(&self) -> Option<String> {
         self.tx.0.pos.lock().expect("pos lock").clone()
@@ -308,6 +413,7 @@ pub fn channel(id: u64, user: Arc<str>, capacity: usize) -> (SessionHandle, Rx) 
         kick_reason: AtomicU8::new(KICK_NONE),
         kicked: Notify::new(),
         pos: Mutex::new(None),
+        receipts: Mutex::new(Receipts::default()),
     });
     let (tx, rx) = (Tx(shared.clone()), Rx(shared));
     let handle = SessionHandle { id, user, tx };
@@ -321,8 +427,9 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 const WRITE_CHUNK: usize = 64 * 1024;
 
 /// Drains the queue into the socket until `Out::Close` or the socket fails.
-/// Ids of written DMs go to `receipts` (best effort: a full receipts queue
-/// leaves the DM pending, so it is delivered again at the next login).
+/// Ids of written DMs go to the session's [`Receipts`], which report them to
+/// `receipts` as received (best effort: a full receipts queue leaves the DM
+/// pending, so it is delivered again at the next login).
 ///
 /// No buffer is kept between writes: a lone line is written as it is, and
 /// only a backlog is gathered (up to [`WRITE_CHUNK`]) into a buffer that is
@@ -377,14 +484,16 @@ pub async fn write_loop(
             handle.kick(KICK_GONE);
             break;
         }
-        for id in written_dms.drain(..) {
-            let _ = receipts.try_send(id);
+        if !written_dms.is_empty() {
+            handle.dms_written(&mut written_dms, &receipts);
         }
         if last {
+            handle.writer_done(&receipts);
             let _ = tokio::time::timeout(FAREWELL_TIMEOUT, w.shutdown()).await;
             return;
         }
     }
+    handle.writer_done(&receipts);
     if handle.kick_reason() == Some(PartReason::Slow) {
         // The client does not read: skip its queue, say why (best effort), close.
         let _ = tokio::time::timeout(FAREWELL_TIMEOUT, w.write_all(b"BYE slow\n")).await;

@@ -123,9 +123,12 @@ async fn start(
     tracing::debug!(%peer, user = %user, "logged in");
 
     let (handle, rx) = outbound::channel(id, user.clone(), hub.config.send_queue_lines);
-    let writer = hub
-        .tasks
-        .spawn(outbound::write_loop(handle.clone(), rx, wr, receipts));
+    let writer = hub.tasks.spawn(outbound::write_loop(
+        handle.clone(),
+        rx,
+        wr,
+        receipts.clone(),
+    ));
     handle.wrote(identity.pos.clone());
     hub.add_session(handle.clone(), identity.token.clone());
     let mut session = Session {
@@ -135,6 +138,8 @@ async fn start(
         inflight: Arc::new(Semaphore::new(hub.config.max_inflight_per_conn)),
         bucket: TokenBucket::new(hub.config.rate_per_sec, hub.config.rate_burst),
         limited_in_a_row: 0,
+        receipts,
+        receipts_decided: false,
     };
     let refused = session.welcome(&identity, guest_room, resumed).await.err();
     Some(Live {
@@ -330,6 +335,10 @@ struct Session {
     inflight: Arc<Semaphore>,
     bucket: TokenBucket,
     limited_in_a_row: u32,
+    /// Where DM receipts go (see `outbound::Receipts`).
+    receipts: mpsc::Sender<i64>,
+    /// The first command was seen (it decides how DMs count as received).
+    receipts_decided: bool,
 }
 
 impl Session {
@@ -470,6 +479,11 @@ impl Session {
                 .commands_total
                 .with_label_values(&[cmd.name()])
                 .inc();
+            if !self.receipts_decided {
+                self.receipts_decided = true;
+                let on_ack = matches!(cmd, Command::Ack { .. });
+                self.handle.decide_receipts(on_ack, &self.receipts);
+            }
             if let Flow::Quit = Box::pin(self.apply(cmd)).await {
                 return PartReason::Quit;
             }
@@ -634,6 +648,10 @@ impl Session {
                     .await;
             }
             Command::Ping { word } => self.reply(ServerLine::Pong { word }.to_bytes()).await,
+            Command::Ack { ids } => {
+                let count = self.handle.ack_dms(&ids, &self.receipts) as u32;
+                self.reply(ServerLine::OkAck { count }.to_bytes()).await;
+            }
             Command::Quit => return Flow::Quit,
         }
         Flow::Continue

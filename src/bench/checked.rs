@@ -337,9 +337,11 @@ impl Client {
         stream.set_nodelay(true)?;
         let (read, mut write) = stream.into_split();
         let mut read = BufReader::new(read);
+        // `ACK` as the first command: DMs count as received only once we
+        // acknowledge them, so one lost with a connection is delivered again.
         let first = match &self.token {
-            Some(t) => format!("RESUME {t}\n"),
-            None => format!("LOGIN {} {PASSWORD}\n", self.name),
+            Some(t) => format!("RESUME {t}\nACK\n"),
+            None => format!("LOGIN {} {PASSWORD}\nACK\n", self.name),
         };
         write.write_all(first.as_bytes()).await?;
         let mut line = String::new();
@@ -577,11 +579,15 @@ impl Client {
                     }
                 }
             }
-            // A DM is shown once per id (delivery is at-least-once).
+            // A DM is shown once per id (delivery is at-least-once) and
+            // acknowledged every time: only then does it stop being pending.
             ServerLine::Dm {
                 id, sender, text, ..
-            } if self.seen_dms.insert(id) => {
-                self.rec(json!({"e": "dm", "id": id, "from": sender, "text": text}));
+            } => {
+                if self.seen_dms.insert(id) {
+                    self.rec(json!({"e": "dm", "id": id, "from": sender, "text": text}));
+                }
+                return Ok(vec![format!("ACK {id}\n")]);
             }
             ServerLine::OkMsg { room, seq, cid, .. } => {
                 if let Some(cid) = cid {
@@ -751,7 +757,7 @@ impl Client {
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
-        let Some((mut read, write)) = conn else {
+        let Some((mut read, mut write)) = conn else {
             self.rec(json!({"e": "err", "code": "RELOGIN_FAILED"}));
             return;
         };
@@ -761,8 +767,13 @@ impl Client {
             tokio::select! {
                 r = read.read_line(&mut line) => match r {
                     Ok(n) if n > 0 => {
-                        let _ = self.on_line(line.trim_end());
+                        let out = self.on_line(line.trim_end()).unwrap_or_default();
                         line.clear();
+                        for l in out {
+                            if write.write_all(l.as_bytes()).await.is_err() {
+                                break;
+                            }
+                        }
                     }
                     _ => break,
                 },

@@ -126,15 +126,23 @@ impl ClientState {
         self.history_pending.clear();
         self.user_history.clear();
         match &self.token {
-            Some(token) => vec![format!("RESUME {token}")],
+            // `ACK` first: DMs count as received only once acknowledged.
+            Some(token) => vec![format!("RESUME {token}"), "ACK".into()],
             None => Vec::new(),
         }
     }
 
-    /// A line the user typed, about to be sent verbatim.
-    pub fn on_user_line(&mut self, line: &str) {
+    /// A line the user typed, about to be sent verbatim; returns what to send
+    /// right after it (`ACK` after a login line typed by the user).
+    pub fn on_user_line(&mut self, line: &str) -> Option<&'static str> {
         let mut words = line.split_whitespace();
         let keyword = words.next().unwrap_or("").to_ascii_uppercase();
+        let first_line = self.token.is_none()
+            && (matches!(keyword.as_str(), "LOGIN" | "RESUME")
+                || (keyword == "JOIN" && words.clone().count() == 2));
+        if first_line {
+            return Some("ACK");
+        }
         match keyword.as_str() {
             "QUIT" | "DISCONNECT" => self.quitting = true,
             "HISTORY" => {
@@ -144,6 +152,7 @@ impl ClientState {
             }
             _ => {}
         }
+        None
     }
 
     pub fn on_line(&mut self, line: &ServerLine) -> Reaction {
@@ -236,7 +245,7 @@ impl ClientState {
                 reaction
             }
             ServerLine::Dm { id, .. } => {
-                if self.seen_dms.insert(*id) {
+                let mut reaction = if self.seen_dms.insert(*id) {
                     self.seen_dm_order.push_back(*id);
                     if self.seen_dm_order.len() > MAX_SEEN_DMS {
                         if let Some(old) = self.seen_dm_order.pop_front() {
@@ -246,8 +255,12 @@ impl ClientState {
                     Reaction::show()
                 } else {
                     Reaction::hide()
-                }
+                };
+                // Shown (now or before): acknowledged, so it stops waiting.
+                reaction.send.push(format!("ACK {id}"));
+                reaction
             }
+            ServerLine::OkAck { .. } => Reaction::hide(),
             ServerLine::Err {
                 code: ErrorCode::TokenInvalid,
                 ..
@@ -332,10 +345,16 @@ mod tests {
         let mut s = logged_in();
         assert_eq!(s.token(), Some(TOKEN));
         assert_eq!(s.user(), Some("alice"));
-        assert_eq!(s.on_connected(), vec![format!("RESUME {TOKEN}")]);
+        assert_eq!(
+            s.on_connected(),
+            vec![format!("RESUME {TOKEN}"), "ACK".into()]
+        );
         let other = "ffffffffffffffffffffffffffffffff";
         feed(&mut s, &format!("OK RESUME alice {other}"));
-        assert_eq!(s.on_connected(), vec![format!("RESUME {other}")]);
+        assert_eq!(
+            s.on_connected(),
+            vec![format!("RESUME {other}"), "ACK".into()]
+        );
     }
 
     #[test]
@@ -405,7 +424,10 @@ mod tests {
         feed(&mut s, "OK JOIN lobby 2");
         feed(&mut s, "MSG lobby 3 100 bob hi");
         // The connection drops; messages 4..=6 are sent meanwhile.
-        assert_eq!(s.on_connected(), vec![format!("RESUME {TOKEN}")]);
+        assert_eq!(
+            s.on_connected(),
+            vec![format!("RESUME {TOKEN}"), "ACK".into()]
+        );
         feed(&mut s, &format!("OK RESUME alice {TOKEN}"));
         let r = feed(&mut s, "OK JOIN lobby 6");
         assert_eq!(r.send, vec!["HISTORY lobby 3"]);
@@ -460,9 +482,28 @@ mod tests {
     #[test]
     fn dms_are_shown_once() {
         let mut s = logged_in();
-        assert!(feed(&mut s, "DM 5 100 bob hello").show);
-        assert!(!feed(&mut s, "DM 5 100 bob hello").show);
+        let first = feed(&mut s, "DM 5 100 bob hello");
+        assert!(first.show);
+        assert_eq!(first.send, ["ACK 5"], "a DM is acknowledged");
+        let again = feed(&mut s, "DM 5 100 bob hello");
+        assert!(!again.show);
+        assert_eq!(
+            again.send,
+            ["ACK 5"],
+            "and acknowledged again when redelivered"
+        );
         assert!(feed(&mut s, "DM 6 100 bob again").show);
+        assert!(!feed(&mut s, "OK ACK 1").show);
+    }
+
+    #[test]
+    fn a_typed_login_is_followed_by_ack() {
+        let mut s = ClientState::new();
+        assert_eq!(s.on_user_line("LOGIN alice pw"), Some("ACK"));
+        assert_eq!(s.on_user_line("join lobby dave"), Some("ACK"));
+        let mut s = logged_in();
+        assert_eq!(s.on_user_line("JOIN lobby"), None);
+        assert_eq!(s.on_user_line("LOGIN alice pw"), None, "logged in already");
     }
 
     #[test]

@@ -6,6 +6,20 @@ use chat_protocol::ServerLine;
 
 use crate::common::{assert_recent_ts, wait_until, ErrorCode, Stack};
 
+/// Logs `user` in (password `pw`), and returns the ids of the DMs that waited.
+/// The login's first command is a `PING`: it takes them as received.
+async fn waiting_dms(stack: &Stack, user: &str) -> Vec<i64> {
+    let (mut c, _) = stack.login(user, "pw").await;
+    c.sync()
+        .await
+        .iter()
+        .filter_map(|l| match l {
+            ServerLine::Dm { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_dm_is_delivered_at_once_to_every_session() {
     let stack = Stack::start().await;
@@ -42,13 +56,7 @@ async fn online_dm_is_delivered_at_once_to_every_session() {
     wait_until(
         Duration::from_secs(5),
         "a new bob login gets no DM",
-        || async {
-            let (mut b, _) = stack.login("bob", "pw").await;
-            !b.sync()
-                .await
-                .iter()
-                .any(|l| matches!(l, ServerLine::Dm { .. }))
-        },
+        || async { waiting_dms(&stack, "bob").await.is_empty() },
     )
     .await;
 
@@ -129,13 +137,7 @@ async fn offline_dm_waits_for_next_login_and_is_delivered_once() {
     wait_until(
         Duration::from_secs(5),
         "a new carol login gets no DM",
-        || async {
-            let (mut c, _) = stack.login("carol", "pw").await;
-            !c.sync()
-                .await
-                .iter()
-                .any(|l| matches!(l, ServerLine::Dm { .. }))
-        },
+        || async { waiting_dms(&stack, "carol").await.is_empty() },
     )
     .await;
 }
@@ -153,4 +155,72 @@ async fn dm_to_unknown_user_is_no_such_user() {
         "detail starts with id=<cid>: {detail:?}"
     );
     alice.sync().await;
+}
+
+/// A session whose first command is `ACK` acknowledges its DMs: one it did
+/// not acknowledge (its connection died first) is delivered again at the next
+/// login, one it did is not, and an `ACK` counts only DMs written to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_dm_is_delivered_again_at_next_login() {
+    let stack = Stack::start().await;
+    let (mut bob, _) = stack.login("bob", "pw").await;
+    bob.send("ACK").await;
+    assert_eq!(bob.recv().await, ServerLine::OkAck { count: 0 });
+    let (mut alice, _) = stack.login("alice", "pw").await;
+    alice.send("DM id=a bob first").await;
+    let (first, _) = alice.msg_answer("a").await.expect("first DM acked");
+    alice.send("DM id=b bob second").await;
+    let (second, _) = alice.msg_answer("b").await.expect("second DM acked");
+    let (first, second) = (first as i64, second as i64);
+    for want in [first, second] {
+        bob.expect_within(
+            Duration::from_secs(5),
+            "a DM from alice",
+            |l| matches!(l, ServerLine::Dm { id, .. } if *id == want),
+        )
+        .await;
+    }
+
+    // Only DMs written to this session count, each once.
+    alice.send(&format!("ACK {second}")).await;
+    assert_eq!(
+        alice.recv().await,
+        ServerLine::OkAck { count: 0 },
+        "not alice's DM"
+    );
+    bob.send(&format!("ACK {first} 999999")).await;
+    assert_eq!(bob.recv().await, ServerLine::OkAck { count: 1 });
+    bob.send(&format!("ACK {first}")).await;
+    assert_eq!(
+        bob.recv().await,
+        ServerLine::OkAck { count: 0 },
+        "acked before"
+    );
+    bob.send("ACK x").await;
+    bob.expect_err(ErrorCode::BadArgs).await;
+
+    // The connection dies with the second DM unacknowledged.
+    drop(bob);
+    wait_until(
+        Duration::from_secs(5),
+        "bob's next login gets the unacknowledged DM, and only it",
+        || async {
+            let dms = waiting_dms(&stack, "bob").await;
+            assert!(
+                !dms.contains(&first),
+                "an acknowledged DM came again: {dms:?}"
+            );
+            dms == [second]
+        },
+    )
+    .await;
+
+    // That login's first command was a PING: it took the DM as received when
+    // written, as a session that does not acknowledge does.
+    wait_until(
+        Duration::from_secs(5),
+        "no DM is pending any more",
+        || async { waiting_dms(&stack, "bob").await.is_empty() },
+    )
+    .await;
 }
