@@ -230,10 +230,12 @@ async fn rooms_lists_rooms_by_name() {
     alice.msg("beta", "b2", "two").await;
     alice.msg("gamma", "g1", "one").await;
 
-    bob.send("ROOMS").await;
+    // Asked by alice, whose message was the last write: her reads see it even
+    // when a replica serves them (another session's reads may lag a little).
+    alice.send("ROOMS").await;
     let mut rooms = Vec::new();
     loop {
-        match bob.recv().await {
+        match alice.recv().await {
             ServerLine::Room {
                 room,
                 last_seq,
