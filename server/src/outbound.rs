@@ -219,10 +219,6 @@ impl Rx {
             self.0.filled.notified().await;
         }
     }
-
-    fn is_empty(&self) -> bool {
-        self.0.lock().items.is_empty()
-    }
 }
 
 const KICK_NONE: u8 = 0;
@@ -426,14 +422,18 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most bytes gathered from the queue into one write.
 const WRITE_CHUNK: usize = 64 * 1024;
 
+/// Most queued buffers handed to one vectored write.
+const MAX_IOV: usize = 64;
+
 /// Drains the queue into the socket until `Out::Close` or the socket fails.
 /// Ids of written DMs go to the session's [`Receipts`], which report them to
 /// `receipts` as received (best effort: a full receipts queue leaves the DM
 /// pending, so it is delivered again at the next login).
 ///
-/// No buffer is kept between writes: a lone line is written as it is, and
-/// only a backlog is gathered (up to [`WRITE_CHUNK`]) into a buffer that is
-/// freed after the write, so an idle connection holds no write buffer.
+/// Nothing is copied and no buffer is kept between writes: the queued buffers
+/// (a room's batch is one buffer shared by every member) go to the socket as
+/// they are, a backlog of them (up to [`WRITE_CHUNK`] bytes, [`MAX_IOV`]
+/// buffers) in one vectored write.
 pub async fn write_loop(
     handle: SessionHandle,
     mut rx: Rx,
@@ -441,48 +441,35 @@ pub async fn write_loop(
     receipts: mpsc::Sender<i64>,
 ) {
     let mut written_dms = Vec::new();
+    let mut bufs: Vec<Bytes> = Vec::new();
     loop {
         let Some(out) = rx.recv().await else { break };
         let (first, mut last) = unpack(out, &mut written_dms);
-        let bytes = if last || rx.is_empty() {
-            first
-        } else {
-            let mut buf = bytes::BytesMut::with_capacity(WRITE_CHUNK.min(first.len() * 8));
-            buf.extend_from_slice(&first);
-            while buf.len() < WRITE_CHUNK && !last {
-                match rx.try_recv() {
-                    Some(out) => {
-                        let (b, l) = unpack(out, &mut written_dms);
-                        buf.extend_from_slice(&b);
-                        last = l;
-                    }
-                    None => break,
+        let mut total = first.len();
+        bufs.push(first);
+        while !last && total < WRITE_CHUNK && bufs.len() < MAX_IOV {
+            match rx.try_recv() {
+                Some(out) => {
+                    let (b, l) = unpack(out, &mut written_dms);
+                    total += b.len();
+                    bufs.push(b);
+                    last = l;
                 }
+                None => break,
             }
-            buf.freeze()
-        };
-        // Most writes go through at once; only one that would block waits,
-        // and only that wait also listens for a kick.
-        let done = match w.try_write(&bytes) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-            Err(_) => {
+        }
+        let res = write_bufs(&handle, &mut w, &bufs).await;
+        bufs.clear();
+        if bufs.capacity() > 8 {
+            bufs = Vec::new();
+        }
+        match res {
+            Written::All => {}
+            Written::Kicked => break,
+            Written::Failed => {
                 handle.kick(KICK_GONE);
                 break;
             }
-        };
-        let res = if done == bytes.len() {
-            Ok(())
-        } else {
-            tokio::select! {
-                r = w.write_all(&bytes[done..]) => r,
-                _ = handle.kicked() => break,
-            }
-        };
-        drop(bytes);
-        if res.is_err() {
-            handle.kick(KICK_GONE);
-            break;
         }
         if !written_dms.is_empty() {
             handle.dms_written(&mut written_dms, &receipts);
@@ -500,6 +487,65 @@ pub async fn write_loop(
     }
 }
 
+enum Written {
+    All,
+    Kicked,
+    Failed,
+}
+
+/// Writes every byte of `bufs`. Most writes go through at once; only one
+/// that would block waits, and only that wait also listens for a kick.
+async fn write_bufs(handle: &SessionHandle, w: &mut OwnedWriteHalf, bufs: &[Bytes]) -> Written {
+    // Position: buffer `i`, `off` bytes into it.
+    let (mut i, mut off) = (0, 0);
+    loop {
+        // Skip what is written, and empty buffers (an empty farewell).
+        while i < bufs.len() && bufs[i].len() == off {
+            i += 1;
+            off = 0;
+        }
+        if i == bufs.len() {
+            return Written::All;
+        }
+        let mut iov = [std::io::IoSlice::new(&[]); MAX_IOV];
+        let mut n_iov = 0;
+        for (k, b) in bufs[i..].iter().enumerate() {
+            iov[k] = std::io::IoSlice::new(if k == 0 { &b[off..] } else { b });
+            n_iov += 1;
+        }
+        let iov = &iov[..n_iov];
+        let n = match w.try_write_vectored(iov) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::select! {
+                    r = w.write_vectored(iov) => match r {
+                        Ok(n) => n,
+                        Err(_) => return Written::Failed,
+                    },
+                    _ = handle.kicked() => return Written::Kicked,
+                }
+            }
+            Err(_) => return Written::Failed,
+        };
+        if n == 0 {
+            return Written::Failed;
+        }
+        // Advance past what was written.
+        let mut left = n;
+        while left > 0 {
+            let rest = bufs[i].len() - off;
+            if left >= rest {
+                left -= rest;
+                i += 1;
+                off = 0;
+            } else {
+                off += left;
+                left = 0;
+            }
+        }
+    }
+}
+
 /// The bytes of a queued item, and whether it is the last; notes DM ids.
 fn unpack(out: Out, dms: &mut Vec<i64>) -> (Bytes, bool) {
     match out {
@@ -509,5 +555,54 @@ fn unpack(out: Out, dms: &mut Vec<i64>) -> (Bytes, bool) {
             (b, false)
         }
         Out::Close(b) => (b, true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Buffers bigger than the socket can take at once, empty ones among
+    /// them, arrive whole and in order: partial vectored writes resume where
+    /// they stopped.
+    #[tokio::test]
+    async fn vectored_writes_resume_after_partial_writes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (_rd, mut w) = client.unwrap().into_split();
+        let (mut peer, _) = accepted.unwrap();
+        let (handle, _rx) = channel(1, "u".into(), 16);
+
+        let bufs: Vec<Bytes> = (0..40u8)
+            .map(|k| match k % 5 {
+                0 => Bytes::new(),
+                _ => Bytes::from(vec![k; 50_000 + k as usize]),
+            })
+            .collect();
+        let want: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = vec![0u8; 7_000];
+            loop {
+                let n = peer.read(&mut chunk).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&chunk[..n]);
+                tokio::task::yield_now().await;
+            }
+            got
+        });
+        assert!(matches!(
+            write_bufs(&handle, &mut w, &bufs).await,
+            Written::All
+        ));
+        drop(w);
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "bytes arrive in order");
     }
 }
