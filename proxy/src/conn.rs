@@ -291,16 +291,34 @@ impl Pump {
     }
 }
 
+/// A read buffer that knows its spare capacity (what [`read_drained`] needs:
+/// `BufMut` alone may grow a `Vec` and so cannot tell a filled buffer).
+pub trait SpareCapacity: bytes::BufMut {
+    fn spare(&self) -> usize;
+}
+
+impl SpareCapacity for Vec<u8> {
+    fn spare(&self) -> usize {
+        self.capacity() - self.len()
+    }
+}
+
+impl SpareCapacity for BytesMut {
+    fn spare(&self) -> usize {
+        self.capacity() - self.len()
+    }
+}
+
 /// Reads what `from` has ready into the spare capacity of `buf`. A read
 /// that does not fill the buffer emptied the socket, so its readiness is
 /// cleared right away; otherwise tokio learns that only from one more read
 /// that finds nothing, a system call per chunk copied.
-pub(crate) fn read_drained(from: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+pub fn read_drained<B: SpareCapacity>(from: &TcpStream, buf: &mut B) -> std::io::Result<usize> {
     let mut got = None;
     let r = from.try_io(Interest::READABLE, || {
         let n = from.try_read_buf(buf)?;
         got = Some(n);
-        if n > 0 && buf.len() < buf.capacity() {
+        if n > 0 && buf.spare() > 0 {
             // Clears the readiness (unless an event came in meanwhile).
             Err(std::io::ErrorKind::WouldBlock.into())
         } else {

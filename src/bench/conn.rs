@@ -372,7 +372,7 @@ async fn read_loop(
                 r = read.readable() => r,
                 _ = shared.end.cancelled() => break None,
             };
-            match ready.and_then(|()| read_drained(read.as_ref(), &mut buf)) {
+            match ready.and_then(|()| chat_proxy::read_drained(read.as_ref(), &mut buf)) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 r => break Some(r),
             }
@@ -391,27 +391,6 @@ async fn read_loop(
     shared
         .latencies
         .merge(hist.deliver.as_ref(), hist.ack.as_ref());
-}
-
-/// Reads what `from` has ready into `buf`'s spare capacity; a read that
-/// leaves some of it unfilled emptied the socket, and clears its readiness
-/// at once instead of after one more read that finds nothing (the same as
-/// the proxy's copy loop does).
-fn read_drained(from: &TcpStream, buf: &mut bytes::BytesMut) -> std::io::Result<usize> {
-    let mut got = None;
-    let r = from.try_io(tokio::io::Interest::READABLE, || {
-        let n = from.try_read_buf(buf)?;
-        got = Some(n);
-        if n > 0 && buf.len() < buf.capacity() {
-            Err(std::io::ErrorKind::WouldBlock.into())
-        } else {
-            Ok(n)
-        }
-    });
-    match (got, r) {
-        (Some(n), _) => Ok(n),
-        (None, r) => r,
-    }
 }
 
 /// Latency histograms of one connection, made on first use: an idle
