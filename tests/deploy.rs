@@ -142,14 +142,17 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_prometheus(targets: &[(&str, SocketAddr)]) -> Prometheus {
+/// Starts Prometheus on a free port and waits until it is ready. A port found
+/// free can be taken by another test process before Prometheus binds it: then
+/// it exits, and the start is tried again on a fresh port.
+async fn start_prometheus(targets: &[(&str, SocketAddr)]) -> Prometheus {
+    const ATTEMPTS: u32 = 5;
     let bin = find_on_path("prometheus").unwrap_or_else(|| {
         panic!(
             "`prometheus` is not on PATH: install the Debian package `prometheus` \
              (scripts/check-deploy does)"
         )
     });
-    let dir = tempfile::tempdir().unwrap();
     let mut cfg = String::from(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\n",
     );
@@ -162,28 +165,51 @@ fn start_prometheus(targets: &[(&str, SocketAddr)]) -> Prometheus {
             "  - job_name: {job}\n    metrics_path: /metrics\n    static_configs:\n      - targets: ['{addr}']\n"
         );
     }
-    let cfg_path = dir.path().join("prometheus.yml");
-    std::fs::write(&cfg_path, cfg).unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-    let child = Command::new(bin)
-        .arg(format!("--config.file={}", cfg_path.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address={addr}"))
-        .arg("--log.level=warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start prometheus");
-    Prometheus {
-        child,
-        addr,
-        _dir: dir,
+    for attempt in 1..=ATTEMPTS {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg_path = dir.path().join("prometheus.yml");
+        std::fs::write(&cfg_path, &cfg).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(&bin)
+            .arg(format!("--config.file={}", cfg_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus");
+        let mut prom = Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = prom.child.try_wait() {
+                let log = prom.log();
+                if attempt < ATTEMPTS && log.contains("address already in use") {
+                    break;
+                }
+                panic!("prometheus exited with {status}: {log}");
+            }
+            if matches!(http_get(addr, "/-/ready").await, Ok((200, _))) {
+                return prom;
+            }
+            assert!(
+                Instant::now() < end,
+                "prometheus not ready after 30 s: {}",
+                prom.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
+    unreachable!("the last attempt returns or panics")
 }
 
 impl Prometheus {
@@ -486,7 +512,8 @@ async fn prometheus_scrapes_every_tier_and_evaluates_the_rules() {
         ("chat-dbproxy", tiers.dbproxy),
         ("chat-server", tiers.server_admin),
         ("chat-proxy", tiers.proxy_admin),
-    ]);
+    ])
+    .await;
 
     // Every tier is up == 1, as Prometheus sees it.
     wait_for(

@@ -84,8 +84,26 @@ pub struct Server {
     _dir: tempfile::TempDir,
 }
 
+/// How many fresh ports a server start tries: a port found free can be taken
+/// by another test process before mariadbd binds it.
+const START_ATTEMPTS: u32 = 5;
+
 impl Server {
     pub fn start(server_id: u32, read_only: bool) -> Server {
+        let mut attempt = 1;
+        loop {
+            match Self::try_start(server_id, read_only) {
+                Ok(server) => return server,
+                Err(log) if attempt < START_ATTEMPTS && log.contains("Address already in use") => {
+                    attempt += 1;
+                }
+                Err(log) => panic!("mariadbd (server {server_id}) did not start: {log}"),
+            }
+        }
+    }
+
+    /// One start on one free port; the error log when mariadbd exits early.
+    fn try_start(server_id: u32, read_only: bool) -> Result<Server, String> {
         let mariadbd = binary(MARIADBD);
         let dir = tempfile::Builder::new()
             .prefix("mdb")
@@ -137,20 +155,20 @@ impl Server {
             child: Some(child),
             _dir: dir,
         };
-        server.wait_ready();
-        server
+        server.wait_ready()?;
+        Ok(server)
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("mariadbd exited with {status}: {}", self.error_log());
+                    return Err(format!("exited with {status}: {}", self.error_log()));
                 }
             }
             if self.try_sql("SELECT 1").is_ok() {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
