@@ -142,7 +142,8 @@ lines += [
     "",
     "## Fanout, side by side",
     "",
-    f"Same workload for each ({fan['clients']} connections; every member of a room receives",
+    f"Same workload for each ({fan['clients'] // max(fan.get('room_size', 1), 1)} rooms of "
+    f"{fan.get('room_size', '?')} members, {fan['clients']} connections; every member of a room receives",
     "every message; two senders per room with the same in-flight window; for IRC a `PING` after each half",
     "window stands in for acks). Ours goes through the proxy, and every message is",
     "committed to SQLite before it is fanned out; the IRC daemons store nothing.",

@@ -62,10 +62,10 @@ pub struct Options {
     /// Connections for idle and dm (fanout and durable use rooms × room-size).
     #[arg(long, default_value_t = 1000)]
     clients: usize,
-    /// Rooms (fanout, durable).
+    /// Rooms (fanout: 10, durable: 200).
     #[arg(long)]
     rooms: Option<usize>,
-    /// Members per room.
+    /// Members per room (fanout: 500, durable: 2).
     #[arg(long)]
     room_size: Option<usize>,
     /// Senders per room (fanout; durable: every member).
@@ -127,7 +127,7 @@ fn plans(o: &Options, run_id: &str) -> anyhow::Result<Vec<Plan>> {
     let (clients, room_size, senders) = match o.scenario {
         Scenario::Idle => (o.clients, o.room_size.unwrap_or(10), 0),
         Scenario::Fanout => {
-            let size = o.room_size.unwrap_or(50);
+            let size = o.room_size.unwrap_or(500);
             (o.rooms.unwrap_or(10) * size, size, o.senders.min(size))
         }
         Scenario::Durable => {
@@ -180,6 +180,12 @@ pub async fn run(o: Options, shutdown: CancellationToken) -> anyhow::Result<()> 
     let run_id = format!("{:x}", std::process::id() ^ (now_unix_ms() as u32));
     let plans = plans(&o, &run_id)?;
     let clients = plans.len();
+    let first_room: Vec<&Plan> = plans
+        .iter()
+        .filter(|p| plans.first().is_some_and(|f| f.room == p.room))
+        .collect();
+    let room_size = first_room.len();
+    let senders = first_room.iter().filter(|p| p.rate.is_some()).count();
     let shared = Arc::new(Shared {
         targets,
         protocol: o.protocol,
@@ -295,6 +301,8 @@ pub async fn run(o: Options, shutdown: CancellationToken) -> anyhow::Result<()> 
         protocol: format!("{:?}", o.protocol).to_lowercase(),
         target: target.to_string(),
         clients: clients as u64,
+        room_size: room_size as u64,
+        senders_per_room: senders as u64,
         connected,
         connect_failed: Counters::get(&c.connect_failed),
         connect_secs,

@@ -101,6 +101,10 @@ pub struct Report {
     pub protocol: String,
     pub target: String,
     pub clients: u64,
+    /// Members per room (the rooms are `clients / room_size`, the last one
+    /// smaller when it does not divide), and how many of them send.
+    pub room_size: u64,
+    pub senders_per_room: u64,
     pub connected: u64,
     pub connect_failed: u64,
     pub connect_secs: f64,
