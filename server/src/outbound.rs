@@ -522,8 +522,8 @@ async fn write_bufs(handle: &SessionHandle, w: &mut OwnedWriteHalf, bufs: &[Byte
             // Boxed: the wait's state exists only while a write waits.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 match Box::pin(writable_or_kicked(handle, w)).await {
-                    Written::All => continue,
-                    other => return other,
+                    Ok(()) => continue,
+                    Err(ended) => return ended,
                 }
             }
             Err(_) => return Written::Failed,
@@ -547,15 +547,12 @@ async fn write_bufs(handle: &SessionHandle, w: &mut OwnedWriteHalf, bufs: &[Byte
     }
 }
 
-/// Waits until `w` takes bytes again (`All`), the session is kicked, or the
-/// socket fails.
-async fn writable_or_kicked(handle: &SessionHandle, w: &OwnedWriteHalf) -> Written {
+/// Waits until `w` takes bytes again; `Err` once the session is kicked or
+/// the socket fails.
+async fn writable_or_kicked(handle: &SessionHandle, w: &OwnedWriteHalf) -> Result<(), Written> {
     tokio::select! {
-        r = w.as_ref().writable() => match r {
-            Ok(()) => Written::All,
-            Err(_) => Written::Failed,
-        },
-        _ = handle.kicked() => Written::Kicked,
+        r = w.as_ref().writable() => r.map_err(|_| Written::Failed),
+        _ = handle.kicked() => Err(Written::Kicked),
     }
 }
 

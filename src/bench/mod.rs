@@ -108,7 +108,15 @@ pub struct Options {
     host_index: usize,
 }
 
-fn plans(o: &Options, run_id: &str) -> anyhow::Result<Vec<Plan>> {
+/// The connections of a run, and the shape of their rooms.
+struct Layout {
+    plans: Vec<Plan>,
+    room_size: usize,
+    /// Senders per room.
+    senders: usize,
+}
+
+fn layout(o: &Options, run_id: &str) -> anyhow::Result<Layout> {
     let irc = o.protocol == Protocol::Irc;
     let room_name = |k: usize| {
         if irc {
@@ -148,7 +156,7 @@ fn plans(o: &Options, run_id: &str) -> anyhow::Result<Vec<Plan>> {
     } else {
         o.rate / n_senders as f64
     };
-    Ok((0..clients)
+    let plans = (0..clients)
         .map(|i| Plan {
             index: i,
             name: user(i),
@@ -156,7 +164,12 @@ fn plans(o: &Options, run_id: &str) -> anyhow::Result<Vec<Plan>> {
             dm_peer: (o.scenario == Scenario::Dm).then(|| user(i ^ 1)),
             rate: (i % room_size < senders).then_some(per_sender),
         })
-        .collect())
+        .collect();
+    Ok(Layout {
+        plans,
+        room_size,
+        senders: senders.min(room_size),
+    })
 }
 
 pub async fn run(o: Options, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -178,14 +191,12 @@ pub async fn run(o: Options, shutdown: CancellationToken) -> anyhow::Result<()> 
     anyhow::ensure!(!targets.is_empty(), "--target: no address");
     let target = o.target.clone();
     let run_id = format!("{:x}", std::process::id() ^ (now_unix_ms() as u32));
-    let plans = plans(&o, &run_id)?;
+    let Layout {
+        plans,
+        room_size,
+        senders,
+    } = layout(&o, &run_id)?;
     let clients = plans.len();
-    let first_room: Vec<&Plan> = plans
-        .iter()
-        .filter(|p| plans.first().is_some_and(|f| f.room == p.room))
-        .collect();
-    let room_size = first_room.len();
-    let senders = first_room.iter().filter(|p| p.rate.is_some()).count();
     let shared = Arc::new(Shared {
         targets,
         protocol: o.protocol,
