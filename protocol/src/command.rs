@@ -136,6 +136,7 @@ impl Command {
                     "MSG [id=<cid>] <room> <text>: bad room",
                 )?;
                 check(!text.is_empty(), "MSG [id=<cid>] <room> <text>: empty text")?;
+                text_arg(text)?;
                 Ok(Command::Msg {
                     cid,
                     room: room.into(),
@@ -147,6 +148,7 @@ impl Command {
                 let (to, text) = split_word(rest);
                 check(names::is_user(to), "DM [id=<cid>] <user> <text>: bad user")?;
                 check(!text.is_empty(), "DM [id=<cid>] <user> <text>: empty text")?;
+                text_arg(text)?;
                 Ok(Command::Dm {
                     cid,
                     to: to.into(),
@@ -220,6 +222,10 @@ fn check(ok: bool, usage: &str) -> Result<(), ParseError> {
     } else {
         Err(ParseError::bad_args(usage))
     }
+}
+
+fn text_arg(text: &str) -> Result<(), ParseError> {
+    crate::text::check(text).map_err(|e| ParseError::bad_args(e.to_string()))
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -387,6 +393,9 @@ mod tests {
         assert_eq!(p("ACK x").unwrap_err().code, ErrorCode::BadArgs);
         assert_eq!(p("ACK 0").unwrap_err().code, ErrorCode::BadArgs);
         assert_eq!(p("ACK -3").unwrap_err().code, ErrorCode::BadArgs);
+        assert_eq!(p("MSG r a\rb").unwrap_err().code, ErrorCode::BadArgs);
+        assert_eq!(p("DM bob \u{1b}[2J").unwrap_err().code, ErrorCode::BadArgs);
+        assert_eq!(p("MSG r \u{202e}x").unwrap_err().code, ErrorCode::BadArgs);
         let many = format!("ACK{}", " 1".repeat(ACK_MAX_IDS + 1));
         assert_eq!(p(&many).unwrap_err().code, ErrorCode::BadArgs);
     }
@@ -398,7 +407,10 @@ mod tests {
     fn arb_command() -> impl Strategy<Value = Command> {
         let user = || word("[A-Za-z0-9_.-]{1,32}");
         let room = || word("[A-Za-z0-9_.#-]{1,64}");
-        let text = || word("[^\\r\\n ][^\\r\\n]{0,40}");
+        let text = || {
+            word("[^\\r\\n ][^\\r\\n]{0,40}")
+                .prop_filter("allowed text", |t| crate::text::is_text(t))
+        };
         let cid = || proptest::option::of(word("[A-Za-z0-9_.:-]{1,64}"));
         prop_oneof![
             (user(), word("[!-~]{1,20}"))

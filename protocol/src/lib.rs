@@ -11,6 +11,7 @@ pub mod command;
 pub mod error;
 pub mod names;
 pub mod reply;
+pub mod text;
 
 pub use codec::{Frame, LineCodec};
 pub use command::Command;
