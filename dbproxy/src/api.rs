@@ -104,6 +104,11 @@ pub struct LoginReq {
     pub password: String,
     /// Token lifetime policy is the chat server's: it passes its setting.
     pub token_idle_ttl_ms: i64,
+    /// The client's IP address as the chat server knows it (the proxy's
+    /// PROXY line, else the connection's peer): what failed-login limits
+    /// per source count against. `None` from callers that have no client.
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 /// `PATH_GUEST`: take a guest name (fails with `NameTaken` if it is registered

@@ -276,11 +276,13 @@ impl DbClient {
         user: &str,
         password: &str,
         ttl_ms: i64,
+        source: Option<std::net::IpAddr>,
     ) -> Result<Identity, ApiError> {
         let req = LoginReq {
             user: user.into(),
             password: password.into(),
             token_idle_ttl_ms: ttl_ms,
+            source: source.map(|ip| ip.to_string()),
         };
         // A login that registered the user answers the same when repeated.
         self.post(PATH_LOGIN, &req, Retry::Safe).await

@@ -181,7 +181,7 @@ async fn open(
             }
             return None;
         }
-        Ok(Some(Ok(Frame::Line(line)))) => match login(hub, &line).await {
+        Ok(Some(Ok(Frame::Line(line)))) => match login(hub, &line, peer.ip()).await {
             Ok(ok) => ok,
             Err(err) => {
                 tracing::debug!(%peer, "first line refused");
@@ -254,7 +254,11 @@ fn first_line_error(hub: &Hub, code: ErrorCode, detail: &str) -> ServerLine {
 
 /// Handles the first line: the identity, the room of a guest start, and
 /// whether it was a RESUME.
-async fn login(hub: &Hub, line: &str) -> Result<(Identity, Option<String>, bool), ServerLine> {
+async fn login(
+    hub: &Hub,
+    line: &str,
+    source: std::net::IpAddr,
+) -> Result<(Identity, Option<String>, bool), ServerLine> {
     let ttl = (hub.config.token_idle_ttl_secs * 1000) as i64;
     let cmd =
         match Command::parse(line) {
@@ -276,7 +280,7 @@ async fn login(hub: &Hub, line: &str) -> Result<(Identity, Option<String>, bool)
         match cmd {
             Command::Login { user, password } => hub
                 .db
-                .login(&user, &password, ttl)
+                .login(&user, &password, ttl, Some(source))
                 .await
                 .map(|i| (i, None, false)),
             Command::Resume { token } => hub.db.resume(&token, ttl).await.map(|i| (i, None, true)),
