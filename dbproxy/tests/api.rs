@@ -117,13 +117,13 @@ async fn login_registers_then_checks_password() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proxy::start(dir.path()).await;
     let c = &p.client;
-    let id = c.login("alice", "s3cret", TTL).await.unwrap();
+    let id = c.login("alice", "s3cret", TTL, None).await.unwrap();
     assert_eq!(id.user, "alice");
     assert!(!id.guest);
     assert!(id.token.starts_with("alice.") && id.token.len() == "alice.".len() + 32);
-    let again = c.login("alice", "s3cret", TTL).await.unwrap();
+    let again = c.login("alice", "s3cret", TTL, None).await.unwrap();
     assert_ne!(again.token, id.token);
-    let e = c.login("alice", "wrong", TTL).await.unwrap_err();
+    let e = c.login("alice", "wrong", TTL, None).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::AuthFailed);
     // A registered name is never a guest name.
     assert_eq!(
@@ -156,7 +156,7 @@ async fn guest_names_and_expiry() {
     );
     // A live guest's name cannot be registered either.
     assert_eq!(
-        c.login("dave", "pw", TTL).await.unwrap_err().kind,
+        c.login("dave", "pw", TTL, None).await.unwrap_err().kind,
         ErrorKind::NameTaken
     );
     c.join("lobby", "dave").await.unwrap();
@@ -200,7 +200,7 @@ async fn guest_names_and_expiry() {
     // An expired guest's name can be registered with LOGIN.
     let deadline = Instant::now() + Duration::from_secs(5);
     let reg = loop {
-        match c.login("dave", "pw", 0).await {
+        match c.login("dave", "pw", 0, None).await {
             Ok(id) => break id,
             Err(e) => assert_eq!(e.kind, ErrorKind::NameTaken),
         }
@@ -209,7 +209,7 @@ async fn guest_names_and_expiry() {
     };
     assert!(!reg.guest);
     assert_eq!(
-        c.login("dave", "other", TTL).await.unwrap_err().kind,
+        c.login("dave", "other", TTL, None).await.unwrap_err().kind,
         ErrorKind::AuthFailed
     );
     p.stop().await;
@@ -435,7 +435,7 @@ async fn direct_messages() {
 async fn restart_keeps_data() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proxy::start(dir.path()).await;
-    let token = p.client.login("kim", "pw", TTL).await.unwrap().token;
+    let token = p.client.login("kim", "pw", TTL, None).await.unwrap().token;
     p.client.join("keep", "kim").await.unwrap();
     p.client
         .append(vec![item("keep", "kim", Some("k1"), "persisted")])
@@ -447,7 +447,7 @@ async fn restart_keeps_data() {
     let c = &p.client;
     assert_eq!(c.resume(&token, TTL).await.unwrap().user, "kim");
     assert_eq!(
-        c.login("kim", "bad", TTL).await.unwrap_err().kind,
+        c.login("kim", "bad", TTL, None).await.unwrap_err().kind,
         ErrorKind::AuthFailed
     );
     assert_eq!(
@@ -521,13 +521,13 @@ async fn concurrent_first_logins_agree() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proxy::start(dir.path()).await;
     let (a, b) = tokio::join!(
-        p.client.login("twin", "pw", TTL),
-        p.client.login("twin", "pw", TTL)
+        p.client.login("twin", "pw", TTL, None),
+        p.client.login("twin", "pw", TTL, None)
     );
     assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
     let (a, b) = tokio::join!(
-        p.client.login("rival", "one", TTL),
-        p.client.login("rival", "two", TTL)
+        p.client.login("rival", "one", TTL, None),
+        p.client.login("rival", "two", TTL, None)
     );
     let kinds = [
         a.map(|_| ()).map_err(|e| e.kind),
