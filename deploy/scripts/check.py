@@ -16,7 +16,9 @@ Usage: check.py KUBECTL KUBERNETES_VALIDATE PROMTOOL CHAT_BINARY OUT_DIR
 5. checks the PrometheusRule's spec equals deploy/prometheus/rules.yml and runs
    `promtool check rules` on both;
 6. checks every chat_* metric the rules and the dashboard use is registered in
-   the source (tests/deploy.rs also checks them against live /metrics output).
+   the source (tests/deploy.rs also checks them against live /metrics output);
+7. evaluates the NetworkPolicies as Kubernetes does and checks who can reach
+   each named port of each tier against the intended matrix (REACH).
 """
 
 import json
@@ -315,6 +317,102 @@ def check_metric_names():
         print(f"ok: {len(used)} metric names of rules + dashboard are registered in the source")
 
 
+# Who may open a connection to each named container port (docs/SECURITY.md).
+# Sources: the chat tiers, another pod of the namespace, Prometheus in its own
+# namespace, and a client outside the cluster.
+SOURCES = {
+    "proxy": ("chat", {"app.kubernetes.io/name": "chat", "app.kubernetes.io/component": "proxy"}),
+    "server": ("chat", {"app.kubernetes.io/name": "chat", "app.kubernetes.io/component": "server"}),
+    "dbproxy": ("chat", {"app.kubernetes.io/name": "chat", "app.kubernetes.io/component": "dbproxy"}),
+    "mariadb": ("chat", {"app.kubernetes.io/name": "mariadb", "app.kubernetes.io/component": "replica"}),
+    "other-pod": ("chat", {"app.kubernetes.io/name": "something-else"}),
+    "prometheus": ("monitoring", {"app.kubernetes.io/name": "prometheus"}),
+    "external": None,
+}
+REACH = {
+    ("proxy", "client"): {"proxy", "server", "dbproxy", "mariadb", "other-pod", "prometheus", "external"},
+    ("proxy", "admin"): {"prometheus"},
+    ("server", "client"): {"proxy", "server"},
+    ("server", "admin"): {"proxy", "prometheus"},
+    ("dbproxy", "api"): {"server"},
+    ("dbproxy", "admin"): {"prometheus"},
+    # The kind overlay's MariaDB (production uses a managed database).
+    ("mariadb", "mysql"): {"dbproxy", "mariadb"},
+}
+
+
+def peer_matches(peer, policy_ns, source):
+    if source is None:
+        return False  # ipBlock peers are not used for in-cluster sources here
+    src_ns, src_labels = source
+    if "ipBlock" in peer:
+        return False
+    ns_sel = peer.get("namespaceSelector")
+    pod_sel = peer.get("podSelector")
+    if ns_sel is None and src_ns != policy_ns:
+        return False
+    if ns_sel is not None and not selects(ns_sel.get("matchLabels", {}),
+                                          {"kubernetes.io/metadata.name": src_ns}):
+        return False
+    return pod_sel is None or selects(pod_sel.get("matchLabels", {}), src_labels)
+
+
+def port_matches(rule_ports, container, port_name):
+    if not rule_ports:
+        return True
+    number = named_port(container, port_name)
+    return any(p.get("port") in (port_name, number) for p in rule_ports)
+
+
+def allowed(policies, ns, labels, container, port_name, source):
+    """NetworkPolicy semantics for ingress: a pod no policy selects takes
+    everything; a selected pod takes what some rule of a selecting policy allows."""
+    selecting = [p for p in policies
+                 if p["metadata"].get("namespace", "default") == ns
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+                 and selects(p["spec"]["podSelector"].get("matchLabels", {}), labels)]
+    if not selecting:
+        return True
+    for p in selecting:
+        for rule in p["spec"].get("ingress", []):
+            peers = rule.get("from")
+            if peers and not any(peer_matches(peer, ns, source) for peer in peers):
+                continue
+            if port_matches(rule.get("ports"), container, port_name):
+                return True
+    return False
+
+
+def check_network_policies(rendered):
+    for name, docs in rendered.items():
+        policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+        ok = True
+        workloads = [(d, spec, c, c["args"][0]) for d, spec, c in chat_workloads(docs)]
+        workloads += [(d, d["spec"]["template"]["spec"], d["spec"]["template"]["spec"]["containers"][0], "mariadb")
+                      for d in docs if d["kind"] == "StatefulSet"
+                      and d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name") == "mariadb"]
+        for d, spec, c, tier in workloads:
+            ns = d["metadata"].get("namespace", "default")
+            labels = d["spec"]["template"]["metadata"]["labels"]
+            ports = [p["name"] for p in c.get("ports", [])]
+            for port in ports:
+                want = REACH.get((tier, port))
+                if want is None:
+                    fail(f"{name}: {tier} port {port} has no intended reachability in REACH")
+                    ok = False
+                    continue
+                got = {s for s, src in SOURCES.items() if allowed(policies, ns, labels, c, port, src)}
+                if got != want:
+                    fail(f"{name}: {tier}:{port} reachable from {sorted(got)}, intended {sorted(want)}")
+                    ok = False
+            for (t, port) in REACH:
+                if t == tier and port not in ports:
+                    fail(f"{name}: {tier} has no container port named {port}")
+                    ok = False
+        if ok:
+            print(f"ok: NetworkPolicies give every tier port exactly its intended sources: {name}")
+
+
 def main():
     kubectl, kv, promtool, chat, out = sys.argv[1:6]
     out = Path(out).resolve()
@@ -325,6 +423,7 @@ def main():
     check_consistency(rendered)
     check_rules(promtool, out, rendered)
     check_metric_names()
+    check_network_policies(rendered)
     if failures:
         print(f"\ncheck-deploy: {len(failures)} check(s) failed")
         sys.exit(1)
