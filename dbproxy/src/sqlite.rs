@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +17,8 @@ use crate::api::*;
 use crate::auth;
 use crate::backend::Backend;
 use crate::config::Config;
-use crate::error::{from_sqlite, internal, DbProxyError};
+use crate::error::{from_sqlite, internal, too_many_rooms, DbProxyError};
+use crate::hashing::HashPool;
 use crate::metrics::Metrics;
 use crate::schema;
 use crate::writer::{self, now_ms, Batch, JobResult, WriterHandle};
@@ -32,6 +33,10 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 pub(crate) struct SqliteBackend {
     writer: WriterHandle,
     readers: ReadPool,
+    hashing: Arc<HashPool>,
+    /// `token_idle_ttl_secs` in ms.
+    ttl_ms: i64,
+    max_rooms_per_user: i64,
     stop: CancellationToken,
     // std Mutex: only taken once, in `close`, to move the handles out.
     writer_task: Mutex<Option<JoinHandle<()>>>,
@@ -40,7 +45,11 @@ pub(crate) struct SqliteBackend {
 
 impl SqliteBackend {
     /// Opens (and migrates) the database and starts the writer.
-    pub(crate) fn open(config: &Config, metrics: Arc<Metrics>) -> Result<Self, DbProxyError> {
+    pub(crate) fn open(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        hashing: Arc<HashPool>,
+    ) -> Result<Self, DbProxyError> {
         let path = PathBuf::from(&config.sqlite_path);
         let db_err = |source| DbProxyError::Database {
             path: config.sqlite_path.clone(),
@@ -61,6 +70,9 @@ impl SqliteBackend {
         Ok(SqliteBackend {
             writer,
             readers,
+            hashing,
+            ttl_ms: config.token_idle_ttl_ms(),
+            max_rooms_per_user: config.max_rooms_per_user as i64,
             stop,
             writer_task: Mutex::new(Some(task)),
             checkpoint_task: Mutex::new(Some(checkpoint_task)),
@@ -101,10 +113,35 @@ async fn checkpoint_loop(conn: Connection, stop: CancellationToken) {
 }
 
 /// Read-only connections; the semaphore bounds concurrent reads to the pool size.
+///
+/// Invariant: a connection taken from the pool comes back on every path. It
+/// travels inside a [`Lease`], which puts it back (and only then releases the
+/// permit) when dropped: after the read, when the blocking task unwinds
+/// from a panic, or when the task is dropped unrun. The caller's future may
+/// be dropped at any await (a client that resets its HTTP request drops the
+/// handler); the lease is not in it but in the blocking task.
 struct ReadPool {
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     // std Mutex: held only to push/pop a connection, never across an await.
     conns: Arc<Mutex<Vec<Connection>>>,
+}
+
+/// A connection out of the pool, with the permit that accounts for it.
+struct Lease {
+    conn: Option<Connection>,
+    conns: Arc<Mutex<Vec<Connection>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let mut pool = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            pool.push(conn);
+        }
+        // `_permit` is released after this body: the next reader finds the
+        // connection back in the pool.
+    }
 }
 
 impl ReadPool {
@@ -113,7 +150,7 @@ impl ReadPool {
             .map(|_| schema::open_reader(path))
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(ReadPool {
-            permits: Semaphore::new(n),
+            permits: Arc::new(Semaphore::new(n)),
             conns: Arc::new(Mutex::new(conns)),
         })
     }
@@ -125,34 +162,37 @@ impl ReadPool {
     {
         let permit = self
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| internal("read pool closed"))?;
-        let conns = self.conns.clone();
-        let conn = conns
+        let conn = self
+            .conns
             .lock()
-            .map_err(|_| internal("read pool poisoned"))?
+            .unwrap_or_else(|p| p.into_inner())
             .pop()
             .ok_or_else(|| internal("read pool empty"))?;
+        let lease = Lease {
+            conn: Some(conn),
+            conns: self.conns.clone(),
+            _permit: permit,
+        };
         let done = tokio::task::spawn_blocking(move || {
-            let result = f(&conn);
-            (conn, result)
+            // The whole lease moves here and is dropped at the end, also
+            // when `f` panics.
+            let lease = lease;
+            f(lease.conn.as_ref().expect("a lease holds its connection"))
         })
         .await;
-        let (conn, result) = match done {
-            Ok(done) => done,
-            Err(e) => {
-                // The connection died with the task: the pool is one smaller for good.
-                permit.forget();
-                return Err(internal(format!("read task failed: {e}")));
-            }
-        };
-        if let Ok(mut pool) = conns.lock() {
-            pool.push(conn);
+        match done {
+            Ok(result) => result.map_err(|e| from_sqlite(&e))?,
+            Err(e) => Err(internal(format!("read task failed: {e}"))),
         }
-        // Only now: the next reader must find the connection back in the pool.
-        drop(permit);
-        result.map_err(|e| from_sqlite(&e))?
+    }
+
+    #[cfg(test)]
+    fn idle(&self) -> usize {
+        self.conns.lock().unwrap().len()
     }
 }
 
@@ -243,6 +283,19 @@ enum Registered {
     /// Someone registered the name between our read and our write: check the
     /// password against theirs.
     Retry,
+}
+
+fn is_member(c: &Connection, room: &str, user: i64) -> rusqlite::Result<bool> {
+    c.prepare_cached(
+        "SELECT EXISTS(SELECT 1 FROM memberships m JOIN rooms r ON r.id = m.room_id
+         WHERE r.name = ?1 AND m.user_id = ?2)",
+    )?
+    .query_row(params![room, user], |r| r.get(0))
+}
+
+fn rooms_of(c: &Connection, user: i64) -> rusqlite::Result<i64> {
+    c.prepare_cached("SELECT COUNT(*) FROM memberships WHERE user_id = ?1")?
+        .query_row(params![user], |r| r.get(0))
 }
 
 fn room_info_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoomInfo> {
@@ -507,22 +560,10 @@ fn per_item<I, T>(
     Ok(out)
 }
 
-fn require(field: &str, value: &str) -> Result<(), ApiError> {
-    if value.is_empty() {
-        return Err(ApiError::new(
-            ErrorKind::BadRequest,
-            format!("{field} must not be empty"),
-        ));
-    }
-    Ok(())
-}
-
 #[async_trait]
 impl Backend for SqliteBackend {
     async fn login(&self, req: LoginReq) -> Result<Identity, ApiError> {
-        require("user", &req.user)?;
-        require("password", &req.password)?;
-        let ttl = req.token_idle_ttl_ms;
+        let ttl = self.ttl_ms;
         let password = Arc::new(req.password);
         // Argon2 runs between a read and a write, never while holding the writer.
         for _ in 0..3 {
@@ -540,8 +581,7 @@ impl Backend for SqliteBackend {
                     guest: false,
                     ..
                 }) => {
-                    let pw = password.clone();
-                    if !auth::verify_password_async(pw, phc).await? {
+                    if !self.hashing.verify(password.clone(), phc).await? {
                         return Err(ApiError::new(ErrorKind::AuthFailed, "wrong password"));
                     }
                     let t = token.clone();
@@ -557,8 +597,7 @@ impl Backend for SqliteBackend {
                 }
                 Some(UserRow { live: true, .. }) => return Err(name_taken(&req.user)),
                 _ => {
-                    let pw = password.clone();
-                    let phc = auth::hash_password_async(pw).await?;
+                    let phc = self.hashing.hash(password.clone()).await?;
                     let (name, t) = (req.user.clone(), token.clone());
                     let outcome = self
                         .writer
@@ -582,9 +621,8 @@ impl Backend for SqliteBackend {
     }
 
     async fn guest(&self, req: GuestReq) -> Result<Identity, ApiError> {
-        require("name", &req.name)?;
         let token = auth::new_token(&req.name);
-        let (name, t, ttl) = (req.name.clone(), token.clone(), req.token_idle_ttl_ms);
+        let (name, t, ttl) = (req.name.clone(), token.clone(), self.ttl_ms);
         self.writer
             .submit(1, move |c, b| {
                 let id = match load_user(c, &name, b.now, ttl)? {
@@ -617,7 +655,7 @@ impl Backend for SqliteBackend {
 
     async fn resume(&self, req: ResumeReq) -> Result<Identity, ApiError> {
         let hash = auth::token_hash(&req.token);
-        let ttl = req.token_idle_ttl_ms;
+        let ttl = self.ttl_ms;
         let (user, guest) = self
             .writer
             .submit(1, move |c, b| {
@@ -674,13 +712,16 @@ impl Backend for SqliteBackend {
     }
 
     async fn join(&self, req: JoinReq) -> Result<JoinResp, ApiError> {
-        require("room", &req.room)?;
+        let max = self.max_rooms_per_user;
         let last_seq = self
             .writer
             .submit(1, move |c, b| {
                 let Some(user) = user_id(c, &req.user)? else {
                     return Ok(Err(no_such_user(&req.user)));
                 };
+                if !is_member(c, &req.room, user)? && rooms_of(c, user)? >= max {
+                    return Ok(Err(too_many_rooms(max)));
+                }
                 c.prepare_cached(
                     "INSERT OR IGNORE INTO rooms (name, last_seq, created_at) VALUES (?1, 0, ?2)",
                 )?
@@ -867,6 +908,16 @@ impl Backend for SqliteBackend {
         Ok(WriteAck::default())
     }
 
+    async fn ready(&self) -> Result<(), ApiError> {
+        self.readers
+            .read(|c| {
+                let _: i64 = c.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))?;
+                Ok(Ok(()))
+            })
+            .await?;
+        self.writer.probe().await
+    }
+
     async fn close(&self) {
         self.stop.cancel();
         let task = self.writer_task.lock().ok().and_then(|mut t| t.take());
@@ -936,5 +987,134 @@ mod tests {
         for r in reads {
             assert_eq!(r.await.unwrap().unwrap(), 1);
         }
+    }
+
+    fn pool(dir: &tempfile::TempDir, n: usize) -> Arc<ReadPool> {
+        let path = dir.path().join("chat.db");
+        drop(schema::open_writer(&path).unwrap());
+        Arc::new(ReadPool::open(&path, n).unwrap())
+    }
+
+    async fn select_one(pool: &ReadPool) -> Result<i64, ApiError> {
+        let read = pool.read(|c| Ok(Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?)));
+        tokio::time::timeout(std::time::Duration::from_secs(5), read)
+            .await
+            .expect("a read waited 5 s for a connection: the pool lost one")
+    }
+
+    async fn wait_idle(pool: &ReadPool, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while pool.idle() != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {n} connections back in the pool",
+                pool.idle()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A caller that goes away while its read runs (an HTTP request reset
+    /// mid-read drops the handler's future) must not take the connection
+    /// with it: it used to, and after `read_connections` such resets every
+    /// read failed with "read pool empty" until a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_cancelled_mid_flight_give_their_connection_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(&dir, 2);
+        for _ in 0..3 {
+            let mut releases = Vec::new();
+            let mut reads = Vec::new();
+            for _ in 0..2 {
+                let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+                let (release, released) = std::sync::mpsc::channel::<()>();
+                let p = pool.clone();
+                reads.push(tokio::spawn(async move {
+                    p.read(move |_| {
+                        let _ = started_tx.send(());
+                        let _ = released.recv();
+                        Ok(Ok(()))
+                    })
+                    .await
+                }));
+                started.await.unwrap();
+                releases.push(release);
+            }
+            // Both closures are running; their callers go away.
+            for r in &reads {
+                r.abort();
+            }
+            for r in reads {
+                assert!(r.await.unwrap_err().is_cancelled());
+            }
+            drop(releases);
+            wait_idle(&pool, 2).await;
+        }
+        for _ in 0..20 {
+            assert_eq!(select_one(&pool).await.unwrap(), 1);
+        }
+    }
+
+    /// A read whose closure panics fails alone; the pool keeps its size
+    /// (it used to lose a connection and a permit for good).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_read_gives_its_connection_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(&dir, 2);
+        for _ in 0..3 {
+            let read = pool.read(|_| -> JobResult<()> { panic!("a bug in a read") });
+            let e = tokio::time::timeout(std::time::Duration::from_secs(5), read)
+                .await
+                .expect("a read waited 5 s for a connection: the pool lost one")
+                .unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Internal);
+        }
+        wait_idle(&pool, 2).await;
+        let reads: Vec<_> = (0..10)
+            .map(|_| {
+                let p = pool.clone();
+                tokio::spawn(async move { select_one(&p).await })
+            })
+            .collect();
+        for r in reads {
+            assert_eq!(r.await.unwrap().unwrap(), 1);
+        }
+    }
+
+    /// The readiness probe needs a read connection: with every one of them
+    /// held (by reads that never end, or lost as they used to be), it fails;
+    /// it passes again once one is back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ready_needs_a_read_connection_and_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            sqlite_path: dir.path().join("chat.db").to_string_lossy().into_owned(),
+            read_connections: 2,
+            ..Config::default()
+        };
+        let registry = prometheus::Registry::new();
+        let metrics = Arc::new(Metrics::register(&registry).unwrap());
+        let hashing = Arc::new(HashPool::start(1, 1, metrics.password_hashes.clone()).unwrap());
+        let backend = tokio::task::spawn_blocking(move || {
+            SqliteBackend::open(&config, metrics, hashing).unwrap()
+        })
+        .await
+        .unwrap();
+        backend.ready().await.unwrap();
+        let held = backend
+            .readers
+            .permits
+            .clone()
+            .acquire_many_owned(2)
+            .await
+            .unwrap();
+        let probe = tokio::time::timeout(std::time::Duration::from_millis(300), backend.ready());
+        assert!(probe.await.is_err(), "ready without a read connection");
+        drop(held);
+        backend.ready().await.unwrap();
+        // A writer that stopped fails the probe at once.
+        backend.close().await;
+        let e = backend.ready().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unavailable);
     }
 }

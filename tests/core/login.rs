@@ -94,7 +94,12 @@ async fn resume_unknown_token_is_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_expires_after_idle_ttl() {
-    let stack = Stack::start_with(|c| c.token_idle_ttl_secs = 1).await;
+    // The lifetime is the dbproxy's; the server touches open connections' tokens.
+    let stack = Stack::start_configured(
+        |db| db.token_idle_ttl_secs = 1,
+        |s| s.token_touch_interval_ms = 200,
+    )
+    .await;
     let (mut alice, token) = stack.login("alice", "pw").await;
     alice.send("QUIT").await;
     alice.expect_closed().await;
@@ -116,7 +121,11 @@ async fn token_expires_after_idle_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_connection_keeps_token_alive() {
-    let stack = Stack::start_with(|c| c.token_idle_ttl_secs = 1).await;
+    let stack = Stack::start_configured(
+        |db| db.token_idle_ttl_secs = 1,
+        |s| s.token_touch_interval_ms = 200,
+    )
+    .await;
     let (mut alice, token) = stack.login("alice", "pw").await;
     // "a token is used ... while one of its connections is open".
     for _ in 0..5 {
@@ -197,7 +206,11 @@ async fn guest_name_of_registered_user_is_taken() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_guest_name_is_released() {
-    let stack = Stack::start_with(|c| c.token_idle_ttl_secs = 1).await;
+    let stack = Stack::start_configured(
+        |db| db.token_idle_ttl_secs = 1,
+        |s| s.token_touch_interval_ms = 200,
+    )
+    .await;
     let (mut ghost, old_token) = stack.guest("haunt", "ghost").await;
     ghost.send("QUIT").await;
     ghost.expect_closed().await;
@@ -219,7 +232,7 @@ async fn expired_guest_name_is_released() {
         }
         assert!(
             Instant::now() < deadline,
-            "the expired guest's name `ghost` was not released within 15 s (token_idle_ttl_secs = 1)"
+            "the expired guest's name `ghost` was not released within 15 s (dbproxy token_idle_ttl_secs = 1)"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };

@@ -25,7 +25,8 @@ use crate::api::*;
 use crate::auth;
 use crate::backend::Backend;
 use crate::config::Config;
-use crate::error::{internal, unavailable, DbProxyError};
+use crate::error::{internal, too_many_rooms, unavailable, DbProxyError};
+use crate::hashing::HashPool;
 use crate::metrics::Metrics;
 use crate::writer::now_ms;
 use topology::{Routed, Topology};
@@ -58,16 +59,6 @@ pub(crate) fn no_such_room(name: &str) -> ApiError {
 
 fn name_taken(name: &str) -> ApiError {
     ApiError::new(ErrorKind::NameTaken, format!("name {name} is taken"))
-}
-
-fn require(field: &str, value: &str) -> Result<(), ApiError> {
-    if value.is_empty() {
-        return Err(ApiError::new(
-            ErrorKind::BadRequest,
-            format!("{field} must not be empty"),
-        ));
-    }
-    Ok(())
 }
 
 fn clamp_page(limit: u32) -> i64 {
@@ -274,10 +265,31 @@ async fn resume_tx(c: &mut Conn, hash: &[u8], ttl: i64, now: i64) -> Tx<(String,
     Ok(Ok((name, guest != 0)))
 }
 
-async fn join_tx(c: &mut Conn, room: &str, user: &str, now: i64) -> Tx<u64> {
-    let Some(uid) = user_id(c, user).await? else {
+async fn join_tx(c: &mut Conn, room: &str, user: &str, now: i64, max_rooms: i64) -> Tx<u64> {
+    // The user's row lock orders the joins of one user, so two of them
+    // cannot both pass the count below at the limit; the reads after it see
+    // what the previous join committed.
+    let Some(uid): Option<i64> = c
+        .exec_first("SELECT id FROM users WHERE name = ? FOR UPDATE", (user,))
+        .await?
+    else {
         return Ok(Err(no_such_user(user)));
     };
+    let member: Option<i64> = c
+        .exec_first(
+            "SELECT EXISTS(SELECT 1 FROM memberships m JOIN rooms r ON r.id = m.room_id
+             WHERE r.name = ? AND m.user_id = ?)",
+            (room, uid),
+        )
+        .await?;
+    if member.unwrap_or(0) == 0 {
+        let rooms: Option<i64> = c
+            .exec_first("SELECT COUNT(*) FROM memberships WHERE user_id = ?", (uid,))
+            .await?;
+        if rooms.unwrap_or(0) >= max_rooms {
+            return Ok(Err(too_many_rooms(max_rooms)));
+        }
+    }
     c.exec_drop(
         "INSERT IGNORE INTO rooms (name, last_seq, created_at) VALUES (?, 0, ?)",
         (room, now),
@@ -381,6 +393,10 @@ fn room_info((room, last_seq, members): (String, i64, i64)) -> RoomInfo {
 pub(crate) struct MysqlBackend {
     topo: Arc<Topology>,
     writer: writer::AppendWriter,
+    hashing: Arc<HashPool>,
+    /// `token_idle_ttl_secs` in ms.
+    ttl_ms: i64,
+    max_rooms_per_user: i64,
     stop: CancellationToken,
     // std Mutex: only taken once, in `close`, to move the handles out.
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -393,6 +409,7 @@ impl MysqlBackend {
         config: &Config,
         metrics: Arc<Metrics>,
         registry: &prometheus::Registry,
+        hashing: Arc<HashPool>,
     ) -> Result<Self, DbProxyError> {
         let cfg = &config.mysql;
         let password = cfg.password()?;
@@ -435,6 +452,9 @@ impl MysqlBackend {
         Ok(MysqlBackend {
             topo,
             writer,
+            hashing,
+            ttl_ms: config.token_idle_ttl_ms(),
+            max_rooms_per_user: config.max_rooms_per_user as i64,
             stop,
             tasks: Mutex::new(vec![writer_task, health]),
         })
@@ -471,9 +491,7 @@ impl MysqlBackend {
 #[async_trait]
 impl Backend for MysqlBackend {
     async fn login(&self, req: LoginReq) -> Result<Identity, ApiError> {
-        require("user", &req.user)?;
-        require("password", &req.password)?;
-        let ttl = req.token_idle_ttl_ms;
+        let ttl = self.ttl_ms;
         let password = Arc::new(req.password);
         // Argon2 runs between a read and a write, never inside a transaction.
         for _ in 0..3 {
@@ -491,8 +509,7 @@ impl Backend for MysqlBackend {
                     guest: false,
                     ..
                 }) => {
-                    let pw = password.clone();
-                    if !auth::verify_password_async(pw, phc).await? {
+                    if !self.hashing.verify(password.clone(), phc).await? {
                         return Err(ApiError::new(ErrorKind::AuthFailed, "wrong password"));
                     }
                     let t = token.clone();
@@ -511,8 +528,7 @@ impl Backend for MysqlBackend {
                 }
                 Some(UserRow { live: true, .. }) => return Err(name_taken(&req.user)),
                 _ => {
-                    let pw = password.clone();
-                    let phc = auth::hash_password_async(pw).await?;
+                    let phc = self.hashing.hash(password.clone()).await?;
                     let (name, t) = (req.user.clone(), token.clone());
                     let (outcome, pos) = self
                         .write_tx(|c| {
@@ -540,9 +556,8 @@ impl Backend for MysqlBackend {
     }
 
     async fn guest(&self, req: GuestReq) -> Result<Identity, ApiError> {
-        require("name", &req.name)?;
         let token = auth::new_token(&req.name);
-        let ttl = req.token_idle_ttl_ms;
+        let ttl = self.ttl_ms;
         let (name, t) = (req.name.clone(), token.clone());
         let ((), pos) = self
             .write_tx(|c| {
@@ -560,7 +575,7 @@ impl Backend for MysqlBackend {
 
     async fn resume(&self, req: ResumeReq) -> Result<Identity, ApiError> {
         let hash = auth::token_hash(&req.token);
-        let ttl = req.token_idle_ttl_ms;
+        let ttl = self.ttl_ms;
         let ((user, guest), pos) = self
             .write_tx(|c| {
                 let hash = hash.clone();
@@ -602,12 +617,12 @@ impl Backend for MysqlBackend {
     }
 
     async fn join(&self, req: JoinReq) -> Result<JoinResp, ApiError> {
-        require("room", &req.room)?;
         let (room, user) = (req.room, req.user);
+        let max = self.max_rooms_per_user;
         let (last_seq, pos) = self
             .write_tx(|c| {
                 let (room, user) = (room.clone(), user.clone());
-                Box::pin(async move { join_tx(c, &room, &user, now_ms()).await })
+                Box::pin(async move { join_tx(c, &room, &user, now_ms(), max).await })
             })
             .await?;
         Ok(JoinResp { last_seq, pos })
@@ -785,6 +800,15 @@ impl Backend for MysqlBackend {
             })
             .await?;
         Ok(WriteAck { pos })
+    }
+
+    async fn ready(&self) -> Result<(), ApiError> {
+        // The health loop finds the primary every `health_interval_ms`;
+        // reads fall back to it, so without one nothing can be served.
+        match self.topo.primary_index() {
+            Some(_) => Ok(()),
+            None => Err(unavailable("no writable MySQL server")),
+        }
     }
 
     async fn close(&self) {
