@@ -260,3 +260,35 @@ async fn expired_guest_name_is_released() {
     )
     .await;
 }
+
+/// Failed logins are limited by the dbproxy, per account (and per source);
+/// the client sees `ERR RATE_LIMITED` saying when to retry, also with the
+/// right password, and the connection is closed like after any failed LOGIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_rate_limited() {
+    let stack = Stack::start_configured(|db| db.login_failures_per_account = 3, |_| {}).await;
+    let (mut alice, _) = stack.login("alice", "right").await;
+    alice.send("QUIT").await;
+    alice.expect_closed().await;
+    for i in 0..3 {
+        let mut c = stack.connect(&format!("guess{i}")).await;
+        c.send("LOGIN alice wrong").await;
+        assert_one_err_then_closed(&mut c, ErrorCode::AuthFailed, "LOGIN with a wrong password")
+            .await;
+    }
+    let mut c = stack.connect("limited").await;
+    c.send("LOGIN alice right").await;
+    let lines = c.expect_closed().await;
+    match lines.as_slice() {
+        [ServerLine::Err {
+            code: ErrorCode::RateLimited,
+            detail,
+        }] => assert!(
+            detail.starts_with("too many failed logins for this account, retry in "),
+            "{detail:?}"
+        ),
+        other => panic!("LOGIN over the limit answered {other:?}"),
+    }
+    // Other accounts log in as before.
+    let (_bob, _) = stack.login("bob", "pw").await;
+}

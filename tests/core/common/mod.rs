@@ -376,7 +376,7 @@ impl Drop for Stack {
 
 // ---- HTTP (admin endpoints) ----------------------------------------------
 
-async fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+pub async fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
