@@ -88,6 +88,10 @@ impl Metrics {
         registry.register(Box::new(m.write_queue_depth.clone()))?;
         registry.register(Box::new(m.messages_stored.clone()))?;
         registry.register(Box::new(m.errors.clone()))?;
+        // Both series exist from the start: a rate over them is 0, not absent.
+        for by in ["account", "source"] {
+            m.login_rate_limited.with_label_values(&[by]);
+        }
         registry.register(Box::new(m.login_rate_limited.clone()))?;
         registry.register(Box::new(m.password_hashes.clone()))?;
         registry.register(Box::new(m.storage_ready.clone()))?;
