@@ -205,6 +205,46 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("backend"));
+        for (key, c) in [
+            (
+                "token_idle_ttl_secs",
+                Config {
+                    token_idle_ttl_secs: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "max_text_bytes",
+                Config {
+                    max_text_bytes: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "login_failures_per_source",
+                Config {
+                    login_failures_per_source: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "hash_queue",
+                Config {
+                    hash_queue: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "hash_threads",
+                Config {
+                    hash_threads: 1000,
+                    ..Config::default()
+                },
+            ),
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 
     #[test]
