@@ -10,6 +10,13 @@
 //! of that write (a GTID on MySQL/MariaDB; `None` on SQLite, where every read
 //! sees every committed write). A read may carry `min_pos`: the dbproxy then
 //! serves it from a backend that has applied that position.
+//!
+//! What is stored is checked first, with the client protocol's own rules
+//! (`chat_protocol::names`, `chat_protocol::text`): user and room names,
+//! client ids, tokens, passwords (1..=128 bytes) and message text (allowed
+//! characters, at most `max_text_bytes`). A bad single request is
+//! `BadRequest` as a whole; in an append or DM batch, each bad item gets its
+//! own `BadRequest` result and the others are stored.
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +46,11 @@ pub enum ErrorKind {
     NoSuchRoom,
     NoSuchUser,
     BadRequest,
+    /// A join beyond the dbproxy's `max_rooms_per_user`.
+    TooManyRooms,
+    /// Too many failed logins for the account or from the source; nothing
+    /// was checked (the message says when to retry).
+    RateLimited,
     Unavailable,
     Internal,
 }
@@ -52,6 +64,8 @@ impl ErrorKind {
             ErrorKind::NoSuchRoom => "no_such_room",
             ErrorKind::NoSuchUser => "no_such_user",
             ErrorKind::BadRequest => "bad_request",
+            ErrorKind::TooManyRooms => "too_many_rooms",
+            ErrorKind::RateLimited => "rate_limited",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Internal => "internal",
         }
@@ -60,7 +74,8 @@ impl ErrorKind {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorKind::AuthFailed | ErrorKind::TokenInvalid => 401,
-            ErrorKind::NameTaken => 409,
+            ErrorKind::NameTaken | ErrorKind::TooManyRooms => 409,
+            ErrorKind::RateLimited => 429,
             ErrorKind::NoSuchRoom | ErrorKind::NoSuchUser => 404,
             ErrorKind::BadRequest => 400,
             ErrorKind::Unavailable => 503,
@@ -97,13 +112,13 @@ pub struct ErrorBody {
 
 // ---- identities --------------------------------------------------------
 
-/// `PATH_LOGIN`: register on first use, else check the password.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `PATH_LOGIN`: register on first use, else check the password. Token
+/// lifetime is the dbproxy's own `token_idle_ttl_secs`, as for guest and
+/// resume: a caller cannot choose it.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct LoginReq {
     pub user: String,
     pub password: String,
-    /// Token lifetime policy is the chat server's: it passes its setting.
-    pub token_idle_ttl_ms: i64,
     /// The client's IP address as the chat server knows it (the proxy's
     /// PROXY line, else the connection's peer): what failed-login limits
     /// per source count against. `None` from callers that have no client.
@@ -117,14 +132,22 @@ pub struct LoginReq {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GuestReq {
     pub name: String,
-    pub token_idle_ttl_ms: i64,
 }
 
 /// `PATH_RESUME`: the identity of a live token; refreshes its last use.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResumeReq {
     pub token: String,
-    pub token_idle_ttl_ms: i64,
+}
+
+impl std::fmt::Debug for LoginReq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginReq")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 /// Answer of login, guest and resume.
@@ -151,7 +174,9 @@ pub struct WriteAck {
 
 // ---- rooms ------------------------------------------------------------
 
-/// `PATH_JOIN`: creates the room if needed and records the membership.
+/// `PATH_JOIN`: creates the room if needed and records the membership;
+/// `TooManyRooms` when the user is already in the dbproxy's
+/// `max_rooms_per_user` other rooms.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JoinReq {
     pub room: String,

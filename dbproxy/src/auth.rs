@@ -1,65 +1,86 @@
-//! Password hashing (argon2id, PHC strings) and session tokens. The hashing is
-//! CPU-heavy on purpose, so it runs on blocking threads, at most one per core
-//! at a time ([`hash_password_async`], [`verify_password_async`]): a burst of
-//! logins queues here instead of starving every other task of the process
-//! (in `chat up`, the servers' and the proxy's health checks included).
+//! Password hashes (argon2id, PHC strings) and session tokens.
+//!
+//! The hashing functions here take the argon2 memory as an argument instead
+//! of allocating it: they run on the threads of `hashing::HashPool`, each of
+//! which keeps one block of [`PARAMS`]'s size for its whole life (see there
+//! for why).
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
+use argon2::password_hash::{Output, PasswordHash, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use sha2::{Digest, Sha256};
-
-use std::sync::LazyLock;
-
-use tokio::sync::Semaphore;
 
 use crate::api::ApiError;
 use crate::error::internal;
 
-/// Password hashes computed at once: one per core.
-static HASHING: LazyLock<Semaphore> =
-    LazyLock::new(|| Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())));
+/// The parameters of every new hash: argon2id v0x13 with the argon2 crate's
+/// defaults (OWASP's first recommendation): m = 19 MiB, t = 2, p = 1, 32
+/// bytes of output, 16 bytes of salt. Stored hashes carry their own
+/// parameters; any whose memory fits in [`PARAMS`]'s verifies.
+pub(crate) const PARAMS: Params = Params::DEFAULT;
 
-async fn hashing<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    let _permit = HASHING
-        .acquire()
-        .await
-        .map_err(|_| internal("hashing closed"))?;
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| internal(format!("hashing task failed: {e}")))?
+/// Blocks (of 1 KiB) the argon2 memory of one hashing thread holds.
+pub(crate) fn memory_blocks() -> usize {
+    PARAMS.block_count()
 }
 
-/// [`hash_password`] on a blocking thread, bounded per core.
-pub(crate) async fn hash_password_async(
-    password: std::sync::Arc<String>,
-) -> Result<String, ApiError> {
-    hashing(move || hash_password(&password)).await
-}
-
-/// [`verify_password`] on a blocking thread, bounded per core.
-pub(crate) async fn verify_password_async(
-    password: std::sync::Arc<String>,
-    phc: String,
-) -> Result<bool, ApiError> {
-    hashing(move || verify_password(&password, &phc)).await
-}
-
-pub(crate) fn hash_password(password: &str) -> Result<String, ApiError> {
+/// A new PHC string for `password`, computed in `memory`.
+pub(crate) fn hash_password(password: &str, memory: &mut [Block]) -> Result<String, ApiError> {
     let salt_bytes: [u8; 16] = rand::random();
     let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| internal(format!("salt: {e}")))?;
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| internal(format!("hashing: {e}")))
+    let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, PARAMS);
+    let len = PARAMS.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+    let output = Output::init_with(len, |out| {
+        argon
+            .hash_password_into_with_memory(password.as_bytes(), &salt_bytes, out, &mut *memory)
+            .map_err(|_| argon2::password_hash::Error::Crypto)
+    })
+    .map_err(|e| internal(format!("hashing: {e}")))?;
+    let hash = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: PARAMS
+            .try_into()
+            .map_err(|e| internal(format!("hashing: {e}")))?,
+        salt: Some(salt.as_salt()),
+        hash: Some(output),
+    };
+    Ok(hash.to_string())
 }
 
-pub(crate) fn verify_password(password: &str, phc: &str) -> Result<bool, ApiError> {
-    let parsed = PasswordHash::new(phc).map_err(|e| internal(format!("stored hash: {e}")))?;
-    Ok(Argon2::default()
-        .verify_password(password.as_bytes(), &parsed)
-        .is_ok())
+/// Whether `password` matches the stored PHC string, computed in `memory`
+/// with the parameters the string names (compared in constant time).
+pub(crate) fn verify_password(
+    password: &str,
+    phc: &str,
+    memory: &mut [Block],
+) -> Result<bool, ApiError> {
+    let stored = |e: argon2::password_hash::Error| internal(format!("stored hash: {e}"));
+    let parsed = PasswordHash::new(phc).map_err(stored)?;
+    let algorithm = Algorithm::try_from(parsed.algorithm).map_err(stored)?;
+    let version = match parsed.version {
+        Some(v) => Version::try_from(v).map_err(|e| internal(format!("stored hash: {e}")))?,
+        None => Version::default(),
+    };
+    let params = Params::try_from(&parsed).map_err(stored)?;
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return Err(internal("stored hash: no salt or no hash"));
+    };
+    if params.block_count() > memory.len() {
+        return Err(internal(
+            "stored hash: needs more memory than a hashing thread holds",
+        ));
+    }
+    let mut salt_buf = [0u8; 64];
+    let salt = salt.decode_b64(&mut salt_buf).map_err(stored)?;
+    let argon = Argon2::new(algorithm, version, params);
+    let computed = Output::init_with(expected.len(), |out| {
+        argon
+            .hash_password_into_with_memory(password.as_bytes(), salt, out, &mut *memory)
+            .map_err(|_| argon2::password_hash::Error::Crypto)
+    })
+    .map_err(|e| internal(format!("hashing: {e}")))?;
+    // `Output`'s equality is constant time.
+    Ok(computed == expected)
 }
 
 /// A new token for `user`: `<user>.<16 random bytes as 32 lower-case hex>`
@@ -76,14 +97,53 @@ pub(crate) fn token_hash(token: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+
+    fn memory() -> Vec<Block> {
+        vec![Block::default(); memory_blocks()]
+    }
 
     #[test]
     fn password_roundtrip() {
-        let h = hash_password("s3cret").unwrap();
-        assert!(h.starts_with("$argon2id$"));
-        assert!(verify_password("s3cret", &h).unwrap());
-        assert!(!verify_password("wrong", &h).unwrap());
-        assert_ne!(h, hash_password("s3cret").unwrap(), "salt is random");
+        let mut m = memory();
+        let h = hash_password("s3cret", &mut m).unwrap();
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
+        assert!(verify_password("s3cret", &h, &mut m).unwrap());
+        assert!(!verify_password("wrong", &h, &mut m).unwrap());
+        assert_ne!(
+            h,
+            hash_password("s3cret", &mut m).unwrap(),
+            "salt is random"
+        );
+    }
+
+    /// Hashes stored before the hashing pool (argon2's own allocating API,
+    /// the same defaults) still verify, and the pool's verify with it.
+    #[test]
+    fn compatible_with_the_allocating_api() {
+        let mut m = memory();
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let old = Argon2::default()
+            .hash_password(b"pass word", &salt)
+            .unwrap()
+            .to_string();
+        assert!(verify_password("pass word", &old, &mut m).unwrap());
+        assert!(!verify_password("pass-word", &old, &mut m).unwrap());
+        let new = hash_password("pass word", &mut m).unwrap();
+        let parsed = PasswordHash::new(&new).unwrap();
+        assert!(Argon2::default()
+            .verify_password(b"pass word", &parsed)
+            .is_ok());
+        // A smaller memory cost (an older setting) fits the block and verifies.
+        let small = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(8 * 1024, 1, 1, None).unwrap(),
+        )
+        .hash_password(b"pw", &salt)
+        .unwrap()
+        .to_string();
+        assert!(verify_password("pw", &small, &mut m).unwrap());
     }
 
     #[test]

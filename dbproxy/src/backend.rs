@@ -1,6 +1,7 @@
-//! The storage interface the HTTP layer calls. SQLite (`sqlite.rs`) implements
-//! it today; a MySQL backend with primary/replica routing by `min_pos` will
-//! implement the same trait.
+//! The storage interface the HTTP layer calls, implemented by SQLite
+//! (`sqlite.rs`) and MySQL/MariaDB (`mysql/`). The HTTP layer calls them
+//! through `front::Checked`, which checks every request first, so a backend
+//! sees only names, ids and text that pass the protocol's rules.
 
 use async_trait::async_trait;
 
@@ -22,6 +23,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn send_dms(&self, req: SendDmsReq) -> Result<SendDmsResp, ApiError>;
     async fn pending_dms(&self, req: PendingDmsReq) -> Result<PendingDmsResp, ApiError>;
     async fn mark_received(&self, req: MarkReceivedReq) -> Result<WriteAck, ApiError>;
+    /// Whether reads and writes can be served now (`/readyz` follows it).
+    async fn ready(&self) -> Result<(), ApiError>;
     /// Stops taking writes, commits everything already queued, then returns.
     async fn close(&self);
 }

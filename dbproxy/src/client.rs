@@ -179,6 +179,29 @@ impl DbClient {
         DbClient { inner }
     }
 
+    /// Whether some dbproxy answers `GET /readyz` with 200 within `timeout`
+    /// (each is asked in turn until one does).
+    pub async fn ready(&self, timeout: Duration) -> bool {
+        for base in &self.inner.bases {
+            let Ok(request) = Request::get(format!("{base}/readyz")).body(Full::default()) else {
+                continue;
+            };
+            let exchange = async {
+                let resp = self.inner.http.request(request).await.ok()?;
+                let ok = resp.status() == StatusCode::OK;
+                // Read the (short) body so the connection can be reused.
+                let _ = http_body_util::Limited::new(resp.into_body(), 4096)
+                    .collect()
+                    .await;
+                Some(ok)
+            };
+            if let Ok(Some(true)) = tokio::time::timeout(timeout, exchange).await {
+                return true;
+            }
+        }
+        false
+    }
+
     /// The dbproxy base URLs, in failover order.
     pub fn bases(&self) -> &[String] {
         &self.inner.bases
@@ -275,32 +298,26 @@ impl DbClient {
         &self,
         user: &str,
         password: &str,
-        ttl_ms: i64,
         source: Option<std::net::IpAddr>,
     ) -> Result<Identity, ApiError> {
         let req = LoginReq {
             user: user.into(),
             password: password.into(),
-            token_idle_ttl_ms: ttl_ms,
             source: source.map(|ip| ip.to_string()),
         };
         // A login that registered the user answers the same when repeated.
         self.post(PATH_LOGIN, &req, Retry::Safe).await
     }
 
-    pub async fn guest(&self, name: &str, ttl_ms: i64) -> Result<Identity, ApiError> {
-        let req = GuestReq {
-            name: name.into(),
-            token_idle_ttl_ms: ttl_ms,
-        };
+    pub async fn guest(&self, name: &str) -> Result<Identity, ApiError> {
+        let req = GuestReq { name: name.into() };
         // A repeated guest start would find its own name taken.
         self.post(PATH_GUEST, &req, Retry::ConnectOnly).await
     }
 
-    pub async fn resume(&self, token: &str, ttl_ms: i64) -> Result<Identity, ApiError> {
+    pub async fn resume(&self, token: &str) -> Result<Identity, ApiError> {
         let req = ResumeReq {
             token: token.into(),
-            token_idle_ttl_ms: ttl_ms,
         };
         self.post(PATH_RESUME, &req, Retry::Safe).await
     }

@@ -29,6 +29,35 @@ pub struct Config {
     pub max_connections: usize,
     /// Seconds that in-flight requests and queued writes get to finish on shutdown.
     pub shutdown_grace_secs: u64,
+    /// Longest message text (room message or DM body) stored, in bytes. The
+    /// chat server's lines are at most its `max_line_bytes` (4096), so no
+    /// text it accepted is longer.
+    pub max_text_bytes: usize,
+    /// Rooms one user may be a member of; a join beyond it fails with
+    /// `TooManyRooms`. Enforced here whatever the caller checked.
+    pub max_rooms_per_user: usize,
+    /// A token unused for this long expires, and a guest's name is then free
+    /// again. The chat servers touch the tokens of open connections every
+    /// `token_touch_interval_ms`, which must stay well below this.
+    pub token_idle_ttl_secs: u64,
+    /// Failed logins are counted over a sliding window of this many seconds.
+    pub login_failure_window_secs: u64,
+    /// Failed logins of one account name (existing or not) within the window
+    /// after which its logins are refused with `RateLimited`, before any
+    /// password hashing.
+    pub login_failures_per_account: u32,
+    /// Failed logins from one source address (an IPv6 source counts by its
+    /// /64) within the window after which its logins are refused.
+    pub login_failures_per_source: u32,
+    /// Accounts, and separately sources, whose failures are remembered; the
+    /// limiter's memory is bounded by this (about 100 bytes an entry).
+    pub login_limiter_entries: usize,
+    /// Threads computing password hashes (argon2id), each with its own
+    /// reused 19 MiB block. 0: one per core.
+    pub hash_threads: usize,
+    /// Password hashes waiting for a hashing thread; beyond it logins fail
+    /// with `Unavailable` instead of queueing without bound.
+    pub hash_queue: usize,
     /// MySQL/MariaDB servers, used when `backend = "mysql"`.
     pub mysql: MysqlConfig,
 }
@@ -45,6 +74,15 @@ impl Default for Config {
             max_body_bytes: 4 * 1024 * 1024,
             max_connections: 1024,
             shutdown_grace_secs: 10,
+            max_text_bytes: 4096,
+            max_rooms_per_user: 1000,
+            token_idle_ttl_secs: 86_400,
+            login_failure_window_secs: 300,
+            login_failures_per_account: 10,
+            login_failures_per_source: 100,
+            login_limiter_entries: 65_536,
+            hash_threads: 0,
+            hash_queue: 128,
             mysql: Default::default(),
         }
     }
@@ -92,7 +130,56 @@ impl Config {
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1");
         }
+        if !(1..=1 << 20).contains(&self.max_text_bytes) {
+            return bad("max_text_bytes", "must be 1..=1048576");
+        }
+        let positive = [
+            ("max_rooms_per_user", self.max_rooms_per_user as u64),
+            ("token_idle_ttl_secs", self.token_idle_ttl_secs),
+            ("login_failure_window_secs", self.login_failure_window_secs),
+            (
+                "login_failures_per_account",
+                self.login_failures_per_account.into(),
+            ),
+            (
+                "login_failures_per_source",
+                self.login_failures_per_source.into(),
+            ),
+            ("login_limiter_entries", self.login_limiter_entries as u64),
+            ("hash_queue", self.hash_queue as u64),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        // Keeps `now - ttl` and the limiter's arithmetic far from overflow.
+        if self.token_idle_ttl_secs > 10 * 365 * 86_400 {
+            return bad("token_idle_ttl_secs", "must be at most ten years");
+        }
+        if self.login_failure_window_secs > 86_400 {
+            return bad("login_failure_window_secs", "must be at most 86400");
+        }
+        if self.login_limiter_entries > 10_000_000 {
+            return bad("login_limiter_entries", "must be at most 10000000");
+        }
+        if self.hash_threads > 256 {
+            return bad("hash_threads", "must be 0..=256");
+        }
         Ok(())
+    }
+
+    /// [`Config::token_idle_ttl_secs`] in ms, as the queries compare it.
+    pub fn token_idle_ttl_ms(&self) -> i64 {
+        (self.token_idle_ttl_secs as i64).saturating_mul(1000)
+    }
+
+    /// [`Config::hash_threads`] with 0 resolved to the number of cores.
+    pub fn hashing_threads(&self) -> usize {
+        match self.hash_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
     }
 }
 
@@ -118,6 +205,46 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("backend"));
+        for (key, c) in [
+            (
+                "token_idle_ttl_secs",
+                Config {
+                    token_idle_ttl_secs: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "max_text_bytes",
+                Config {
+                    max_text_bytes: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "login_failures_per_source",
+                Config {
+                    login_failures_per_source: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "hash_queue",
+                Config {
+                    hash_queue: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "hash_threads",
+                Config {
+                    hash_threads: 1000,
+                    ..Config::default()
+                },
+            ),
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 
     #[test]

@@ -34,6 +34,13 @@ pub(crate) fn internal(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::Internal, message)
 }
 
+pub(crate) fn too_many_rooms(max: i64) -> ApiError {
+    ApiError::new(
+        ErrorKind::TooManyRooms,
+        format!("at most {max} rooms per user; PART one first"),
+    )
+}
+
 /// Transient SQLite conditions (busy, full disk, I/O) are retryable; anything
 /// else is a fault of ours.
 pub(crate) fn from_sqlite(e: &rusqlite::Error) -> ApiError {

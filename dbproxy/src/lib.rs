@@ -7,10 +7,13 @@
 //! `sqlite` (the SQLite backend), `mysql` (the MySQL/MariaDB backend:
 //! primary + replicas, routing, heartbeat, GTID read-your-writes), `writer`
 //! (group commit), `schema` (connections and migrations), `auth` (argon2id,
-//! tokens), `metrics`. `config.backend` picks `sqlite` or `mysql`.
+//! tokens), `hashing` (the argon2 threads), `front` (every request's checks:
+//! `validate`, the protocol's rules for what is stored, and `limiter`, the
+//! failed-login limits), `metrics`. `config.backend` picks `sqlite` or
+//! `mysql`. `/readyz` follows a probe of the backend every second.
 //!
 //! Data path of a write: accept → `http::serve` (one task per connection) →
-//! `http::handle` → `Backend` method → `writer` queue → one batch per
+//! `http::handle` → `front::Checked` → `Backend` method → `writer` queue → one batch per
 //! transaction → SQLite commit (or, for mysql, a transaction on the current
 //! primary) → each request answered. Reads skip the writer and run on a pool
 //! of read-only connections (mysql: a replica within the lag budget that has
@@ -23,11 +26,15 @@ pub mod client;
 mod coalesce;
 pub mod config;
 pub mod error;
+mod front;
+mod hashing;
 mod http;
+mod limiter;
 mod metrics;
 mod mysql;
 mod schema;
 mod sqlite;
+mod validate;
 mod writer;
 
 use std::sync::Arc;
@@ -41,6 +48,13 @@ pub use config::Config;
 pub use error::DbProxyError;
 
 use crate::backend::Backend;
+use crate::limiter::{Limits, LoginLimiter};
+use crate::metrics::Metrics;
+
+/// How often storage is probed for `/readyz`, and how long a probe may take
+/// before it counts as failed.
+const READY_PROBE_EVERY: Duration = Duration::from_secs(1);
+const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves the API plus /metrics, /healthz, /readyz on `listener` until
 /// `shutdown` is cancelled, then finishes in-flight requests and pending
@@ -54,19 +68,15 @@ pub async fn run(
 ) -> Result<(), DbProxyError> {
     config.validate()?;
     let metrics = Arc::new(metrics::Metrics::register(&registry)?);
-    let cfg = config.clone();
-    let m = metrics.clone();
-    let backend: Arc<dyn Backend> = if config.backend == "mysql" {
-        Arc::new(mysql::MysqlBackend::open(&cfg, m, &registry).await?)
-    } else {
-        // Opening and migrating does blocking file I/O.
-        let backend = tokio::task::spawn_blocking(move || sqlite::SqliteBackend::open(&cfg, m))
-            .await
-            .map_err(|e| DbProxyError::Io(std::io::Error::other(e)))??;
-        Arc::new(backend)
-    };
+    let backend = open_backend(&config, metrics.clone(), &registry).await?;
     let health = chat_admin::Health::default();
-    health.set_ready(true);
+    let probe_stop = CancellationToken::new();
+    let probe = tokio::spawn(follow_storage(
+        backend.clone(),
+        health.clone(),
+        metrics.clone(),
+        probe_stop.clone(),
+    ));
     // The password never appears here: only where the servers are.
     let db = if config.backend == "mysql" {
         format!(
@@ -82,7 +92,7 @@ pub async fn run(
         addr = ?listener.local_addr().ok(),
         backend = %config.backend,
         %db,
-        "dbproxy ready"
+        "dbproxy serving"
     );
     let shared = Arc::new(http::Shared {
         backend: backend.clone(),
@@ -104,6 +114,9 @@ pub async fn run(
     tokio::select! {
         _ = &mut server => {}
         _ = shutdown.cancelled() => {
+            // The probe must not turn readiness back on while we drain.
+            probe_stop.cancel();
+            let _ = probe.await;
             health.set_ready(false);
             let started = Instant::now();
             serve_shutdown.cancel();
@@ -117,6 +130,84 @@ pub async fn run(
             return Ok(());
         }
     }
+    probe_stop.cancel();
     backend.close().await;
     Ok(())
+}
+
+/// The configured backend behind the checks of [`front::Checked`].
+async fn open_backend(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    registry: &prometheus::Registry,
+) -> Result<Arc<dyn Backend>, DbProxyError> {
+    let hashing = Arc::new(hashing::HashPool::start(
+        config.hashing_threads(),
+        config.hash_queue,
+        metrics.password_hashes.clone(),
+    )?);
+    let inner: Arc<dyn Backend> = if config.backend == "mysql" {
+        Arc::new(mysql::MysqlBackend::open(config, metrics.clone(), registry, hashing).await?)
+    } else {
+        // Opening and migrating does blocking file I/O.
+        let (cfg, m) = (config.clone(), metrics.clone());
+        let backend =
+            tokio::task::spawn_blocking(move || sqlite::SqliteBackend::open(&cfg, m, hashing))
+                .await
+                .map_err(|e| DbProxyError::Io(std::io::Error::other(e)))??;
+        Arc::new(backend)
+    };
+    let limiter = LoginLimiter::new(
+        Limits {
+            window: Duration::from_secs(config.login_failure_window_secs),
+            per_account: config.login_failures_per_account,
+            per_source: config.login_failures_per_source,
+            capacity: config.login_limiter_entries,
+        },
+        metrics.login_rate_limited.clone(),
+    );
+    Ok(Arc::new(front::Checked::new(
+        inner,
+        config.max_text_bytes,
+        limiter,
+    )))
+}
+
+/// Sets readiness from a probe of storage every [`READY_PROBE_EVERY`] until
+/// `stop`: ready while the backend can serve reads and writes.
+async fn follow_storage(
+    backend: Arc<dyn Backend>,
+    health: chat_admin::Health,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(READY_PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was: Option<bool> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let probe = tokio::select! {
+            r = tokio::time::timeout(READY_PROBE_TIMEOUT, backend.ready()) => r,
+            _ = stop.cancelled() => return,
+        };
+        let result = probe.unwrap_or_else(|_| {
+            Err(error::unavailable(format!(
+                "storage probe took longer than {READY_PROBE_TIMEOUT:?}"
+            )))
+        });
+        let ok = result.is_ok();
+        match (&result, was) {
+            (Err(e), Some(true) | None) => {
+                tracing::warn!(error = %e.message, "storage not ready")
+            }
+            (Ok(()), Some(false)) => tracing::info!("storage ready again"),
+            _ => {}
+        }
+        was = Some(ok);
+        metrics.storage_ready.set(i64::from(ok));
+        health.set_ready(ok);
+    }
 }

@@ -13,6 +13,9 @@ pub(crate) struct Metrics {
     pub write_queue_depth: IntGauge,
     pub messages_stored: IntCounter,
     pub errors: IntCounterVec,
+    pub login_rate_limited: IntCounterVec,
+    pub password_hashes: IntCounter,
+    pub storage_ready: IntGauge,
 }
 
 impl Metrics {
@@ -62,6 +65,21 @@ impl Metrics {
                 ),
                 &["kind"],
             )?,
+            login_rate_limited: IntCounterVec::new(
+                Opts::new(
+                    "chat_dbproxy_login_rate_limited_total",
+                    "Logins refused for too many failed logins, by the limit hit (account|source)",
+                ),
+                &["by"],
+            )?,
+            password_hashes: IntCounter::new(
+                "chat_dbproxy_password_hashes_total",
+                "Password hashes computed (argon2id: logins checked, registrations)",
+            )?,
+            storage_ready: IntGauge::new(
+                "chat_dbproxy_storage_ready",
+                "1 while the last readiness probe of storage passed (what /readyz answers)",
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_duration.clone()))?;
@@ -70,6 +88,13 @@ impl Metrics {
         registry.register(Box::new(m.write_queue_depth.clone()))?;
         registry.register(Box::new(m.messages_stored.clone()))?;
         registry.register(Box::new(m.errors.clone()))?;
+        // Both series exist from the start: a rate over them is 0, not absent.
+        for by in ["account", "source"] {
+            m.login_rate_limited.with_label_values(&[by]);
+        }
+        registry.register(Box::new(m.login_rate_limited.clone()))?;
+        registry.register(Box::new(m.password_hashes.clone()))?;
+        registry.register(Box::new(m.storage_ready.clone()))?;
         Ok(m)
     }
 }

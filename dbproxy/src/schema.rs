@@ -56,18 +56,17 @@ CREATE INDEX messages_pending ON messages(recipient_id, received_at_ms);
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens the writer connection, creating the file and its parent directories,
-/// and brings the schema up to date.
+/// and brings the schema up to date. The database holds password and token
+/// hashes: a directory created here is 0700, the file 0600 (SQLite gives its
+/// -wal and -shm files the database file's mode), and an existing file
+/// readable by others is made 0600.
 pub(crate) fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
-    if let Some(parent) = path.parent() {
-        if !parent.as_os_str().is_empty() {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-                    Some(format!("creating {}: {e}", parent.display())),
-                )
-            })?;
-        }
-    }
+    private_file(path).map_err(|e| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(e),
+        )
+    })?;
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // WAL lets readers run next to the writer; FULL because an ack promises durability.
@@ -90,6 +89,44 @@ pub(crate) fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
 }
 
 const WRITER_CHECKPOINT_PAGES: i64 = 16_384;
+
+/// Creates `path`'s missing parent directories (0700) and the file itself
+/// (0600) if needed; takes group and other access away from an existing
+/// database and its -wal / -shm files.
+fn private_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let mut shm = path.as_os_str().to_owned();
+    shm.push("-shm");
+    for file in [path.to_path_buf(), wal.into(), shm.into()] {
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("making {} private: {e}", file.display()))?;
+            tracing::info!(file = %file.display(), "database file was readable by others; now 0600");
+        }
+    }
+    Ok(())
+}
 
 /// A connection that only runs checkpoints, off the writer's path.
 pub(crate) fn open_checkpointer(path: &Path) -> rusqlite::Result<Connection> {
@@ -138,6 +175,38 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn database_files_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data/sub/chat.db");
+        let conn = open_writer(&path).unwrap();
+        conn.execute_batch("CREATE TABLE t (v); INSERT INTO t VALUES (1);")
+            .unwrap();
+        let reader = open_reader(&path).unwrap();
+        let _: i64 = reader
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode(&dir.path().join("data")), 0o700);
+        assert_eq!(mode(&dir.path().join("data/sub")), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("data/sub/chat.db-wal")), 0o600);
+        assert_eq!(mode(&dir.path().join("data/sub/chat.db-shm")), 0o600);
+        drop((conn, reader));
+
+        // A database created world-readable before is made private.
+        use std::os::unix::fs::PermissionsExt;
+        let old = dir.path().join("old.db");
+        drop(open_writer(&old).unwrap());
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(open_writer(&old).unwrap());
+        assert_eq!(mode(&old), 0o600);
+    }
 
     #[test]
     fn migrates_once() {

@@ -68,6 +68,30 @@ impl WriterHandle {
     }
 }
 
+impl WriterHandle {
+    /// Whether the writer answers: an empty job, answered once the batch it
+    /// joined committed. A full queue counts as answering (the writer is
+    /// alive and working it off); a writer that stopped (its task ended, a
+    /// batch panicked) does not.
+    pub async fn probe(&self) -> Result<(), ApiError> {
+        let (job, answer) = job(1, |_, _| Ok(Ok(())));
+        self.metrics.write_queue_depth.inc();
+        match self.tx.try_send(job) {
+            Ok(()) => {}
+            Err(e) => {
+                self.metrics.write_queue_depth.dec();
+                return match e {
+                    mpsc::error::TrySendError::Full(_) => Ok(()),
+                    mpsc::error::TrySendError::Closed(_) => Err(unavailable("the writer stopped")),
+                };
+            }
+        }
+        answer
+            .await
+            .map_err(|_| unavailable("the writer stopped before answering"))?
+    }
+}
+
 /// Wraps `f` into a job whose answer arrives on the receiver once its batch
 /// committed (or failed).
 fn job<T, F>(items: usize, f: F) -> (Job, oneshot::Receiver<Result<T, ApiError>>)

@@ -10,8 +10,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const TTL: i64 = 3_600_000;
-
 struct Proxy {
     client: DbClient,
     base: String,
@@ -117,24 +115,24 @@ async fn login_registers_then_checks_password() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proxy::start(dir.path()).await;
     let c = &p.client;
-    let id = c.login("alice", "s3cret", TTL, None).await.unwrap();
+    let id = c.login("alice", "s3cret", None).await.unwrap();
     assert_eq!(id.user, "alice");
     assert!(!id.guest);
     assert!(id.token.starts_with("alice.") && id.token.len() == "alice.".len() + 32);
-    let again = c.login("alice", "s3cret", TTL, None).await.unwrap();
+    let again = c.login("alice", "s3cret", None).await.unwrap();
     assert_ne!(again.token, id.token);
-    let e = c.login("alice", "wrong", TTL, None).await.unwrap_err();
+    let e = c.login("alice", "wrong", None).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::AuthFailed);
     // A registered name is never a guest name.
     assert_eq!(
-        c.guest("alice", TTL).await.unwrap_err().kind,
+        c.guest("alice").await.unwrap_err().kind,
         ErrorKind::NameTaken
     );
     // Resume works and refreshes; garbage tokens do not.
-    let r = c.resume(&id.token, TTL).await.unwrap();
+    let r = c.resume(&id.token).await.unwrap();
     assert_eq!((r.user.as_str(), r.guest), ("alice", false));
     assert_eq!(
-        c.resume("00000000000000000000000000000000", TTL)
+        c.resume("alice.00000000000000000000000000000000")
             .await
             .unwrap_err()
             .kind,
@@ -146,70 +144,72 @@ async fn login_registers_then_checks_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn guest_names_and_expiry() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(dir.path()).await;
+    // Token lifetime is the dbproxy's own setting, never the caller's.
+    let config = Config {
+        token_idle_ttl_secs: 1,
+        ..Config::default()
+    };
+    let p = Proxy::start_with(dir.path(), config).await;
     let c = &p.client;
-    let g = c.guest("dave", TTL).await.unwrap();
+    let g = c.guest("dave").await.unwrap();
     assert!(g.guest);
     assert_eq!(
-        c.guest("dave", TTL).await.unwrap_err().kind,
+        c.guest("dave").await.unwrap_err().kind,
         ErrorKind::NameTaken
     );
     // A live guest's name cannot be registered either.
     assert_eq!(
-        c.login("dave", "pw", TTL, None).await.unwrap_err().kind,
+        c.login("dave", "pw", None).await.unwrap_err().kind,
         ErrorKind::NameTaken
     );
     c.join("lobby", "dave").await.unwrap();
     assert_eq!(c.user_rooms("dave", None).await.unwrap().rooms.len(), 1);
 
-    // With ttl 0 the token expires as soon as the clock moves on.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // Unused for the ttl, the token expires and the name is free again
+    // (refused attempts do not use the token).
+    let deadline = Instant::now() + Duration::from_secs(10);
     let g2 = loop {
-        match c.guest("dave", 0).await {
+        match c.guest("dave").await {
             Ok(g2) => break g2,
             Err(e) => assert_eq!(e.kind, ErrorKind::NameTaken),
         }
         assert!(Instant::now() < deadline, "guest never expired");
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_ne!(g2.token, g.token);
     // The old guest's token and rooms are gone.
     assert_eq!(
-        c.resume(&g.token, TTL).await.unwrap_err().kind,
+        c.resume(&g.token).await.unwrap_err().kind,
         ErrorKind::TokenInvalid
     );
     assert!(c.user_rooms("dave", None).await.unwrap().rooms.is_empty());
 
-    // Resume with a tiny ttl fails once the token idled; touch keeps it alive.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match c.resume(&g2.token, 0).await {
-            Err(e) => {
-                assert_eq!(e.kind, ErrorKind::TokenInvalid);
-                break;
-            }
-            Ok(_) => assert!(Instant::now() < deadline, "token never expired"),
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+    // Touched (as the chat servers do for open connections), a token
+    // outlives the ttl.
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        c.touch(vec![g2.token.clone()]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    c.touch(vec![g2.token.clone(), "unknown".into()])
-        .await
-        .unwrap();
-    c.resume(&g2.token, TTL).await.unwrap();
+    c.resume(&g2.token).await.unwrap();
 
-    // An expired guest's name can be registered with LOGIN.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // Left alone, it expires: an expired guest's name can be registered.
+    let deadline = Instant::now() + Duration::from_secs(10);
     let reg = loop {
-        match c.login("dave", "pw", 0, None).await {
+        match c.login("dave", "pw", None).await {
             Ok(id) => break id,
             Err(e) => assert_eq!(e.kind, ErrorKind::NameTaken),
         }
         assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(!reg.guest);
     assert_eq!(
-        c.login("dave", "other", TTL, None).await.unwrap_err().kind,
+        c.resume(&g2.token).await.unwrap_err().kind,
+        ErrorKind::TokenInvalid
+    );
+    assert_eq!(
+        c.login("dave", "other", None).await.unwrap_err().kind,
         ErrorKind::AuthFailed
     );
     p.stop().await;
@@ -220,8 +220,8 @@ async fn rooms_join_part() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proxy::start(dir.path()).await;
     let c = &p.client;
-    c.guest("bob", TTL).await.unwrap();
-    c.guest("carol", TTL).await.unwrap();
+    c.guest("bob").await.unwrap();
+    c.guest("carol").await.unwrap();
     assert_eq!(c.join("zeta", "bob").await.unwrap().last_seq, 0);
     c.join("alpha", "bob").await.unwrap();
     c.join("alpha", "carol").await.unwrap();
@@ -265,7 +265,7 @@ async fn concurrent_appends_get_dense_seqs() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proxy::start(dir.path()).await;
     let c = &p.client;
-    c.guest("w", TTL).await.unwrap();
+    c.guest("w").await.unwrap();
     c.join("busy", "w").await.unwrap();
     let mut tasks = Vec::new();
     for t in 0..20 {
@@ -338,7 +338,7 @@ async fn append_idempotency_and_errors() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proxy::start(dir.path()).await;
     let c = &p.client;
-    c.guest("a", TTL).await.unwrap();
+    c.guest("a").await.unwrap();
     c.join("r1", "a").await.unwrap();
     c.join("r2", "a").await.unwrap();
     let r = c
@@ -387,8 +387,8 @@ async fn direct_messages() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proxy::start(dir.path()).await;
     let c = &p.client;
-    c.guest("s", TTL).await.unwrap();
-    c.guest("r", TTL).await.unwrap();
+    c.guest("s").await.unwrap();
+    c.guest("r").await.unwrap();
     let dm = |to: &str, cid: Option<&str>, body: &str| DmItem {
         sender: "s".into(),
         recipient: to.into(),
@@ -435,7 +435,7 @@ async fn direct_messages() {
 async fn restart_keeps_data() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proxy::start(dir.path()).await;
-    let token = p.client.login("kim", "pw", TTL, None).await.unwrap().token;
+    let token = p.client.login("kim", "pw", None).await.unwrap().token;
     p.client.join("keep", "kim").await.unwrap();
     p.client
         .append(vec![item("keep", "kim", Some("k1"), "persisted")])
@@ -445,9 +445,9 @@ async fn restart_keeps_data() {
 
     let p = Proxy::start(dir.path()).await;
     let c = &p.client;
-    assert_eq!(c.resume(&token, TTL).await.unwrap().user, "kim");
+    assert_eq!(c.resume(&token).await.unwrap().user, "kim");
     assert_eq!(
-        c.login("kim", "bad", TTL, None).await.unwrap_err().kind,
+        c.login("kim", "bad", None).await.unwrap_err().kind,
         ErrorKind::AuthFailed
     );
     assert_eq!(
@@ -473,7 +473,7 @@ async fn http_edges() {
     };
     let p = Proxy::start_with(dir.path(), config).await;
     let c = &p.client;
-    c.guest("big", TTL).await.unwrap();
+    c.guest("big").await.unwrap();
     let e = c
         .append(vec![item("x", "big", None, &"y".repeat(4096))])
         .await
@@ -521,13 +521,13 @@ async fn concurrent_first_logins_agree() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proxy::start(dir.path()).await;
     let (a, b) = tokio::join!(
-        p.client.login("twin", "pw", TTL, None),
-        p.client.login("twin", "pw", TTL, None)
+        p.client.login("twin", "pw", None),
+        p.client.login("twin", "pw", None)
     );
     assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
     let (a, b) = tokio::join!(
-        p.client.login("rival", "one", TTL, None),
-        p.client.login("rival", "two", TTL, None)
+        p.client.login("rival", "one", None),
+        p.client.login("rival", "two", None)
     );
     let kinds = [
         a.map(|_| ()).map_err(|e| e.kind),
@@ -542,7 +542,7 @@ async fn concurrent_first_logins_agree() {
 async fn shutdown_keeps_every_acked_write() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proxy::start(dir.path()).await;
-    p.client.guest("w", TTL).await.unwrap();
+    p.client.guest("w").await.unwrap();
     p.client.join("drain", "w").await.unwrap();
     let mut tasks = Vec::new();
     for t in 0..10 {
@@ -640,7 +640,7 @@ async fn several_dbproxies_fail_over() {
     // (it was never sent), moves on to the live one.
     let c = DbClient::new(&format!("{}, {}/", dead_base(), p.base));
     assert_eq!(c.bases().len(), 2);
-    c.guest("a", TTL).await.unwrap();
+    c.guest("a").await.unwrap();
     c.join("r", "a").await.unwrap();
     let r = c
         .append(vec![item("r", "a", Some("k1"), "one")])
@@ -663,7 +663,7 @@ async fn several_dbproxies_fail_over() {
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 
     let c = DbClient::new(&format!("{sick},{}", p.base));
-    let e = c.guest("b", TTL).await.unwrap_err();
+    let e = c.guest("b").await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unavailable);
     let e = c
         .append(vec![item("r", "a", None, "no id")])

@@ -2,6 +2,7 @@
 //! replica per test, see `mariadb_harness`), driven through `run` and the real
 //! `DbClient`. Routing is observed through `chat_dbproxy_route_total`.
 
+mod common;
 mod mariadb_harness;
 
 use std::future::Future;
@@ -15,10 +16,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const TTL: i64 = 3_600_000;
-
 struct Proxy {
     client: DbClient,
+    base: String,
     registry: prometheus::Registry,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), chat_dbproxy::DbProxyError>>,
@@ -26,6 +26,11 @@ struct Proxy {
 
 impl Proxy {
     async fn start(pair: &Pair) -> Proxy {
+        Proxy::start_with(pair, Config::default()).await
+    }
+
+    /// `config` with its `mysql` section pointed at `pair`.
+    async fn start_with(pair: &Pair, config: Config) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let config = Config {
@@ -38,7 +43,7 @@ impl Proxy {
                 connect_timeout_ms: 500,
                 ..pair.mysql_config()
             },
-            ..Config::default()
+            ..config
         };
         let registry = prometheus::Registry::new();
         let shutdown = CancellationToken::new();
@@ -51,6 +56,7 @@ impl Proxy {
         let client = DbClient::new(&base);
         let proxy = Proxy {
             client,
+            base,
             registry,
             shutdown,
             task,
@@ -78,6 +84,12 @@ impl Proxy {
             })
             .map(|m| m.get_counter().get_value())
             .sum()
+    }
+
+    async fn readyz(&self) -> u16 {
+        common::raw_request(&self.base, "GET", "/readyz", b"")
+            .await
+            .map_or(0, |(s, _)| s)
     }
 
     fn routed(&self, route: &str, backend: &str) -> f64 {
@@ -137,9 +149,9 @@ async fn split_idempotency_and_dense_seq_across_two_proxies() {
     let b = Proxy::start(&pair).await;
     let (primary, replica) = (pair.primary.addr(), pair.replica.addr());
 
-    let id = a.client.guest("alice", TTL).await.unwrap();
+    let id = a.client.guest("alice").await.unwrap();
     assert!(id.pos.is_some(), "writes answer a GTID");
-    b.client.guest("bob", TTL).await.unwrap();
+    b.client.guest("bob").await.unwrap();
     a.client.join("r", "alice").await.unwrap();
     a.client.join("r", "bob").await.unwrap();
 
@@ -240,7 +252,7 @@ async fn split_idempotency_and_dense_seq_across_two_proxies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes_under_replica_lag() {
     let (pair, proxy) = start().await;
-    proxy.client.guest("carol", TTL).await.unwrap();
+    proxy.client.guest("carol").await.unwrap();
     proxy.client.join("lag", "carol").await.unwrap();
     wait_replica_serving(&proxy, &pair, "lag").await;
 
@@ -278,7 +290,7 @@ async fn read_your_writes_under_replica_lag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_down_is_skipped() {
     let (mut pair, proxy) = start().await;
-    proxy.client.guest("dave", TTL).await.unwrap();
+    proxy.client.guest("dave").await.unwrap();
     proxy.client.join("down", "dave").await.unwrap();
     wait_replica_serving(&proxy, &pair, "down").await;
     let replica = pair.replica.addr();
@@ -303,7 +315,7 @@ async fn replica_down_is_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_down_then_promotion() {
     let (mut pair, proxy) = start().await;
-    proxy.client.guest("erin", TTL).await.unwrap();
+    proxy.client.guest("erin").await.unwrap();
     proxy.client.join("fail", "erin").await.unwrap();
     proxy
         .client
@@ -312,7 +324,15 @@ async fn primary_down_then_promotion() {
         .unwrap();
     wait_replica_serving(&proxy, &pair, "fail").await;
     let replica = pair.replica.addr();
+    assert_eq!(proxy.readyz().await, 200);
     pair.primary.kill();
+    // Without a writable server the dbproxy is not ready.
+    wait_until(
+        "/readyz 503 without a primary",
+        Duration::from_secs(5),
+        || async { proxy.readyz().await == 503 },
+    )
+    .await;
 
     // Writes fail fast and retryably; reads go on from the replica.
     for n in 0..3 {
@@ -352,6 +372,12 @@ async fn primary_down_then_promotion() {
         "{:?}",
         promoted.elapsed()
     );
+    wait_until(
+        "/readyz 200 after the promotion",
+        Duration::from_secs(5),
+        || async { proxy.readyz().await == 200 },
+    )
+    .await;
     assert!(proxy.routed("primary", &replica) > 0.0);
     let h = proxy.client.history("fail", 0, 10, None).await.unwrap();
     let seqs: Vec<u64> = h.messages.iter().map(|m| m.seq).collect();
@@ -361,18 +387,19 @@ async fn primary_down_then_promotion() {
 
 /// Appends of many rooms per request, several requests at once (the writer
 /// commits more than one batch at a time), client-id retries inside and across
-/// requests, awkward text and a request larger than one statement's JSON
+/// requests, awkward text (for the JSON the writer sends: quotes,
+/// backslashes, non-ASCII) and a request larger than one statement's JSON
 /// document: every room's seqs stay dense and unique, a retry answers the
 /// first copy's seq, and names and bodies come back byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_room_appends_stay_dense_and_exact() {
     let (pair, proxy) = start().await;
     let rooms: Vec<String> = (0..12).map(|r| format!("mr{r}")).collect();
-    let senders = ["zoë", "bob", "x\"y\\z"];
+    let senders = ["zoe.2", "bob", "x-y_z"];
     for s in senders {
-        proxy.client.guest(s, TTL).await.unwrap();
+        proxy.client.guest(s).await.unwrap();
     }
-    proxy.client.join("café ☕", "zoë").await.unwrap();
+    proxy.client.join("#cafe.1", "zoe.2").await.unwrap();
     for r in &rooms {
         proxy.client.join(r, "bob").await.unwrap();
     }
@@ -426,15 +453,18 @@ async fn multi_room_appends_stay_dense_and_exact() {
     }
     assert_eq!(stored, 8 * 6 * rooms.len());
 
-    // Awkward text, an over-long client id, unknown names, and one request
-    // whose bodies take more than one INSERT statement.
-    let odd = "quote \" backslash \\ tab \t nul \u{0} newline \n emoji 😀 ünï";
+    // Awkward text, an over-long client id, unknown and invalid names, and
+    // one request whose bodies take more than one INSERT statement.
+    let odd = "quote \" backslash \\ tab \t json \\u0000 emoji 😀 ünï ☕ <&>'";
     let long_cid = "c".repeat(300);
-    let big = "é".repeat(3000);
+    // 4000 bytes: the longest text stored (max_text_bytes 4096).
+    let big = "é".repeat(2000);
     let mut items = vec![
-        item("café ☕", "zoë", Some("ö-1"), odd),
-        item("mr0", "x\"y\\z", None, odd),
+        item("#cafe.1", "zoe.2", Some("o-1"), odd),
+        item("mr0", "x-y_z", None, odd),
         item("mr0", "bob", Some(&long_cid), "x"),
+        item("mr0", "nobody", None, "x"),
+        item("nosuch", "bob", None, "x"),
         item("mr0", &"n".repeat(300), None, "x"),
         item(&"r".repeat(300), "bob", None, "x"),
     ];
@@ -443,7 +473,7 @@ async fn multi_room_appends_stay_dense_and_exact() {
     // (a lone item) as in a batch that is looked up first (the big one).
     let dm = chat_dbproxy::api::DmItem {
         sender: "bob".into(),
-        recipient: "zoë".into(),
+        recipient: "zoe.2".into(),
         client_id: Some("dm-1".into()),
         body: "psst".into(),
     };
@@ -477,7 +507,13 @@ async fn multi_room_appends_stay_dense_and_exact() {
         resp.results[4].clone().unwrap_err().kind,
         ErrorKind::NoSuchRoom
     );
-    let big_seqs: Vec<u64> = resp.results[5..]
+    for i in [5, 6] {
+        assert_eq!(
+            resp.results[i].clone().unwrap_err().kind,
+            ErrorKind::BadRequest
+        );
+    }
+    let big_seqs: Vec<u64> = resp.results[7..]
         .iter()
         .map(|r| r.clone().unwrap().seq)
         .collect();
@@ -486,11 +522,11 @@ async fn multi_room_appends_stay_dense_and_exact() {
     let pos = resp.pos.clone();
     let odd_room = proxy
         .client
-        .history("café ☕", 0, 10, pos.clone())
+        .history("#cafe.1", 0, 10, pos.clone())
         .await
         .unwrap();
     assert_eq!(odd_room.messages.len(), 1);
-    assert_eq!(odd_room.messages[0].sender, "zoë");
+    assert_eq!(odd_room.messages[0].sender, "zoe.2");
     assert_eq!(odd_room.messages[0].body, odd);
     for r in &rooms {
         let mut seqs = Vec::new();
@@ -507,7 +543,7 @@ async fn multi_room_appends_stay_dense_and_exact() {
             after = last.seq;
             seqs.extend(page.messages.iter().map(|m| m.seq));
             if r == "mr0" && seqs.len() == 8 * 6 + 1 {
-                assert_eq!(last.sender, "x\"y\\z");
+                assert_eq!(last.sender, "x-y_z");
                 assert_eq!(last.body, odd);
             }
             if r == "mr1" && seqs.len() == 8 * 6 + 400 {
@@ -526,4 +562,74 @@ async fn multi_room_appends_stay_dense_and_exact() {
     }
     drop(pair);
     proxy.stop().await;
+}
+
+/// What the dbproxy enforces on MySQL as on SQLite: rooms per user (under
+/// concurrent joins of one user), the protocol's rules per batch item (on
+/// the append writer's path), the dbproxy's own token lifetime, failed-login
+/// limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_checks_hold_on_mysql() {
+    let pair = tokio::task::spawn_blocking(Pair::start).await.unwrap();
+    let config = Config {
+        max_rooms_per_user: 3,
+        login_failures_per_account: 2,
+        ..Config::default()
+    };
+    let proxy = Proxy::start_with(&pair, config).await;
+    let c = &proxy.client;
+    c.guest("u").await.unwrap();
+    c.join("r0", "u").await.unwrap();
+    // Eight joins of one user at once: exactly two more fit.
+    let joins: Vec<_> = (1..=8)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.join(&format!("r{i}"), "u").await })
+        })
+        .collect();
+    let mut kinds = Vec::new();
+    for j in joins {
+        kinds.push(j.await.unwrap().map(|_| ()).map_err(|e| e.kind));
+    }
+    assert_eq!(kinds.iter().filter(|k| k.is_ok()).count(), 2, "{kinds:?}");
+    assert!(kinds
+        .iter()
+        .all(|k| k.is_ok() || *k == Err(ErrorKind::TooManyRooms)));
+    assert_eq!(c.user_rooms("u", None).await.unwrap().rooms.len(), 3);
+    c.join("r0", "u").await.unwrap();
+
+    let r = c
+        .append(vec![
+            item("r0", "u", Some("a1"), "fine"),
+            item("r0", "u", None, "forged\nOK LOGIN admin x"),
+            item("r0", "u", Some("a2"), "also fine"),
+        ])
+        .await
+        .unwrap();
+    let seqs: Vec<_> = r
+        .results
+        .iter()
+        .map(|x| x.as_ref().map(|a| a.seq).map_err(|e| e.kind))
+        .collect();
+    assert_eq!(seqs, [Ok(1), Err(ErrorKind::BadRequest), Ok(2)]);
+
+    let (status, answer) = common::raw_request(
+        &proxy.base,
+        "POST",
+        "/v1/guest",
+        br#"{"name":"u","token_idle_ttl_ms":-9223372036854775808}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 409, "{answer}");
+
+    c.login("acct", "right", None).await.unwrap();
+    for _ in 0..2 {
+        let e = c.login("acct", "wrong", None).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::AuthFailed);
+    }
+    let e = c.login("acct", "right", None).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::RateLimited);
+    proxy.stop().await;
+    drop(pair);
 }

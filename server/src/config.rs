@@ -22,8 +22,10 @@ pub struct Config {
     pub send_queue_lines: usize,
     /// A connection that sends nothing for this long is closed.
     pub idle_timeout_secs: u64,
-    /// A token unused for this long expires (and a guest's name is released).
-    pub token_idle_ttl_secs: u64,
+    /// How often the tokens of open connections are marked used, so they do
+    /// not expire while in use. Token expiry itself is the dbproxy's
+    /// `token_idle_ttl_secs` (default 86400): keep this well below half of it.
+    pub token_touch_interval_ms: u64,
     /// Commands per second one connection may send (token bucket rate).
     pub rate_per_sec: u32,
     /// Token bucket size: how many commands may arrive at once.
@@ -134,7 +136,7 @@ impl Default for Config {
             max_line_bytes: 4096,
             send_queue_lines: 1024,
             idle_timeout_secs: 300,
-            token_idle_ttl_secs: 86_400,
+            token_touch_interval_ms: 60_000,
             rate_per_sec: 50,
             rate_burst: 100,
             rate_limit_kick: 1000,
@@ -169,7 +171,7 @@ impl Config {
         let positive = [
             ("send_queue_lines", self.send_queue_lines as u64),
             ("idle_timeout_secs", self.idle_timeout_secs),
-            ("token_idle_ttl_secs", self.token_idle_ttl_secs),
+            ("token_touch_interval_ms", self.token_touch_interval_ms),
             ("rate_per_sec", self.rate_per_sec.into()),
             ("rate_burst", self.rate_burst.into()),
             ("rate_limit_kick", self.rate_limit_kick.into()),

@@ -46,6 +46,14 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
+/// How often the dbproxies' `/readyz` is asked, how long one answer may
+/// take, and how long without any ready dbproxy makes this server not ready
+/// (two probes in a row, so one slow answer does not take it out of the
+/// proxies' rings).
+const STORAGE_PROBE_EVERY: Duration = Duration::from_secs(1);
+const STORAGE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+const STORAGE_UNREADY_AFTER: Duration = Duration::from_secs(2);
+
 /// Receipts waiting to be written; when full, a DM simply stays pending and is
 /// delivered again at the next login (delivery is at-least-once).
 const RECEIPT_QUEUE: usize = 16_384;
@@ -104,7 +112,8 @@ pub async fn run(
     tasks.spawn(touch_loop(hub.clone(), background.clone()));
     tasks.spawn(cluster::run(hub.clone(), background.clone()));
 
-    health.set_ready(true);
+    // Ready while some dbproxy is (see `follow_storage`).
+    let ready_task = tokio::spawn(follow_storage(db.clone(), health.clone(), shutdown.clone()));
     let acceptor = Acceptor::new(listeners.client, config.max_connections);
     tracing::info!(addr = %client_addr, id = %cluster.me, "chat server listening");
     let conn_ids = AtomicU64::new(1);
@@ -133,7 +142,9 @@ pub async fn run(
     }
 
     // Drain: not ready, no new connections; sessions answer what they read,
-    // say BYE shutdown and close.
+    // say BYE shutdown and close. The storage probe has stopped first, so it
+    // cannot make the server ready again.
+    let _ = ready_task.await;
     health.set_ready(false);
     drop(acceptor);
     // Peers move this server's rooms away now; messages still in flight here
@@ -149,6 +160,43 @@ pub async fn run(
     let _ = admin.await;
     drop(hub);
     Ok(())
+}
+
+/// Sets readiness from the dbproxies' until `stop`: ready as soon as one
+/// answers ready, not ready once none has for [`STORAGE_UNREADY_AFTER`]. A
+/// server that cannot store anything should leave the proxies' rings and
+/// the Service's endpoints rather than take clients it must refuse.
+async fn follow_storage(db: DbClient, health: Health, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(STORAGE_PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_ready: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let ok = tokio::select! {
+            ok = db.ready(STORAGE_PROBE_TIMEOUT) => ok,
+            _ = stop.cancelled() => return,
+        };
+        let now = tokio::time::Instant::now();
+        let was_ready = health.is_ready();
+        if ok {
+            last_ready = Some(now);
+            if !was_ready {
+                tracing::info!("storage ready: serving");
+            }
+            health.set_ready(true);
+        } else if was_ready
+            && last_ready.is_none_or(|t| now.duration_since(t) >= STORAGE_UNREADY_AFTER)
+        {
+            tracing::warn!(
+                dbproxies = ?db.bases(),
+                "no dbproxy ready for {STORAGE_UNREADY_AFTER:?}: not ready"
+            );
+            health.set_ready(false);
+        }
+    }
 }
 
 /// Marks delivered DMs as received, many per request.
@@ -180,10 +228,10 @@ async fn receipts_loop(db: DbClient, mut rx: mpsc::Receiver<i64>, stop: Cancella
     }
 }
 
-/// Keeps the tokens of connected users alive (they expire only when unused).
+/// Keeps the tokens of connected users alive (they expire only when unused,
+/// after the dbproxy's `token_idle_ttl_secs`).
 async fn touch_loop(hub: Arc<Hub>, stop: CancellationToken) {
-    let ttl = hub.config.token_idle_ttl_secs;
-    let every = Duration::from_secs((ttl / 3).clamp(1, 60));
+    let every = Duration::from_millis(hub.config.token_touch_interval_ms);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

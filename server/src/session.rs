@@ -40,6 +40,8 @@ pub fn storage_error(metrics: &Metrics, e: &ApiError, cid: &Option<String>) -> S
         ErrorKind::NoSuchRoom => ErrorCode::NoSuchRoom,
         ErrorKind::NoSuchUser => ErrorCode::NoSuchUser,
         ErrorKind::BadRequest => ErrorCode::BadArgs,
+        ErrorKind::TooManyRooms => ErrorCode::TooManyRooms,
+        ErrorKind::RateLimited => ErrorCode::RateLimited,
         ErrorKind::Unavailable => ErrorCode::Unavailable,
         ErrorKind::Internal => ErrorCode::Internal,
     };
@@ -259,7 +261,6 @@ async fn login(
     line: &str,
     source: std::net::IpAddr,
 ) -> Result<(Identity, Option<String>, bool), ServerLine> {
-    let ttl = (hub.config.token_idle_ttl_secs * 1000) as i64;
     let cmd =
         match Command::parse(line) {
             Ok(c) => c,
@@ -280,18 +281,14 @@ async fn login(
         match cmd {
             Command::Login { user, password } => hub
                 .db
-                .login(&user, &password, ttl, Some(source))
+                .login(&user, &password, Some(source))
                 .await
                 .map(|i| (i, None, false)),
-            Command::Resume { token } => hub.db.resume(&token, ttl).await.map(|i| (i, None, true)),
+            Command::Resume { token } => hub.db.resume(&token).await.map(|i| (i, None, true)),
             Command::Join {
                 room,
                 guest: Some(name),
-            } => hub
-                .db
-                .guest(&name, ttl)
-                .await
-                .map(|i| (i, Some(room), false)),
+            } => hub.db.guest(&name).await.map(|i| (i, Some(room), false)),
             _ => return Err(first_line_error(
                 hub,
                 ErrorCode::BadFirstLine,

@@ -319,3 +319,29 @@ async fn metrics_and_health_endpoints() {
         "an HTTP request on the client port is a bad first line: {lines:?}"
     );
 }
+
+/// The server's /readyz follows storage: not ready within a few seconds of
+/// its only dbproxy stopping (so proxies and the Service stop sending it
+/// clients it would have to refuse), ready again once the dbproxy is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_readiness_follows_storage() {
+    let mut stack = Stack::start().await;
+    assert_eq!(http_get(stack.admin_addr, "/readyz").await.0, 200);
+    stack.stop_dbproxy().await;
+    crate::common::wait_until(
+        Duration::from_secs(10),
+        "the server's /readyz is 503 with its dbproxy down",
+        || async { http_get(stack.admin_addr, "/readyz").await.0 == 503 },
+    )
+    .await;
+    // Still alive, and sessions already open stay open.
+    assert_eq!(http_get(stack.admin_addr, "/healthz").await.0, 200);
+    stack.start_dbproxy().await;
+    crate::common::wait_until(
+        Duration::from_secs(10),
+        "the server's /readyz is 200 again with its dbproxy back",
+        || async { http_get(stack.admin_addr, "/readyz").await.0 == 200 },
+    )
+    .await;
+    let (_alice, _) = stack.login("alice", "pw").await;
+}

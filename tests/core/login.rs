@@ -94,7 +94,12 @@ async fn resume_unknown_token_is_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_expires_after_idle_ttl() {
-    let stack = Stack::start_with(|c| c.token_idle_ttl_secs = 1).await;
+    // The lifetime is the dbproxy's; the server touches open connections' tokens.
+    let stack = Stack::start_configured(
+        |db| db.token_idle_ttl_secs = 1,
+        |s| s.token_touch_interval_ms = 200,
+    )
+    .await;
     let (mut alice, token) = stack.login("alice", "pw").await;
     alice.send("QUIT").await;
     alice.expect_closed().await;
@@ -116,7 +121,11 @@ async fn token_expires_after_idle_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_connection_keeps_token_alive() {
-    let stack = Stack::start_with(|c| c.token_idle_ttl_secs = 1).await;
+    let stack = Stack::start_configured(
+        |db| db.token_idle_ttl_secs = 1,
+        |s| s.token_touch_interval_ms = 200,
+    )
+    .await;
     let (mut alice, token) = stack.login("alice", "pw").await;
     // "a token is used ... while one of its connections is open".
     for _ in 0..5 {
@@ -197,7 +206,11 @@ async fn guest_name_of_registered_user_is_taken() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_guest_name_is_released() {
-    let stack = Stack::start_with(|c| c.token_idle_ttl_secs = 1).await;
+    let stack = Stack::start_configured(
+        |db| db.token_idle_ttl_secs = 1,
+        |s| s.token_touch_interval_ms = 200,
+    )
+    .await;
     let (mut ghost, old_token) = stack.guest("haunt", "ghost").await;
     ghost.send("QUIT").await;
     ghost.expect_closed().await;
@@ -219,7 +232,7 @@ async fn expired_guest_name_is_released() {
         }
         assert!(
             Instant::now() < deadline,
-            "the expired guest's name `ghost` was not released within 15 s (token_idle_ttl_secs = 1)"
+            "the expired guest's name `ghost` was not released within 15 s (dbproxy token_idle_ttl_secs = 1)"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -246,4 +259,36 @@ async fn expired_guest_name_is_released() {
         "RESUME with the expired guest token",
     )
     .await;
+}
+
+/// Failed logins are limited by the dbproxy, per account (and per source);
+/// the client sees `ERR RATE_LIMITED` saying when to retry, also with the
+/// right password, and the connection is closed like after any failed LOGIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_rate_limited() {
+    let stack = Stack::start_configured(|db| db.login_failures_per_account = 3, |_| {}).await;
+    let (mut alice, _) = stack.login("alice", "right").await;
+    alice.send("QUIT").await;
+    alice.expect_closed().await;
+    for i in 0..3 {
+        let mut c = stack.connect(&format!("guess{i}")).await;
+        c.send("LOGIN alice wrong").await;
+        assert_one_err_then_closed(&mut c, ErrorCode::AuthFailed, "LOGIN with a wrong password")
+            .await;
+    }
+    let mut c = stack.connect("limited").await;
+    c.send("LOGIN alice right").await;
+    let lines = c.expect_closed().await;
+    match lines.as_slice() {
+        [ServerLine::Err {
+            code: ErrorCode::RateLimited,
+            detail,
+        }] => assert!(
+            detail.starts_with("too many failed logins for this account, retry in "),
+            "{detail:?}"
+        ),
+        other => panic!("LOGIN over the limit answered {other:?}"),
+    }
+    // Other accounts log in as before.
+    let (_bob, _) = stack.login("bob", "pw").await;
 }

@@ -10,6 +10,7 @@ mod dm;
 mod durability;
 mod history;
 mod login;
+mod login_memory;
 mod messages;
 mod proxy;
 mod rooms;

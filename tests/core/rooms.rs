@@ -401,3 +401,31 @@ async fn rooms_per_user_are_bounded() {
         .await;
     alice.join("c").await;
 }
+
+/// The dbproxy holds the limit whatever the server's own setting: a server
+/// allowing 1000 rooms still gets `ERR TOO_MANY_ROOMS` from a dbproxy that
+/// allows 2 (and the memberships stay at 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_holds_the_rooms_per_user_limit() {
+    let stack = Stack::start_configured(|db| db.max_rooms_per_user = 2, |_| {}).await;
+    let (mut alice, _) = stack.login("alice", "pw").await;
+    alice.join("a").await;
+    alice.join("b").await;
+    alice.send("JOIN c").await;
+    let detail = alice.expect_err(ErrorCode::TooManyRooms).await;
+    assert!(detail.contains("at most 2 rooms"), "{detail:?}");
+    alice.send("QUIT").await;
+    alice.expect_closed().await;
+    // The next login restores exactly the two rooms.
+    let (mut again, _) = stack.login("alice", "pw").await;
+    let joins: Vec<String> = again
+        .sync()
+        .await
+        .into_iter()
+        .filter_map(|l| match l {
+            ServerLine::OkJoin { room, .. } => Some(room),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(joins, ["a", "b"]);
+}

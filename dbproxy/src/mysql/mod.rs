@@ -8,6 +8,7 @@
 //! stored as SHA-256, argon2id passwords, guest name rules, per-item errors.
 
 pub mod config;
+mod identity;
 mod schema;
 mod topology;
 mod writer;
@@ -25,9 +26,11 @@ use crate::api::*;
 use crate::auth;
 use crate::backend::Backend;
 use crate::config::Config;
-use crate::error::{internal, unavailable, DbProxyError};
+use crate::error::{internal, too_many_rooms, unavailable, DbProxyError};
+use crate::hashing::HashPool;
 use crate::metrics::Metrics;
 use crate::writer::now_ms;
+use identity::{insert_token, load_user, register, resume_tx, take_guest, Registered, UserRow};
 use topology::{Routed, Topology};
 
 /// Largest page of history, rooms or pending DMs in one answer.
@@ -58,16 +61,6 @@ pub(crate) fn no_such_room(name: &str) -> ApiError {
 
 fn name_taken(name: &str) -> ApiError {
     ApiError::new(ErrorKind::NameTaken, format!("name {name} is taken"))
-}
-
-fn require(field: &str, value: &str) -> Result<(), ApiError> {
-    if value.is_empty() {
-        return Err(ApiError::new(
-            ErrorKind::BadRequest,
-            format!("{field} must not be empty"),
-        ));
-    }
-    Ok(())
 }
 
 fn clamp_page(limit: u32) -> i64 {
@@ -124,160 +117,31 @@ async fn user_id(c: &mut Conn, name: &str) -> mysql_async::Result<Option<i64>> {
         .await
 }
 
-struct UserRow {
-    id: i64,
-    password_hash: Option<String>,
-    guest: bool,
-    live: bool,
-}
-
-/// `lock`: take the row lock (inside a write transaction).
-async fn load_user(
-    c: &mut Conn,
-    name: &str,
-    now: i64,
-    ttl: i64,
-    lock: bool,
-) -> mysql_async::Result<Option<UserRow>> {
-    let sql = if lock {
-        "SELECT id, password_hash, guest FROM users WHERE name = ? FOR UPDATE"
-    } else {
-        "SELECT id, password_hash, guest FROM users WHERE name = ?"
-    };
-    let row: Option<(i64, Option<String>, i64)> = c.exec_first(sql, (name,)).await?;
-    let Some((id, password_hash, guest)) = row else {
-        return Ok(None);
-    };
-    let live: Option<i64> = c
-        .exec_first(
-            "SELECT EXISTS(SELECT 1 FROM tokens WHERE user_id = ? AND last_used_ms >= ?)",
-            (id, now.saturating_sub(ttl)),
-        )
-        .await?;
-    Ok(Some(UserRow {
-        id,
-        password_hash,
-        guest: guest != 0,
-        live: live.unwrap_or(0) != 0,
-    }))
-}
-
-async fn insert_token(c: &mut Conn, user: i64, token: &str, now: i64) -> mysql_async::Result<()> {
-    c.exec_drop(
-        "INSERT INTO tokens (token_hash, user_id, created_at, last_used_ms) VALUES (?, ?, ?, ?)",
-        (auth::token_hash(token), user, now, now),
-    )
-    .await
-}
-
-/// Forgets a previous holder of a name: its tokens and rooms (DMs stay).
-async fn forget_holder(c: &mut Conn, user: i64) -> mysql_async::Result<()> {
-    c.exec_drop("DELETE FROM tokens WHERE user_id = ?", (user,))
-        .await?;
-    c.exec_drop("DELETE FROM memberships WHERE user_id = ?", (user,))
-        .await
-}
-
-enum Registered {
-    Done,
-    /// Someone registered the name between our read and our write.
-    Retry,
-}
-
-async fn register(
-    c: &mut Conn,
-    name: &str,
-    phc: &str,
-    ttl: i64,
-    token: &str,
-    now: i64,
-) -> Tx<Registered> {
-    // INSERT first and lock the existing row only when the name is taken: a
-    // `FOR UPDATE` on a missing name takes a gap lock, and concurrent first
-    // logins of new names then deadlock on each other's inserts.
-    let inserted = c
-        .exec_drop(
-            "INSERT INTO users (name, password_hash, guest, created_at) VALUES (?, ?, 0, ?)",
-            (name, phc, now),
-        )
-        .await;
-    let id = match inserted {
-        Ok(()) => c.last_insert_id().unwrap_or(0) as i64,
-        Err(e) if !is_duplicate(&e) => return Err(e),
-        Err(_) => match load_user(c, name, now, ttl, true).await? {
-            None | Some(UserRow { guest: false, .. }) => return Ok(Ok(Registered::Retry)),
-            Some(UserRow { live: true, .. }) => return Ok(Err(name_taken(name))),
-            Some(UserRow { id, .. }) => {
-                forget_holder(c, id).await?;
-                c.exec_drop(
-                    "UPDATE users SET password_hash = ?, guest = 0 WHERE id = ?",
-                    (phc, id),
-                )
-                .await?;
-                id
-            }
-        },
-    };
-    insert_token(c, id, token, now).await?;
-    Ok(Ok(Registered::Done))
-}
-
-fn is_duplicate(e: &mysql_async::Error) -> bool {
-    matches!(e, mysql_async::Error::Server(s) if s.code == 1062)
-}
-
-async fn take_guest(c: &mut Conn, name: &str, ttl: i64, token: &str, now: i64) -> Tx<()> {
-    // INSERT first, as in `register`.
-    let inserted = c
-        .exec_drop(
-            "INSERT INTO users (name, password_hash, guest, created_at) VALUES (?, NULL, 1, ?)",
-            (name, now),
-        )
-        .await;
-    let id = match inserted {
-        Ok(()) => c.last_insert_id().unwrap_or(0) as i64,
-        Err(e) if !is_duplicate(&e) => return Err(e),
-        Err(_) => match load_user(c, name, now, ttl, true).await? {
-            None | Some(UserRow { guest: false, .. }) | Some(UserRow { live: true, .. }) => {
-                return Ok(Err(name_taken(name)))
-            }
-            Some(UserRow { id, .. }) => {
-                forget_holder(c, id).await?;
-                id
-            }
-        },
-    };
-    insert_token(c, id, token, now).await?;
-    Ok(Ok(()))
-}
-
-async fn resume_tx(c: &mut Conn, hash: &[u8], ttl: i64, now: i64) -> Tx<(String, bool)> {
-    let row: Option<(String, i64, i64)> = c
-        .exec_first(
-            "SELECT u.name, u.guest, t.last_used_ms FROM tokens t
-             JOIN users u ON u.id = t.user_id WHERE t.token_hash = ? FOR UPDATE",
-            (hash,),
-        )
-        .await?;
-    let invalid = || ApiError::new(ErrorKind::TokenInvalid, "unknown or expired token");
-    let Some((name, guest, last_used)) = row else {
-        return Ok(Err(invalid()));
-    };
-    if now.saturating_sub(last_used) > ttl {
-        return Ok(Err(invalid()));
-    }
-    c.exec_drop(
-        "UPDATE tokens SET last_used_ms = GREATEST(last_used_ms, ?) WHERE token_hash = ?",
-        (now, hash),
-    )
-    .await?;
-    Ok(Ok((name, guest != 0)))
-}
-
-async fn join_tx(c: &mut Conn, room: &str, user: &str, now: i64) -> Tx<u64> {
-    let Some(uid) = user_id(c, user).await? else {
+async fn join_tx(c: &mut Conn, room: &str, user: &str, now: i64, max_rooms: i64) -> Tx<u64> {
+    // The user's row lock orders the joins of one user, so two of them
+    // cannot both pass the count below at the limit; the reads after it see
+    // what the previous join committed.
+    let Some(uid): Option<i64> = c
+        .exec_first("SELECT id FROM users WHERE name = ? FOR UPDATE", (user,))
+        .await?
+    else {
         return Ok(Err(no_such_user(user)));
     };
+    let member: Option<i64> = c
+        .exec_first(
+            "SELECT EXISTS(SELECT 1 FROM memberships m JOIN rooms r ON r.id = m.room_id
+             WHERE r.name = ? AND m.user_id = ?)",
+            (room, uid),
+        )
+        .await?;
+    if member.unwrap_or(0) == 0 {
+        let rooms: Option<i64> = c
+            .exec_first("SELECT COUNT(*) FROM memberships WHERE user_id = ?", (uid,))
+            .await?;
+        if rooms.unwrap_or(0) >= max_rooms {
+            return Ok(Err(too_many_rooms(max_rooms)));
+        }
+    }
     c.exec_drop(
         "INSERT IGNORE INTO rooms (name, last_seq, created_at) VALUES (?, 0, ?)",
         (room, now),
@@ -381,6 +245,10 @@ fn room_info((room, last_seq, members): (String, i64, i64)) -> RoomInfo {
 pub(crate) struct MysqlBackend {
     topo: Arc<Topology>,
     writer: writer::AppendWriter,
+    hashing: Arc<HashPool>,
+    /// `token_idle_ttl_secs` in ms.
+    ttl_ms: i64,
+    max_rooms_per_user: i64,
     stop: CancellationToken,
     // std Mutex: only taken once, in `close`, to move the handles out.
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -393,6 +261,7 @@ impl MysqlBackend {
         config: &Config,
         metrics: Arc<Metrics>,
         registry: &prometheus::Registry,
+        hashing: Arc<HashPool>,
     ) -> Result<Self, DbProxyError> {
         let cfg = &config.mysql;
         let password = cfg.password()?;
@@ -435,6 +304,9 @@ impl MysqlBackend {
         Ok(MysqlBackend {
             topo,
             writer,
+            hashing,
+            ttl_ms: config.token_idle_ttl_ms(),
+            max_rooms_per_user: config.max_rooms_per_user as i64,
             stop,
             tasks: Mutex::new(vec![writer_task, health]),
         })
@@ -471,9 +343,7 @@ impl MysqlBackend {
 #[async_trait]
 impl Backend for MysqlBackend {
     async fn login(&self, req: LoginReq) -> Result<Identity, ApiError> {
-        require("user", &req.user)?;
-        require("password", &req.password)?;
-        let ttl = req.token_idle_ttl_ms;
+        let ttl = self.ttl_ms;
         let password = Arc::new(req.password);
         // Argon2 runs between a read and a write, never inside a transaction.
         for _ in 0..3 {
@@ -491,8 +361,7 @@ impl Backend for MysqlBackend {
                     guest: false,
                     ..
                 }) => {
-                    let pw = password.clone();
-                    if !auth::verify_password_async(pw, phc).await? {
+                    if !self.hashing.verify(password.clone(), phc).await? {
                         return Err(ApiError::new(ErrorKind::AuthFailed, "wrong password"));
                     }
                     let t = token.clone();
@@ -511,8 +380,7 @@ impl Backend for MysqlBackend {
                 }
                 Some(UserRow { live: true, .. }) => return Err(name_taken(&req.user)),
                 _ => {
-                    let pw = password.clone();
-                    let phc = auth::hash_password_async(pw).await?;
+                    let phc = self.hashing.hash(password.clone()).await?;
                     let (name, t) = (req.user.clone(), token.clone());
                     let (outcome, pos) = self
                         .write_tx(|c| {
@@ -540,9 +408,8 @@ impl Backend for MysqlBackend {
     }
 
     async fn guest(&self, req: GuestReq) -> Result<Identity, ApiError> {
-        require("name", &req.name)?;
         let token = auth::new_token(&req.name);
-        let ttl = req.token_idle_ttl_ms;
+        let ttl = self.ttl_ms;
         let (name, t) = (req.name.clone(), token.clone());
         let ((), pos) = self
             .write_tx(|c| {
@@ -560,7 +427,7 @@ impl Backend for MysqlBackend {
 
     async fn resume(&self, req: ResumeReq) -> Result<Identity, ApiError> {
         let hash = auth::token_hash(&req.token);
-        let ttl = req.token_idle_ttl_ms;
+        let ttl = self.ttl_ms;
         let ((user, guest), pos) = self
             .write_tx(|c| {
                 let hash = hash.clone();
@@ -602,12 +469,12 @@ impl Backend for MysqlBackend {
     }
 
     async fn join(&self, req: JoinReq) -> Result<JoinResp, ApiError> {
-        require("room", &req.room)?;
         let (room, user) = (req.room, req.user);
+        let max = self.max_rooms_per_user;
         let (last_seq, pos) = self
             .write_tx(|c| {
                 let (room, user) = (room.clone(), user.clone());
-                Box::pin(async move { join_tx(c, &room, &user, now_ms()).await })
+                Box::pin(async move { join_tx(c, &room, &user, now_ms(), max).await })
             })
             .await?;
         Ok(JoinResp { last_seq, pos })
@@ -785,6 +652,15 @@ impl Backend for MysqlBackend {
             })
             .await?;
         Ok(WriteAck { pos })
+    }
+
+    async fn ready(&self) -> Result<(), ApiError> {
+        // The health loop finds the primary every `health_interval_ms`;
+        // reads fall back to it, so without one nothing can be served.
+        match self.topo.primary_index() {
+            Some(_) => Ok(()),
+            None => Err(unavailable("no writable MySQL server")),
+        }
     }
 
     async fn close(&self) {

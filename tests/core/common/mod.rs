@@ -93,7 +93,6 @@ pub fn test_server_config() -> chat_server::Config {
         max_line_bytes: 4096,
         send_queue_lines: 1024,
         idle_timeout_secs: 300,
-        token_idle_ttl_secs: 86_400,
         rate_per_sec: 100_000,
         rate_burst: 100_000,
         rate_limit_kick: 1_000_000,
@@ -146,6 +145,8 @@ pub struct Stack {
     /// The server's admin listener (/metrics, /healthz, /readyz).
     pub admin_addr: SocketAddr,
     pub server_config: chat_server::Config,
+    /// Applied to the dbproxy's config at every (re)start.
+    pub configure_dbproxy: fn(&mut chat_dbproxy::Config),
     db: Option<Tier>,
     server: Option<Tier>,
 }
@@ -157,8 +158,17 @@ impl Stack {
 
     /// Starts a stack whose server config is [`test_server_config`] changed by `configure`.
     pub async fn start_with(configure: impl FnOnce(&mut chat_server::Config)) -> Stack {
-        let mut stack = Stack::storage().await;
-        configure(&mut stack.server_config);
+        Stack::start_configured(|_| {}, configure).await
+    }
+
+    /// Starts a stack whose dbproxy config is changed by `dbproxy` and whose
+    /// server config is [`test_server_config`] changed by `server`.
+    pub async fn start_configured(
+        dbproxy: fn(&mut chat_dbproxy::Config),
+        server: impl FnOnce(&mut chat_server::Config),
+    ) -> Stack {
+        let mut stack = Stack::storage_with(dbproxy).await;
+        server(&mut stack.server_config);
         stack.start_server().await;
         stack
     }
@@ -166,6 +176,11 @@ impl Stack {
     /// Only the dbproxy (chat servers are started by the caller, e.g. as
     /// processes); `server_config` is [`test_server_config`] pointed at it.
     pub async fn storage() -> Stack {
+        Stack::storage_with(|_| {}).await
+    }
+
+    /// [`Stack::storage`] with the dbproxy's config changed by `configure`.
+    pub async fn storage_with(configure: fn(&mut chat_dbproxy::Config)) -> Stack {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter("warn")
@@ -200,6 +215,7 @@ impl Stack {
             addr: db_addr,
             admin_addr: db_addr,
             server_config,
+            configure_dbproxy: configure,
             db: None,
             server: None,
         };
@@ -208,22 +224,24 @@ impl Stack {
     }
 
     fn dbproxy_config(&self) -> chat_dbproxy::Config {
-        if let Some(pair) = &self.mariadb {
-            return chat_dbproxy::Config {
+        let mut config = match &self.mariadb {
+            Some(pair) => chat_dbproxy::Config {
                 listen: self.db_addr.to_string(),
                 backend: "mysql".into(),
                 shutdown_grace_secs: 1,
                 mysql: pair.mysql_config(),
                 ..Default::default()
-            };
-        }
-        chat_dbproxy::Config {
-            listen: self.db_addr.to_string(),
-            backend: "sqlite".into(),
-            sqlite_path: self.sqlite_path.clone(),
-            shutdown_grace_secs: 1,
-            ..Default::default()
-        }
+            },
+            None => chat_dbproxy::Config {
+                listen: self.db_addr.to_string(),
+                backend: "sqlite".into(),
+                sqlite_path: self.sqlite_path.clone(),
+                shutdown_grace_secs: 1,
+                ..Default::default()
+            },
+        };
+        (self.configure_dbproxy)(&mut config);
+        config
     }
 
     async fn spawn_dbproxy(&mut self, listener: TcpListener) {
@@ -358,7 +376,7 @@ impl Drop for Stack {
 
 // ---- HTTP (admin endpoints) ----------------------------------------------
 
-async fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+pub async fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),

@@ -1,15 +1,15 @@
 //! SQLite backend: writes go through the group-commit writer (`writer.rs`),
-//! reads through a small pool of read-only connections; both in
-//! `spawn_blocking`. `pos` is always `None` and `min_pos` is ignored: with one
-//! file every read sees every committed write.
+//! reads through a small pool of read-only connections (`read_pool`); both
+//! in `spawn_blocking`. `identity` holds the rules for tokens, guest names
+//! and registration, `messages` stores room messages and DMs inside a batch.
+//! `pos` is always `None` and `min_pos` is ignored: with one file every read
+//! sees every committed write.
 
-use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -17,10 +17,19 @@ use crate::api::*;
 use crate::auth;
 use crate::backend::Backend;
 use crate::config::Config;
-use crate::error::{from_sqlite, internal, DbProxyError};
+use crate::error::{too_many_rooms, DbProxyError};
+use crate::hashing::HashPool;
 use crate::metrics::Metrics;
 use crate::schema;
-use crate::writer::{self, now_ms, Batch, JobResult, WriterHandle};
+use crate::writer::{self, now_ms, WriterHandle};
+
+mod identity;
+mod messages;
+mod read_pool;
+
+use identity::{forget_holder, insert_token, load_user, register, Registered, UserRow};
+use messages::{append_all, per_item, send_dm};
+use read_pool::ReadPool;
 
 /// Largest page of history, rooms or pending DMs in one answer.
 const MAX_PAGE: u32 = 1000;
@@ -32,6 +41,10 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 pub(crate) struct SqliteBackend {
     writer: WriterHandle,
     readers: ReadPool,
+    hashing: Arc<HashPool>,
+    /// `token_idle_ttl_secs` in ms.
+    ttl_ms: i64,
+    max_rooms_per_user: i64,
     stop: CancellationToken,
     // std Mutex: only taken once, in `close`, to move the handles out.
     writer_task: Mutex<Option<JoinHandle<()>>>,
@@ -40,7 +53,11 @@ pub(crate) struct SqliteBackend {
 
 impl SqliteBackend {
     /// Opens (and migrates) the database and starts the writer.
-    pub(crate) fn open(config: &Config, metrics: Arc<Metrics>) -> Result<Self, DbProxyError> {
+    pub(crate) fn open(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        hashing: Arc<HashPool>,
+    ) -> Result<Self, DbProxyError> {
         let path = PathBuf::from(&config.sqlite_path);
         let db_err = |source| DbProxyError::Database {
             path: config.sqlite_path.clone(),
@@ -61,6 +78,9 @@ impl SqliteBackend {
         Ok(SqliteBackend {
             writer,
             readers,
+            hashing,
+            ttl_ms: config.token_idle_ttl_ms(),
+            max_rooms_per_user: config.max_rooms_per_user as i64,
             stop,
             writer_task: Mutex::new(Some(task)),
             checkpoint_task: Mutex::new(Some(checkpoint_task)),
@@ -100,62 +120,6 @@ async fn checkpoint_loop(conn: Connection, stop: CancellationToken) {
     }
 }
 
-/// Read-only connections; the semaphore bounds concurrent reads to the pool size.
-struct ReadPool {
-    permits: Semaphore,
-    // std Mutex: held only to push/pop a connection, never across an await.
-    conns: Arc<Mutex<Vec<Connection>>>,
-}
-
-impl ReadPool {
-    fn open(path: &Path, n: usize) -> rusqlite::Result<Self> {
-        let conns = (0..n)
-            .map(|_| schema::open_reader(path))
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(ReadPool {
-            permits: Semaphore::new(n),
-            conns: Arc::new(Mutex::new(conns)),
-        })
-    }
-
-    async fn read<T, F>(&self, f: F) -> Result<T, ApiError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> JobResult<T> + Send + 'static,
-    {
-        let permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| internal("read pool closed"))?;
-        let conns = self.conns.clone();
-        let conn = conns
-            .lock()
-            .map_err(|_| internal("read pool poisoned"))?
-            .pop()
-            .ok_or_else(|| internal("read pool empty"))?;
-        let done = tokio::task::spawn_blocking(move || {
-            let result = f(&conn);
-            (conn, result)
-        })
-        .await;
-        let (conn, result) = match done {
-            Ok(done) => done,
-            Err(e) => {
-                // The connection died with the task: the pool is one smaller for good.
-                permit.forget();
-                return Err(internal(format!("read task failed: {e}")));
-            }
-        };
-        if let Ok(mut pool) = conns.lock() {
-            pool.push(conn);
-        }
-        // Only now: the next reader must find the connection back in the pool.
-        drop(permit);
-        result.map_err(|e| from_sqlite(&e))?
-    }
-}
-
 fn no_such_user(name: &str) -> ApiError {
     ApiError::new(ErrorKind::NoSuchUser, format!("no such user {name}"))
 }
@@ -184,65 +148,17 @@ fn room_id(c: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {
         .optional()
 }
 
-/// A token is live while `now - last_used_ms <= ttl`.
-fn has_live_token(c: &Connection, user: i64, now: i64, ttl: i64) -> rusqlite::Result<bool> {
+fn is_member(c: &Connection, room: &str, user: i64) -> rusqlite::Result<bool> {
     c.prepare_cached(
-        "SELECT EXISTS(SELECT 1 FROM tokens WHERE user_id = ?1 AND last_used_ms >= ?2)",
+        "SELECT EXISTS(SELECT 1 FROM memberships m JOIN rooms r ON r.id = m.room_id
+         WHERE r.name = ?1 AND m.user_id = ?2)",
     )?
-    .query_row(params![user, now.saturating_sub(ttl)], |r| r.get(0))
+    .query_row(params![room, user], |r| r.get(0))
 }
 
-fn insert_token(c: &Connection, user: i64, token: &str, now: i64) -> rusqlite::Result<()> {
-    c.prepare_cached(
-        "INSERT INTO tokens (token_hash, user_id, created_at, last_used_ms) VALUES (?1, ?2, ?3, ?3)",
-    )?
-    .execute(params![auth::token_hash(token), user, now])?;
-    Ok(())
-}
-
-/// Forgets a previous holder of a name: its tokens and rooms (DMs stay).
-fn forget_holder(c: &Connection, user: i64) -> rusqlite::Result<()> {
-    c.prepare_cached("DELETE FROM tokens WHERE user_id = ?1")?
-        .execute(params![user])?;
-    c.prepare_cached("DELETE FROM memberships WHERE user_id = ?1")?
-        .execute(params![user])?;
-    Ok(())
-}
-
-struct UserRow {
-    id: i64,
-    password_hash: Option<String>,
-    guest: bool,
-    live: bool,
-}
-
-fn load_user(c: &Connection, name: &str, now: i64, ttl: i64) -> rusqlite::Result<Option<UserRow>> {
-    let row = c
-        .prepare_cached("SELECT id, password_hash, guest FROM users WHERE name = ?1")?
-        .query_row(params![name], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, Option<String>>(1)?,
-                r.get::<_, bool>(2)?,
-            ))
-        })
-        .optional()?;
-    match row {
-        None => Ok(None),
-        Some((id, password_hash, guest)) => Ok(Some(UserRow {
-            id,
-            password_hash,
-            guest,
-            live: has_live_token(c, id, now, ttl)?,
-        })),
-    }
-}
-
-enum Registered {
-    Done,
-    /// Someone registered the name between our read and our write: check the
-    /// password against theirs.
-    Retry,
+fn rooms_of(c: &Connection, user: i64) -> rusqlite::Result<i64> {
+    c.prepare_cached("SELECT COUNT(*) FROM memberships WHERE user_id = ?1")?
+        .query_row(params![user], |r| r.get(0))
 }
 
 fn room_info_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoomInfo> {
@@ -256,273 +172,10 @@ fn room_info_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoomInfo> {
 const ROOM_INFO_COLUMNS: &str =
     "r.name, r.last_seq, (SELECT COUNT(*) FROM memberships m WHERE m.room_id = r.id)";
 
-fn append_one(c: &Connection, b: &mut Batch, item: &AppendItem) -> JobResult<Appended> {
-    let Some(sender) = user_id(c, &item.sender)? else {
-        return Ok(Err(no_such_user(&item.sender)));
-    };
-    if let Some(cid) = &item.client_id {
-        if let Some(prior) = prior_append(c, sender, cid)? {
-            return Ok(prior);
-        }
-    }
-    let next = c
-        .prepare_cached(
-            "UPDATE rooms SET last_seq = last_seq + 1 WHERE name = ?1 RETURNING id, last_seq",
-        )?
-        .query_row(params![item.room], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-        })
-        .optional()?;
-    let Some((room, seq)) = next else {
-        return Ok(Err(no_such_room(&item.room)));
-    };
-    c.prepare_cached(
-        "INSERT INTO messages (room_id, seq, sender_id, client_id, sent_at_ms, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![room, seq, sender, item.client_id, b.now, item.body])?;
-    b.stored += 1;
-    Ok(Ok(Appended {
-        seq: seq as u64,
-        ts: b.now,
-        duplicate: false,
-    }))
-}
-
-/// Appends a request's items. The usual request (no item repeats another's
-/// client id) goes through [`append_grouped`]: one `UPDATE rooms` per room
-/// and no savepoint per item; savepoints per item cost more than the inserts
-/// (each copies every page it touches). Anything else, and any storage error
-/// on the way, goes item by item, each in its own savepoint, as before.
-fn append_all(
-    c: &Connection,
-    b: &mut Batch,
-    items: &[AppendItem],
-) -> rusqlite::Result<Vec<Result<Appended, ApiError>>> {
-    let stored = b.stored;
-    c.execute_batch("SAVEPOINT grouped")?;
-    match append_grouped(c, b, items) {
-        Ok(Some(results)) => {
-            c.execute_batch("RELEASE grouped")?;
-            return Ok(results);
-        }
-        Ok(None) => {}
-        Err(e) => tracing::debug!(error = %e, "grouped append failed; storing item by item"),
-    }
-    c.execute_batch("ROLLBACK TO grouped; RELEASE grouped")?;
-    b.stored = stored;
-    per_item(c, b, items, append_one)
-}
-
-/// Same results as [`append_one`] on each item in turn, or `None` (before
-/// writing anything) when two items carry the same (sender, client id).
-fn append_grouped(
-    c: &Connection,
-    b: &mut Batch,
-    items: &[AppendItem],
-) -> rusqlite::Result<Option<Vec<Result<Appended, ApiError>>>> {
-    let mut results: Vec<Option<Result<Appended, ApiError>>> = vec![None; items.len()];
-    let mut users: HashMap<&str, Option<i64>> = HashMap::new();
-    let mut ids: HashSet<(i64, &str)> = HashSet::new();
-    // Per room, in first-seen order: the new items and their senders.
-    let mut rooms: Vec<(&str, Vec<(usize, i64)>)> = Vec::new();
-    let mut room_at: HashMap<&str, usize> = HashMap::new();
-    for (i, item) in items.iter().enumerate() {
-        let sender = match users.get(item.sender.as_str()) {
-            Some(id) => *id,
-            None => {
-                let id = user_id(c, &item.sender)?;
-                users.insert(&item.sender, id);
-                id
-            }
-        };
-        let Some(sender) = sender else {
-            results[i] = Some(Err(no_such_user(&item.sender)));
-            continue;
-        };
-        if let Some(cid) = &item.client_id {
-            if !ids.insert((sender, cid.as_str())) {
-                return Ok(None);
-            }
-            if let Some(prior) = prior_append(c, sender, cid)? {
-                results[i] = Some(prior);
-                continue;
-            }
-        }
-        let k = *room_at.entry(&item.room).or_insert_with(|| {
-            rooms.push((&item.room, Vec::new()));
-            rooms.len() - 1
-        });
-        rooms[k].1.push((i, sender));
-    }
-    for (room, new) in rooms {
-        let next = c
-            .prepare_cached(
-                "UPDATE rooms SET last_seq = last_seq + ?2 WHERE name = ?1 RETURNING id, last_seq",
-            )?
-            .query_row(params![room, new.len() as i64], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-            })
-            .optional()?;
-        let Some((room_id, last)) = next else {
-            for (i, _) in new {
-                results[i] = Some(Err(no_such_room(room)));
-            }
-            continue;
-        };
-        let first = last - new.len() as i64 + 1;
-        let mut insert = c.prepare_cached(
-            "INSERT INTO messages (room_id, seq, sender_id, client_id, sent_at_ms, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
-        for (k, (i, sender)) in new.into_iter().enumerate() {
-            let seq = first + k as i64;
-            let item = &items[i];
-            insert.execute(params![
-                room_id,
-                seq,
-                sender,
-                item.client_id,
-                b.now,
-                item.body
-            ])?;
-            b.stored += 1;
-            results[i] = Some(Ok(Appended {
-                seq: seq as u64,
-                ts: b.now,
-                duplicate: false,
-            }));
-        }
-    }
-    Ok(Some(
-        results
-            .into_iter()
-            .map(|r| r.expect("every item answered"))
-            .collect(),
-    ))
-}
-
-/// What storing (sender, client id) again answers, if it was stored before.
-fn prior_append(
-    c: &Connection,
-    sender: i64,
-    cid: &str,
-) -> rusqlite::Result<Option<Result<Appended, ApiError>>> {
-    let prior = c
-        .prepare_cached(
-            "SELECT seq, sent_at_ms FROM messages WHERE sender_id = ?1 AND client_id = ?2",
-        )?
-        .query_row(params![sender, cid], |r| {
-            Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?))
-        })
-        .optional()?;
-    Ok(prior.map(|p| match p {
-        (Some(seq), ts) => Ok(Appended {
-            seq: seq as u64,
-            ts,
-            duplicate: true,
-        }),
-        (None, _) => Err(ApiError::new(
-            ErrorKind::BadRequest,
-            "client_id already used for a direct message",
-        )),
-    }))
-}
-
-fn send_dm(c: &Connection, b: &mut Batch, item: &DmItem) -> JobResult<DmSent> {
-    let Some(sender) = user_id(c, &item.sender)? else {
-        return Ok(Err(no_such_user(&item.sender)));
-    };
-    if let Some(cid) = &item.client_id {
-        let prior = c
-            .prepare_cached(
-                "SELECT id, sent_at_ms, recipient_id FROM messages WHERE sender_id = ?1 AND client_id = ?2",
-            )?
-            .query_row(params![sender, cid], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<i64>>(2)?))
-            })
-            .optional()?;
-        match prior {
-            Some((id, ts, Some(_))) => {
-                return Ok(Ok(DmSent {
-                    id,
-                    ts,
-                    duplicate: true,
-                }))
-            }
-            Some((_, _, None)) => {
-                return Ok(Err(ApiError::new(
-                    ErrorKind::BadRequest,
-                    "client_id already used for a room message",
-                )))
-            }
-            None => {}
-        }
-    }
-    let Some(recipient) = user_id(c, &item.recipient)? else {
-        return Ok(Err(no_such_user(&item.recipient)));
-    };
-    c.prepare_cached(
-        "INSERT INTO messages (sender_id, recipient_id, client_id, sent_at_ms, body)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![sender, recipient, item.client_id, b.now, item.body])?;
-    b.stored += 1;
-    Ok(Ok(DmSent {
-        id: c.last_insert_rowid(),
-        ts: b.now,
-        duplicate: false,
-    }))
-}
-
-/// Runs `f` per item in its own savepoint, so a failing item leaves the others.
-fn per_item<I, T>(
-    c: &Connection,
-    b: &mut Batch,
-    items: &[I],
-    f: impl Fn(&Connection, &mut Batch, &I) -> JobResult<T>,
-) -> rusqlite::Result<Vec<Result<T, ApiError>>> {
-    let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        c.execute_batch("SAVEPOINT item")?;
-        let stored = b.stored;
-        match f(c, b, item) {
-            Ok(Ok(v)) => {
-                c.execute_batch("RELEASE item")?;
-                out.push(Ok(v));
-            }
-            Ok(Err(e)) => {
-                c.execute_batch("ROLLBACK TO item; RELEASE item")?;
-                b.stored = stored;
-                out.push(Err(e));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "item failed");
-                c.execute_batch("ROLLBACK TO item; RELEASE item")?;
-                b.stored = stored;
-                out.push(Err(from_sqlite(&e)));
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn require(field: &str, value: &str) -> Result<(), ApiError> {
-    if value.is_empty() {
-        return Err(ApiError::new(
-            ErrorKind::BadRequest,
-            format!("{field} must not be empty"),
-        ));
-    }
-    Ok(())
-}
-
 #[async_trait]
 impl Backend for SqliteBackend {
     async fn login(&self, req: LoginReq) -> Result<Identity, ApiError> {
-        require("user", &req.user)?;
-        require("password", &req.password)?;
-        let ttl = req.token_idle_ttl_ms;
+        let ttl = self.ttl_ms;
         let password = Arc::new(req.password);
         // Argon2 runs between a read and a write, never while holding the writer.
         for _ in 0..3 {
@@ -540,8 +193,7 @@ impl Backend for SqliteBackend {
                     guest: false,
                     ..
                 }) => {
-                    let pw = password.clone();
-                    if !auth::verify_password_async(pw, phc).await? {
+                    if !self.hashing.verify(password.clone(), phc).await? {
                         return Err(ApiError::new(ErrorKind::AuthFailed, "wrong password"));
                     }
                     let t = token.clone();
@@ -557,8 +209,7 @@ impl Backend for SqliteBackend {
                 }
                 Some(UserRow { live: true, .. }) => return Err(name_taken(&req.user)),
                 _ => {
-                    let pw = password.clone();
-                    let phc = auth::hash_password_async(pw).await?;
+                    let phc = self.hashing.hash(password.clone()).await?;
                     let (name, t) = (req.user.clone(), token.clone());
                     let outcome = self
                         .writer
@@ -582,9 +233,8 @@ impl Backend for SqliteBackend {
     }
 
     async fn guest(&self, req: GuestReq) -> Result<Identity, ApiError> {
-        require("name", &req.name)?;
         let token = auth::new_token(&req.name);
-        let (name, t, ttl) = (req.name.clone(), token.clone(), req.token_idle_ttl_ms);
+        let (name, t, ttl) = (req.name.clone(), token.clone(), self.ttl_ms);
         self.writer
             .submit(1, move |c, b| {
                 let id = match load_user(c, &name, b.now, ttl)? {
@@ -617,7 +267,7 @@ impl Backend for SqliteBackend {
 
     async fn resume(&self, req: ResumeReq) -> Result<Identity, ApiError> {
         let hash = auth::token_hash(&req.token);
-        let ttl = req.token_idle_ttl_ms;
+        let ttl = self.ttl_ms;
         let (user, guest) = self
             .writer
             .submit(1, move |c, b| {
@@ -674,13 +324,16 @@ impl Backend for SqliteBackend {
     }
 
     async fn join(&self, req: JoinReq) -> Result<JoinResp, ApiError> {
-        require("room", &req.room)?;
+        let max = self.max_rooms_per_user;
         let last_seq = self
             .writer
             .submit(1, move |c, b| {
                 let Some(user) = user_id(c, &req.user)? else {
                     return Ok(Err(no_such_user(&req.user)));
                 };
+                if !is_member(c, &req.room, user)? && rooms_of(c, user)? >= max {
+                    return Ok(Err(too_many_rooms(max)));
+                }
                 c.prepare_cached(
                     "INSERT OR IGNORE INTO rooms (name, last_seq, created_at) VALUES (?1, 0, ?2)",
                 )?
@@ -867,6 +520,16 @@ impl Backend for SqliteBackend {
         Ok(WriteAck::default())
     }
 
+    async fn ready(&self) -> Result<(), ApiError> {
+        self.readers
+            .read(|c| {
+                let _: i64 = c.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))?;
+                Ok(Ok(()))
+            })
+            .await?;
+        self.writer.probe().await
+    }
+
     async fn close(&self) {
         self.stop.cancel();
         let task = self.writer_task.lock().ok().and_then(|mut t| t.take());
@@ -882,59 +545,44 @@ impl Backend for SqliteBackend {
     }
 }
 
-/// LOGIN of a name that is free, or held by a guest whose tokens all expired.
-fn register(
-    c: &Connection,
-    b: &mut Batch,
-    name: &str,
-    phc: &str,
-    ttl: i64,
-    token: &str,
-) -> JobResult<Registered> {
-    let id = match load_user(c, name, b.now, ttl)? {
-        None => {
-            c.prepare_cached(
-                "INSERT INTO users (name, password_hash, guest, created_at) VALUES (?1, ?2, 0, ?3)",
-            )?
-            .execute(params![name, phc, b.now])?;
-            c.last_insert_rowid()
-        }
-        Some(UserRow { guest: false, .. }) => return Ok(Ok(Registered::Retry)),
-        Some(UserRow { live: true, .. }) => return Ok(Err(name_taken(name))),
-        Some(UserRow { id, .. }) => {
-            forget_holder(c, id)?;
-            c.prepare_cached("UPDATE users SET password_hash = ?2, guest = 0 WHERE id = ?1")?
-                .execute(params![id, phc])?;
-            id
-        }
-    };
-    insert_token(c, id, token, b.now)?;
-    Ok(Ok(Registered::Done))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Many more concurrent reads than connections: each waits for one and
-    /// none finds the pool empty (a permit used to come back before its
-    /// connection did, and the next reader failed with "read pool empty").
+    /// The readiness probe needs a read connection: with every one of them
+    /// held (by reads that never end, or lost as they used to be), it fails;
+    /// it passes again once one is back.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reads_beyond_the_pool_size_wait_for_a_connection() {
+    async fn ready_needs_a_read_connection_and_the_writer() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("chat.db");
-        drop(schema::open_writer(&path).unwrap());
-        let pool = Arc::new(ReadPool::open(&path, 2).unwrap());
-        let mut reads = Vec::new();
-        for _ in 0..200 {
-            let pool = pool.clone();
-            reads.push(tokio::spawn(async move {
-                pool.read(|c| Ok(Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?)))
-                    .await
-            }));
-        }
-        for r in reads {
-            assert_eq!(r.await.unwrap().unwrap(), 1);
-        }
+        let config = Config {
+            sqlite_path: dir.path().join("chat.db").to_string_lossy().into_owned(),
+            read_connections: 2,
+            ..Config::default()
+        };
+        let registry = prometheus::Registry::new();
+        let metrics = Arc::new(Metrics::register(&registry).unwrap());
+        let hashing = Arc::new(HashPool::start(1, 1, metrics.password_hashes.clone()).unwrap());
+        let backend = tokio::task::spawn_blocking(move || {
+            SqliteBackend::open(&config, metrics, hashing).unwrap()
+        })
+        .await
+        .unwrap();
+        backend.ready().await.unwrap();
+        let held = backend
+            .readers
+            .permits
+            .clone()
+            .acquire_many_owned(2)
+            .await
+            .unwrap();
+        let probe = tokio::time::timeout(std::time::Duration::from_millis(300), backend.ready());
+        assert!(probe.await.is_err(), "ready without a read connection");
+        drop(held);
+        backend.ready().await.unwrap();
+        // A writer that stopped fails the probe at once.
+        backend.close().await;
+        let e = backend.ready().await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unavailable);
     }
 }

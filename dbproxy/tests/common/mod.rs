@@ -1,0 +1,141 @@
+//! A dbproxy on 127.0.0.1:0 with a SQLite file in a temp dir, its registry
+//! (to read metrics) and a raw HTTP/1.1 exchange independent of `DbClient`.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chat_dbproxy::{Config, DbClient};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct Proxy {
+    pub client: DbClient,
+    pub base: String,
+    pub registry: prometheus::Registry,
+    pub sqlite_path: PathBuf,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), chat_dbproxy::DbProxyError>>,
+}
+
+impl Proxy {
+    /// `config` with its SQLite file in `dir`; returns once `/readyz` is 200.
+    pub async fn start(dir: &Path, config: Config) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let sqlite_path = dir.join("db/chat.db");
+        let config = Config {
+            sqlite_path: sqlite_path.to_string_lossy().into_owned(),
+            shutdown_grace_secs: 2,
+            ..config
+        };
+        let registry = prometheus::Registry::new();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(chat_dbproxy::run(
+            listener,
+            config,
+            registry.clone(),
+            shutdown.clone(),
+        ));
+        let proxy = Proxy {
+            client: DbClient::new(&base),
+            base,
+            registry,
+            sqlite_path,
+            shutdown,
+            task,
+        };
+        wait_until("dbproxy ready", Duration::from_secs(10), || async {
+            proxy.status("/readyz").await == Some(200)
+        })
+        .await;
+        proxy
+    }
+
+    /// The status of `GET path`, `None` if the exchange failed.
+    pub async fn status(&self, path: &str) -> Option<u16> {
+        raw_request(&self.base, "GET", path, b"")
+            .await
+            .ok()
+            .map(|(s, _)| s)
+    }
+
+    /// `POST path` with a JSON body: status and the whole answer.
+    pub async fn post(&self, path: &str, body: &str) -> (u16, String) {
+        raw_request(&self.base, "POST", path, body.as_bytes())
+            .await
+            .unwrap()
+    }
+
+    /// Sum of a counter's (or gauge's) samples whose labels include `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+            .sum()
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("run returns after shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Minimal HTTP/1.1 exchange (connection: close).
+pub async fn raw_request(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    let _ = s.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, text))
+}
+
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !f().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
