@@ -10,7 +10,7 @@
 pub mod accept;
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,19 +25,68 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Readiness flag: false while starting and once draining starts.
+/// Why a tier is or is not ready. `/readyz` answers 200 only for
+/// [`Readiness::Ready`]; the other states answer 503 with their reason in
+/// the body, so a health checker can tell a tier that is alive but whose
+/// storage is down (every peer probably shares that fate) from one that is
+/// starting, draining or gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Readiness {
+    Starting = 0,
+    Ready = 1,
+    StorageUnavailable = 2,
+    Draining = 3,
+}
+
+impl Readiness {
+    /// The `/readyz` body.
+    pub fn body(self) -> &'static str {
+        match self {
+            Readiness::Starting => "not ready: starting\n",
+            Readiness::Ready => "ready\n",
+            Readiness::StorageUnavailable => "not ready: storage unavailable\n",
+            Readiness::Draining => "not ready: draining\n",
+        }
+    }
+
+    fn from_u8(v: u8) -> Readiness {
+        match v {
+            1 => Readiness::Ready,
+            2 => Readiness::StorageUnavailable,
+            3 => Readiness::Draining,
+            _ => Readiness::Starting,
+        }
+    }
+}
+
+/// The tier's readiness, shared by whoever decides it and the admin endpoint.
+/// Starts as [`Readiness::Starting`].
 #[derive(Clone, Default, Debug)]
 pub struct Health {
-    ready: Arc<AtomicBool>,
+    state: Arc<AtomicU8>,
 }
 
 impl Health {
+    pub fn set(&self, state: Readiness) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    pub fn state(&self) -> Readiness {
+        Readiness::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// Ready, or back to starting (tests and tiers without a finer reason).
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
+        self.set(if ready {
+            Readiness::Ready
+        } else {
+            Readiness::Starting
+        });
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.state() == Readiness::Ready
     }
 }
 
@@ -65,16 +114,19 @@ pub fn respond(path: &str, registry: &Registry, health: &Health) -> Option<Respo
             "text/plain".into(),
             Bytes::from_static(b"ok\n"),
         ),
-        "/readyz" if health.is_ready() => (
-            StatusCode::OK,
-            "text/plain".into(),
-            Bytes::from_static(b"ready\n"),
-        ),
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain".into(),
-            Bytes::from_static(b"not ready\n"),
-        ),
+        "/readyz" => {
+            let state = health.state();
+            let status = if state == Readiness::Ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (
+                status,
+                "text/plain".into(),
+                Bytes::from_static(state.body().as_bytes()),
+            )
+        }
         _ => return None,
     };
     Some(

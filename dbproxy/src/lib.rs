@@ -50,6 +50,7 @@ pub use error::DbProxyError;
 use crate::backend::Backend;
 use crate::limiter::{Limits, LoginLimiter};
 use crate::metrics::Metrics;
+use chat_admin::Readiness;
 
 /// How often storage is probed for `/readyz`, and how long a probe may take
 /// before it counts as failed.
@@ -117,7 +118,7 @@ pub async fn run(
             // The probe must not turn readiness back on while we drain.
             probe_stop.cancel();
             let _ = probe.await;
-            health.set_ready(false);
+            health.set(Readiness::Draining);
             let started = Instant::now();
             serve_shutdown.cancel();
             server.await;
@@ -208,6 +209,10 @@ async fn follow_storage(
         }
         was = Some(ok);
         metrics.storage_ready.set(i64::from(ok));
-        health.set_ready(ok);
+        health.set(if ok {
+            Readiness::Ready
+        } else {
+            Readiness::StorageUnavailable
+        });
     }
 }

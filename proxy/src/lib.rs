@@ -133,7 +133,7 @@ pub async fn run(
         );
     }
 
-    health.set_ready(false);
+    health.set(chat_admin::Readiness::Draining);
     drop(acceptor);
     tracing::info!("draining");
     conns.close();

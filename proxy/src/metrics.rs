@@ -1,6 +1,6 @@
 //! The proxy's metrics, registered on the registry passed to [`crate::run`].
 
-use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub(crate) struct Metrics {
@@ -18,6 +18,9 @@ pub(crate) struct Metrics {
     pub rebalance_moves_total: IntCounter,
     /// Connections closed because their first line was missing or invalid.
     pub first_line_errors_total: IntCounter,
+    /// 1 while no chat server is ready and the ring is built over the ones
+    /// whose storage is unavailable.
+    pub panic_routing: IntGauge,
 }
 
 impl Metrics {
@@ -60,6 +63,10 @@ impl Metrics {
                 "chat_proxy_first_line_errors_total",
                 "Connections closed for a missing or invalid first line",
             )?,
+            panic_routing: IntGauge::new(
+                "chat_proxy_panic_routing",
+                "1 while no chat server is ready and users are routed to servers whose storage is down",
+            )?,
         };
         registry.register(Box::new(m.connections_active.clone()))?;
         registry.register(Box::new(m.connections_total.clone()))?;
@@ -68,6 +75,7 @@ impl Metrics {
         registry.register(Box::new(m.upstream_connect_failures_total.clone()))?;
         registry.register(Box::new(m.rebalance_moves_total.clone()))?;
         registry.register(Box::new(m.first_line_errors_total.clone()))?;
+        registry.register(Box::new(m.panic_routing.clone()))?;
         Ok(m)
     }
 }

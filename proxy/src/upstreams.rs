@@ -7,6 +7,14 @@
 //! `eject_after_failures` times in a row leaves the ring; one passing check
 //! brings it back. Each change publishes a new [`Snapshot`] on a watch channel,
 //! which open connections follow to learn that their user moved.
+//!
+//! Panic routing: a server whose `/readyz` says its storage is unavailable is
+//! alive but cannot store anything. One such server leaves the ring and its
+//! users move to servers that can. When no server is ready but some are
+//! alive in that way, storage is down for all of them, and ejecting every
+//! one would only disconnect every user and refuse every login: the ring is
+//! then built over those alive servers instead (as Envoy's panic threshold
+//! does), so users stay connected, read what replicas serve and retry writes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -37,6 +45,9 @@ struct ServerState {
     healthy: bool,
     /// Failed checks or connects in a row.
     failures: u32,
+    /// The last check answered that the server is up but its storage is not
+    /// (a candidate for panic routing).
+    degraded: bool,
     /// Open proxied connections, for bounded loads.
     active: u64,
 }
@@ -107,6 +118,7 @@ impl Upstreams {
                     admin: s.admin.clone(),
                     healthy: false,
                     failures: 0,
+                    degraded: false,
                     active: 0,
                 },
             );
@@ -117,13 +129,18 @@ impl Upstreams {
         }
     }
 
-    /// Builds and publishes the ring over the healthy servers.
+    /// Builds and publishes the ring over the healthy servers, or over the
+    /// degraded ones when none is healthy (panic routing).
     fn publish(&self, servers: &BTreeMap<String, ServerState>) {
-        let nodes: Vec<(String, u32)> = servers
-            .iter()
-            .filter(|(_, s)| s.healthy)
-            .map(|(id, _)| (id.clone(), 1))
-            .collect();
+        let (members, panic) = membership(servers);
+        let nodes: Vec<(String, u32)> = members.into_iter().map(|id| (id, 1)).collect();
+        if panic {
+            tracing::warn!(
+                servers = nodes.len(),
+                "no chat server ready; routing over the ones whose storage is unavailable"
+            );
+        }
+        self.metrics.panic_routing.set(i64::from(panic));
         let version = self.ring.borrow().version + 1;
         let mut ring = Ring::with_vnodes(&nodes, self.vnodes);
         if let Some(c) = self.load_factor {
@@ -142,12 +159,14 @@ impl Upstreams {
     }
 
     /// Records one health check result.
-    pub fn record(&self, id: &str, ok: bool) {
+    pub fn record(&self, id: &str, check: Check) {
         let mut servers = self.lock();
+        let before = membership(&servers);
         let Some(state) = servers.get_mut(id) else {
             return; // removed while being checked
         };
-        if ok {
+        state.degraded = check == Check::Degraded;
+        if check == Check::Ready {
             state.failures = 0;
             if !state.healthy {
                 state.healthy = true;
@@ -156,10 +175,12 @@ impl Upstreams {
                     .upstream_healthy
                     .with_label_values(&[id])
                     .set(1);
-                self.publish(&servers);
             }
         } else {
             self.fail(&mut servers, id);
+        }
+        if membership(&servers) != before {
+            self.publish(&servers);
         }
     }
 
@@ -170,9 +191,18 @@ impl Upstreams {
             .with_label_values(&[id])
             .inc();
         let mut servers = self.lock();
+        let before = membership(&servers);
+        if let Some(state) = servers.get_mut(id) {
+            state.degraded = false;
+        }
         self.fail(&mut servers, id);
+        if membership(&servers) != before {
+            self.publish(&servers);
+        }
     }
 
+    /// Counts a failure; ejects after `eject_after` in a row (the caller
+    /// publishes the ring if its membership changed).
     fn fail(&self, servers: &mut BTreeMap<String, ServerState>, id: &str) {
         let Some(state) = servers.get_mut(id) else {
             return;
@@ -189,7 +219,6 @@ impl Upstreams {
                 .upstream_ejections_total
                 .with_label_values(&[id])
                 .inc();
-            self.publish(servers);
         }
     }
 
@@ -231,6 +260,34 @@ impl Upstreams {
             id: id.to_owned(),
         }
     }
+}
+
+/// What one `/readyz` check found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Check {
+    Ready,
+    /// Up, but its storage is unavailable.
+    Degraded,
+    /// Anything else: no answer, starting, draining, an error.
+    Down,
+}
+
+/// The servers the ring is built over, and whether that is panic routing.
+fn membership(servers: &BTreeMap<String, ServerState>) -> (Vec<String>, bool) {
+    let pick = |f: fn(&ServerState) -> bool| -> Vec<String> {
+        servers
+            .iter()
+            .filter(|(_, s)| f(s))
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    let healthy = pick(|s| s.healthy);
+    if !healthy.is_empty() {
+        return (healthy, false);
+    }
+    let degraded = pick(|s| s.degraded);
+    let panic = !degraded.is_empty();
+    (degraded, panic)
 }
 
 pub(crate) struct LoadGuard {
@@ -292,42 +349,63 @@ pub(crate) async fn check_all(up: &Upstreams, timeout: Duration) {
     let mut checks = JoinSet::new();
     for (id, admin) in up.admin_targets() {
         checks.spawn(async move {
-            let ok = check_readyz(&admin, timeout).await;
-            if !ok {
-                tracing::debug!(upstream = %id, %admin, "readiness check failed");
+            let check = check_readyz(&admin, timeout).await;
+            if check != Check::Ready {
+                tracing::debug!(upstream = %id, %admin, ?check, "readiness check failed");
             }
-            (id, ok)
+            (id, check)
         });
     }
     while let Some(res) = checks.join_next().await {
-        if let Ok((id, ok)) = res {
-            up.record(&id, ok);
+        if let Ok((id, check)) = res {
+            up.record(&id, check);
         }
     }
 }
 
-/// `GET /readyz` over HTTP/1.0: ready iff the status is 200. Deliberately
-/// minimal: one request per connection, only the status line is read.
-async fn check_readyz(admin: &str, timeout: Duration) -> bool {
+/// Longest `/readyz` answer read: a status line, a few headers and a reason.
+const READYZ_MAX: usize = 1024;
+
+/// `GET /readyz` over HTTP/1.0: ready iff the status is 200, degraded iff it
+/// is 503 saying the storage is unavailable (`chat_admin::Readiness`).
+/// Deliberately minimal: one request per connection, read until the server
+/// closes it or [`READYZ_MAX`] bytes.
+async fn check_readyz(admin: &str, timeout: Duration) -> Check {
     let check = async {
         let mut stream = TcpStream::connect(admin).await?;
         stream
             .write_all(format!("GET /readyz HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())
             .await?;
-        let mut head = Vec::with_capacity(64);
-        let mut buf = [0u8; 64];
-        while head.len() < 16 && !head.contains(&b'\n') {
+        let mut answer = Vec::with_capacity(256);
+        let mut buf = [0u8; 256];
+        while answer.len() < READYZ_MAX {
             let n = stream.read(&mut buf).await?;
             if n == 0 {
                 break;
             }
-            head.extend_from_slice(&buf[..n]);
+            answer.extend_from_slice(&buf[..n]);
         }
-        Ok::<bool, std::io::Error>(
-            head.starts_with(b"HTTP/1.") && head.get(8..13) == Some(b" 200 ".as_slice()),
-        )
+        Ok::<Check, std::io::Error>(classify_readyz(&answer))
     };
-    matches!(tokio::time::timeout(timeout, check).await, Ok(Ok(true)))
+    match tokio::time::timeout(timeout, check).await {
+        Ok(Ok(c)) => c,
+        _ => Check::Down,
+    }
+}
+
+fn classify_readyz(answer: &[u8]) -> Check {
+    let status = answer
+        .starts_with(b"HTTP/1.")
+        .then(|| answer.get(8..13))
+        .flatten();
+    let degraded_body = chat_admin::Readiness::StorageUnavailable.body().trim_end();
+    match status {
+        Some(b" 200 ") => Check::Ready,
+        Some(b" 503 ") if memchr::memmem::find(answer, degraded_body.as_bytes()).is_some() => {
+            Check::Degraded
+        }
+        _ => Check::Down,
+    }
 }
 
 /// Resolves `name` every `every` and replaces the membership with what it
@@ -383,6 +461,89 @@ mod tests {
 
     fn ring(ids: &[&str]) -> Ring {
         Ring::new(&ids.iter().map(|s| (s.to_string(), 1)).collect::<Vec<_>>())
+    }
+
+    fn upstreams(ids: &[&str]) -> Arc<Upstreams> {
+        let config = Config {
+            servers: ids
+                .iter()
+                .map(|id| ServerAddr {
+                    client: id.to_string(),
+                    admin: format!("{id}-admin"),
+                })
+                .collect(),
+            eject_after_failures: 2,
+            ..Config::default()
+        };
+        Upstreams::new(&config, Metrics::new(&prometheus::Registry::new()).unwrap())
+    }
+
+    fn in_ring(up: &Upstreams) -> Vec<String> {
+        let snap = up.subscribe().borrow().clone();
+        let mut ids: Vec<String> = snap.ring.servers().map(str::to_owned).collect();
+        ids.sort();
+        ids
+    }
+
+    fn checks(up: &Upstreams, id: &str, check: Check, n: usize) {
+        for _ in 0..n {
+            up.record(id, check);
+        }
+    }
+
+    #[test]
+    fn storage_outage_everywhere_routes_over_the_alive_servers() {
+        let up = upstreams(&["a", "b"]);
+        checks(&up, "a", Check::Ready, 1);
+        checks(&up, "b", Check::Ready, 1);
+        assert_eq!(in_ring(&up), ["a", "b"]);
+        // One server without storage leaves: its users move to one that has it.
+        checks(&up, "a", Check::Degraded, 2);
+        assert_eq!(in_ring(&up), ["b"]);
+        assert_eq!(up.metrics.panic_routing.get(), 0);
+        // Storage gone for all: nobody is ejected for what they all share.
+        checks(&up, "b", Check::Degraded, 2);
+        assert_eq!(in_ring(&up), ["a", "b"]);
+        assert_eq!(up.metrics.panic_routing.get(), 1);
+        // A dead server is not routed to, panic or not.
+        checks(&up, "b", Check::Down, 1);
+        assert_eq!(in_ring(&up), ["a"]);
+        // One ready server ends panic routing.
+        checks(&up, "b", Check::Ready, 1);
+        assert_eq!(in_ring(&up), ["b"]);
+        assert_eq!(up.metrics.panic_routing.get(), 0);
+        // Starting or draining servers are never panic candidates.
+        let up = upstreams(&["c"]);
+        checks(&up, "c", Check::Down, 3);
+        assert!(in_ring(&up).is_empty());
+        assert_eq!(up.metrics.panic_routing.get(), 0);
+    }
+
+    #[test]
+    fn readyz_answers_are_classified() {
+        use chat_admin::Readiness;
+        let answer = |status: &str, r: Readiness| {
+            format!(
+                "HTTP/1.0 {status}\r\ncontent-type: text/plain\r\n\r\n{}",
+                r.body()
+            )
+        };
+        assert_eq!(
+            classify_readyz(answer("200 OK", Readiness::Ready).as_bytes()),
+            Check::Ready
+        );
+        assert_eq!(
+            classify_readyz(
+                answer("503 Service Unavailable", Readiness::StorageUnavailable).as_bytes()
+            ),
+            Check::Degraded
+        );
+        for r in [Readiness::Starting, Readiness::Draining] {
+            let a = answer("503 Service Unavailable", r);
+            assert_eq!(classify_readyz(a.as_bytes()), Check::Down, "{a}");
+        }
+        assert_eq!(classify_readyz(b""), Check::Down);
+        assert_eq!(classify_readyz(b"garbage"), Check::Down);
     }
 
     #[test]

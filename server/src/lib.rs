@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_admin::accept::{Accepted, Acceptor};
-use chat_admin::Health;
+use chat_admin::{Health, Readiness};
 use chat_dbproxy::DbClient;
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -145,7 +145,7 @@ pub async fn run(
     // say BYE shutdown and close. The storage probe has stopped first, so it
     // cannot make the server ready again.
     let _ = ready_task.await;
-    health.set_ready(false);
+    health.set(Readiness::Draining);
     drop(acceptor);
     // Peers move this server's rooms away now; messages still in flight here
     // go to the rooms' new owners.
@@ -194,7 +194,7 @@ async fn follow_storage(db: DbClient, health: Health, stop: CancellationToken) {
                 dbproxies = ?db.bases(),
                 "no dbproxy ready for {STORAGE_UNREADY_AFTER:?}: not ready"
             );
-            health.set_ready(false);
+            health.set(Readiness::StorageUnavailable);
         }
     }
 }

@@ -136,3 +136,55 @@ async fn failed_server_means_reconnect_then_unavailable() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_down_everywhere_keeps_clients_connected() {
+    let mut stack = Stack::start().await;
+    let proxy = start_proxy(&stack).await;
+    let (mut alice, _) = Client::login(proxy.addr, "alice", "pw").await;
+    alice.join("lobby").await;
+
+    // The only server loses its storage: it turns not ready, saying why, and
+    // the proxy keeps routing to it instead of ejecting everyone.
+    stack.stop_dbproxy().await;
+    crate::common::wait_until(
+        Duration::from_secs(10),
+        "the server says its storage is unavailable",
+        || async {
+            http_get(stack.admin_addr, "/readyz").await
+                == (503, "not ready: storage unavailable\n".into())
+        },
+    )
+    .await;
+    // Several health rounds (100 ms) pass: more than enough to eject.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    alice.send("MSG id=m1 lobby while storage is down").await;
+    match alice.msg_answer("m1").await {
+        Err((code, _)) => assert_eq!(code, ErrorCode::Unavailable),
+        Ok(seq) => panic!("a message was acked without storage: {seq:?}"),
+    }
+    alice.send("PING still-here").await;
+    alice
+        .expect(
+            "alice stays connected",
+            |l| matches!(l, ServerLine::Pong { word: Some(w) } if w == "still-here"),
+        )
+        .await;
+
+    // A new client still reaches the server (and gets its honest error).
+    let mut late = Client::connect(proxy.addr, "late").await;
+    late.send("LOGIN late pw").await;
+    match late.next(Duration::from_secs(5)).await {
+        Next::Line(ServerLine::Err { code, .. }) => assert_eq!(code, ErrorCode::Unavailable),
+        other => panic!("a login with storage down answered {other:?}"),
+    }
+
+    // Storage back: the resend is stored, nobody was moved.
+    stack.start_dbproxy().await;
+    crate::common::wait_until(Duration::from_secs(10), "storage back", || async {
+        http_get(stack.admin_addr, "/readyz").await.0 == 200
+    })
+    .await;
+    alice.send("MSG id=m1 lobby while storage is down").await;
+    alice.msg_answer("m1").await.expect("the resend is stored");
+}
