@@ -258,34 +258,9 @@ impl ClientState {
         }
         match line {
             ServerLine::OkLogin { user, token } | ServerLine::OkResume { user, token } => {
-                if self.user.as_deref() != Some(user) {
-                    // Someone else now: the rooms we tracked are not theirs.
-                    self.rooms.clear();
-                    self.seen_dms.clear();
-                    self.seen_dm_order.clear();
-                }
-                self.user = Some(user.clone());
-                self.token = Some(token.clone());
-                Reaction::show()
+                self.on_login(user, token)
             }
-            ServerLine::OkJoin { room, last_seq } => {
-                let mut reaction = Reaction::show();
-                match self.rooms.get_mut(room) {
-                    Some(seqs) => {
-                        seqs.target = seqs.target.max(*last_seq);
-                        reaction.send.extend(self.ask_history(room));
-                    }
-                    None => {
-                        self.rooms
-                            .insert(room.clone(), RoomSeqs::starting_at(*last_seq));
-                        self.event(Event::Joined {
-                            room: room.clone(),
-                            seq: *last_seq,
-                        });
-                    }
-                }
-                reaction
-            }
+            ServerLine::OkJoin { room, last_seq } => self.on_join(room, *last_seq),
             ServerLine::OkPart { room } => {
                 self.forget_room(room);
                 Reaction::show()
@@ -299,22 +274,7 @@ impl ClientState {
                 self.forget_room(room);
                 Reaction::show()
             }
-            ServerLine::OkMsg { room, seq, cid, .. } => {
-                if let Some(cid) = cid {
-                    let stored = Stored::Room {
-                        room: room.clone(),
-                        seq: *seq,
-                    };
-                    self.on_ack(cid, stored);
-                }
-                self.seqs(room, *seq).record(*seq);
-                let mut reaction = Reaction::show();
-                reaction.send.extend(self.ask_history(room));
-                if reaction.send.is_empty() {
-                    reaction.send.extend(self.probe(room, *seq));
-                }
-                reaction
-            }
+            ServerLine::OkMsg { room, seq, cid, .. } => self.on_ok_msg(room, *seq, cid.as_deref()),
             ServerLine::OkDm { to, id, cid, .. } => {
                 if let Some(cid) = cid {
                     let stored = Stored::Dm {
@@ -331,101 +291,18 @@ impl ClientState {
                 sender,
                 text,
                 ..
-            } => {
-                let fresh = self.seqs(room, seq.saturating_sub(1)).record(*seq);
-                if fresh {
-                    self.received(room, *seq, sender, text, Via::Live);
-                }
-                let mut reaction = if fresh {
-                    Reaction::show()
-                } else {
-                    Reaction::hide()
-                };
-                reaction.send.extend(self.ask_history(room));
-                reaction
-            }
+            } => self.on_msg(room, *seq, sender, text),
             ServerLine::Hist {
                 room,
                 seq,
                 sender,
                 text,
                 ..
-            } => {
-                let user_asked = self.user_history.contains(room);
-                if let Some(probe) = self.probes.get_mut(room) {
-                    probe.hit |= probe.seq == *seq;
-                }
-                let fresh = match self.rooms.get_mut(room) {
-                    Some(seqs) => {
-                        let fresh = seqs.record(*seq);
-                        if fresh {
-                            self.received(room, *seq, sender, text, Via::History);
-                        }
-                        fresh
-                    }
-                    // History of a room we are not in: nothing to track.
-                    None => true,
-                };
-                if fresh || user_asked {
-                    Reaction::show()
-                } else {
-                    Reaction::hide()
-                }
-            }
-            ServerLine::OkHistory { room, count } => {
-                let user_asked = self.user_history.remove(room);
-                let mut reaction = if user_asked {
-                    Reaction::show()
-                } else {
-                    Reaction::hide()
-                };
-                if let Some(probe) = self.probes.remove(room) {
-                    self.history_pending.remove(room);
-                    self.event(Event::ReadYourWrites {
-                        room: room.clone(),
-                        seq: probe.seq,
-                        ok: probe.hit,
-                    });
-                    reaction.send.extend(self.ask_history(room));
-                    return reaction;
-                }
-                let page = self.options.history_limit.unwrap_or(HISTORY_PAGE);
-                if let Some(asked_after) = self.history_pending.remove(room) {
-                    let progressed = self
-                        .rooms
-                        .get(room)
-                        .is_some_and(|s| s.contiguous > asked_after);
-                    // Ask again only while answers move us forward, so a seq
-                    // the server no longer has cannot loop us.
-                    if progressed || *count >= page {
-                        reaction.send.extend(self.ask_history(room));
-                    }
-                }
-                reaction
-            }
+            } => self.on_hist(room, *seq, sender, text),
+            ServerLine::OkHistory { room, count } => self.on_ok_history(room, *count),
             ServerLine::Dm {
                 id, sender, text, ..
-            } => {
-                let mut reaction = if self.seen_dms.insert(*id) {
-                    self.event(Event::Dm {
-                        id: *id,
-                        from: sender.clone(),
-                        text: text.clone(),
-                    });
-                    self.seen_dm_order.push_back(*id);
-                    if self.seen_dm_order.len() > MAX_SEEN_DMS {
-                        if let Some(old) = self.seen_dm_order.pop_front() {
-                            self.seen_dms.remove(&old);
-                        }
-                    }
-                    Reaction::show()
-                } else {
-                    Reaction::hide()
-                };
-                // Shown (now or before): acknowledged, so it stops waiting.
-                reaction.send.push(format!("ACK {id}"));
-                reaction
-            }
+            } => self.on_dm(*id, sender, text),
             ServerLine::OkAck { .. } => Reaction::hide(),
             ServerLine::Err {
                 code: ErrorCode::TokenInvalid,
@@ -458,6 +335,146 @@ impl ClientState {
             },
             _ => Reaction::show(),
         }
+    }
+
+    fn on_login(&mut self, user: &str, token: &str) -> Reaction {
+        if self.user.as_deref() != Some(user) {
+            // Someone else now: the rooms we tracked are not theirs.
+            self.rooms.clear();
+            self.seen_dms.clear();
+            self.seen_dm_order.clear();
+        }
+        self.user = Some(user.to_string());
+        self.token = Some(token.to_string());
+        Reaction::show()
+    }
+
+    fn on_join(&mut self, room: &str, last_seq: u64) -> Reaction {
+        let mut reaction = Reaction::show();
+        match self.rooms.get_mut(room) {
+            Some(seqs) => {
+                seqs.target = seqs.target.max(last_seq);
+                reaction.send.extend(self.ask_history(room));
+            }
+            None => {
+                self.rooms
+                    .insert(room.to_string(), RoomSeqs::starting_at(last_seq));
+                self.event(Event::Joined {
+                    room: room.to_string(),
+                    seq: last_seq,
+                });
+            }
+        }
+        reaction
+    }
+
+    /// Our own message was stored at `seq`.
+    fn on_ok_msg(&mut self, room: &str, seq: u64, cid: Option<&str>) -> Reaction {
+        if let Some(cid) = cid {
+            let stored = Stored::Room {
+                room: room.to_string(),
+                seq,
+            };
+            self.on_ack(cid, stored);
+        }
+        self.seqs(room, seq).record(seq);
+        let mut reaction = Reaction::show();
+        reaction.send.extend(self.ask_history(room));
+        if reaction.send.is_empty() {
+            reaction.send.extend(self.probe(room, seq));
+        }
+        reaction
+    }
+
+    fn on_msg(&mut self, room: &str, seq: u64, sender: &str, text: &str) -> Reaction {
+        let fresh = self.seqs(room, seq.saturating_sub(1)).record(seq);
+        if fresh {
+            self.received(room, seq, sender, text, Via::Live);
+        }
+        let mut reaction = if fresh {
+            Reaction::show()
+        } else {
+            Reaction::hide()
+        };
+        reaction.send.extend(self.ask_history(room));
+        reaction
+    }
+
+    fn on_hist(&mut self, room: &str, seq: u64, sender: &str, text: &str) -> Reaction {
+        let user_asked = self.user_history.contains(room);
+        if let Some(probe) = self.probes.get_mut(room) {
+            probe.hit |= probe.seq == seq;
+        }
+        let fresh = match self.rooms.get_mut(room) {
+            Some(seqs) => {
+                let fresh = seqs.record(seq);
+                if fresh {
+                    self.received(room, seq, sender, text, Via::History);
+                }
+                fresh
+            }
+            // History of a room we are not in: nothing to track.
+            None => true,
+        };
+        if fresh || user_asked {
+            Reaction::show()
+        } else {
+            Reaction::hide()
+        }
+    }
+
+    fn on_ok_history(&mut self, room: &str, count: u32) -> Reaction {
+        let user_asked = self.user_history.remove(room);
+        let mut reaction = if user_asked {
+            Reaction::show()
+        } else {
+            Reaction::hide()
+        };
+        if let Some(probe) = self.probes.remove(room) {
+            self.history_pending.remove(room);
+            self.event(Event::ReadYourWrites {
+                room: room.to_string(),
+                seq: probe.seq,
+                ok: probe.hit,
+            });
+            reaction.send.extend(self.ask_history(room));
+            return reaction;
+        }
+        let page = self.options.history_limit.unwrap_or(HISTORY_PAGE);
+        if let Some(asked_after) = self.history_pending.remove(room) {
+            let progressed = self
+                .rooms
+                .get(room)
+                .is_some_and(|s| s.contiguous > asked_after);
+            // Ask again only while answers move us forward, so a seq
+            // the server no longer has cannot loop us.
+            if progressed || count >= page {
+                reaction.send.extend(self.ask_history(room));
+            }
+        }
+        reaction
+    }
+
+    fn on_dm(&mut self, id: i64, sender: &str, text: &str) -> Reaction {
+        let mut reaction = if self.seen_dms.insert(id) {
+            self.event(Event::Dm {
+                id,
+                from: sender.to_string(),
+                text: text.to_string(),
+            });
+            self.seen_dm_order.push_back(id);
+            if self.seen_dm_order.len() > MAX_SEEN_DMS {
+                if let Some(old) = self.seen_dm_order.pop_front() {
+                    self.seen_dms.remove(&old);
+                }
+            }
+            Reaction::show()
+        } else {
+            Reaction::hide()
+        };
+        // Shown (now or before): acknowledged, so it stops waiting.
+        reaction.send.push(format!("ACK {id}"));
+        reaction
     }
 
     /// The seqs of `room`, starting at `before` if the room is new to us.
