@@ -18,6 +18,15 @@ pub enum Stored {
     Dm { to: String, id: i64 },
 }
 
+impl Stored {
+    pub(crate) fn dm(to: &str, id: i64) -> Stored {
+        Stored::Dm {
+            to: to.to_string(),
+            id,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The first `OK JOIN` of a room: every message after `seq` is ours to receive.

@@ -277,11 +277,7 @@ impl ClientState {
             ServerLine::OkMsg { room, seq, cid, .. } => self.on_ok_msg(room, *seq, cid.as_deref()),
             ServerLine::OkDm { to, id, cid, .. } => {
                 if let Some(cid) = cid {
-                    let stored = Stored::Dm {
-                        to: to.clone(),
-                        id: *id,
-                    };
-                    self.on_ack(cid, stored);
+                    self.on_ack(cid, Stored::dm(to, *id));
                 }
                 Reaction::show()
             }
