@@ -7,8 +7,6 @@
 //! `RESUME` and `ACK`, `HISTORY` for gaps, `ACK <id>` per DM) → stdout. On connect failure or disconnect the
 //! client moves to the next address after a bounded backoff.
 
-mod state;
-
 use std::collections::VecDeque;
 use std::io::BufRead;
 use std::time::Duration;
@@ -24,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use state::ClientState;
+use chat_client::ClientState;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Server lines are a client line (4096 bytes by default) plus a short header;

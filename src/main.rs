@@ -1,19 +1,21 @@
 //! `chat`: one binary for every tier. Parses flags, loads and validates the
 //! configuration, sets up tracing and hands over to a library `run`
 //! (through [`tiers`]), to [`up`] for the single-machine stack, or to
-//! [`client`] for the terminal client.
+//! [`client`] for the terminal client; `chat bench` runs the separate
+//! `chat-bench` binary ([`bench`]).
 
 mod bench;
 mod client;
 mod config;
-mod shutdown;
 mod telemetry;
 mod tiers;
 mod up;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use chat_admin::shutdown;
 use clap::{Parser, Subcommand};
 
 /// Exit status for configuration errors and commands that cannot run at all.
@@ -61,12 +63,25 @@ enum Command {
         #[arg(value_name = "ADDR", default_value = "127.0.0.1:7001")]
         addrs: Vec<String>,
     },
-    /// Load generator: connections, fan-out, durable writes, DMs (see docs/BENCHMARKS.md).
-    Bench(bench::Options),
+    /// Load generator: connections, fan-out, durable writes, DMs (see
+    /// docs/BENCHMARKS.md). Runs `chat-bench` with the arguments that follow;
+    /// `chat bench --help` lists them.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Bench { args } = &cli.command {
+        return bench::forward(args);
+    }
 
     let config = match config::Config::load(cli.config.as_deref()).and_then(|c| {
         c.validate()?;
@@ -114,6 +129,6 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<()> {
         }
         Command::Client { addrs } => client::run(addrs, shutdown).await,
         Command::Proxy => tiers::proxy(config.proxy, shutdown).await,
-        Command::Bench(options) => bench::run(options, shutdown).await,
+        Command::Bench { .. } => unreachable!("forwarded before the configuration is loaded"),
     }
 }

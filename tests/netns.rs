@@ -3,7 +3,7 @@
 //! Each scenario starts its own cluster (tests/netns/cluster.rs: 2 proxies,
 //! 3 chat servers, 2 dbproxies, a MariaDB primary and 2 replicas, 2 client
 //! hosts, each a namespace on a private bridge), runs the checked workload
-//! (`chat bench --scenario checked`) for [`TRAFFIC_SECS`], injects one fault
+//! (`chat-bench --scenario checked`) for [`TRAFFIC_SECS`], injects one fault
 //! while traffic flows, lets the clients finish, and hands their records and
 //! the database to the checker (tests/netns/checker.rs). It prints a table
 //! row (sent, acked, delivered, lost, duplicated, recovery time) and fails on
@@ -257,22 +257,75 @@ fn rolling_restart_of_chat_servers() {
 /// and finds each kind of fault. Needs no root.
 #[test]
 fn checker_finds_what_is_wrong() {
+    use chat_bench::record::{Ack, Entry, Kind, Record, Via};
     use checker::{check_data, Stored};
-    use serde_json::{json, Value};
     use std::collections::HashMap;
 
-    let good_records = || -> Vec<Value> {
+    let r = |t: u64, u: &str, entry: Entry| Record {
+        t,
+        u: u.into(),
+        entry,
+    };
+    let join = || Entry::Join {
+        room: "r".into(),
+        seq: 0,
+    };
+    let send = |k, to: &str, cid: &str, text: &str| Entry::Send {
+        k,
+        to: to.into(),
+        cid: cid.into(),
+        text: text.into(),
+    };
+    let end = || Entry::End {
+        rooms: Default::default(),
+        unacked: 0,
+    };
+    let good_records = || -> Vec<Record> {
         vec![
-            json!({"e": "join", "u": "a", "room": "r", "seq": 0, "t": 1}),
-            json!({"e": "join", "u": "b", "room": "r", "seq": 0, "t": 1}),
-            json!({"e": "send", "u": "a", "k": "msg", "to": "r", "cid": "a.1", "text": "c=a.1 x", "t": 10}),
-            json!({"e": "ack", "u": "a", "k": "msg", "to": "r", "cid": "a.1", "seq": 1, "t": 20}),
-            json!({"e": "msg", "u": "b", "room": "r", "seq": 1, "from": "a", "text": "c=a.1 x", "via": "live", "t": 21}),
-            json!({"e": "send", "u": "a", "k": "dm", "to": "b", "cid": "a.2", "text": "c=a.2 y", "t": 30}),
-            json!({"e": "ack", "u": "a", "k": "dm", "to": "b", "cid": "a.2", "id": 2, "t": 40}),
-            json!({"e": "dm", "u": "b", "id": 2, "from": "a", "text": "c=a.2 y", "t": 41}),
-            json!({"e": "end", "u": "a", "unacked": 0, "t": 50}),
-            json!({"e": "end", "u": "b", "unacked": 0, "t": 50}),
+            r(1, "a", join()),
+            r(1, "b", join()),
+            r(10, "a", send(Kind::Msg, "r", "a.1", "c=a.1 x")),
+            r(
+                20,
+                "a",
+                Entry::Ack(Ack::Msg {
+                    to: "r".into(),
+                    cid: "a.1".into(),
+                    seq: 1,
+                }),
+            ),
+            r(
+                21,
+                "b",
+                Entry::Msg {
+                    room: "r".into(),
+                    seq: 1,
+                    from: "a".into(),
+                    text: "c=a.1 x".into(),
+                    via: Via::Live,
+                },
+            ),
+            r(30, "a", send(Kind::Dm, "b", "a.2", "c=a.2 y")),
+            r(
+                40,
+                "a",
+                Entry::Ack(Ack::Dm {
+                    to: "b".into(),
+                    cid: "a.2".into(),
+                    id: 2,
+                }),
+            ),
+            r(
+                41,
+                "b",
+                Entry::Dm {
+                    id: 2,
+                    from: "a".into(),
+                    text: "c=a.2 y".into(),
+                },
+            ),
+            r(50, "a", end()),
+            r(50, "b", end()),
         ]
     };
     let row =
@@ -293,7 +346,7 @@ fn checker_finds_what_is_wrong() {
         ]
     };
     let last: HashMap<String, u64> = [("r".to_string(), 1)].into();
-    let check = |recs: &[Value], rows: &[Stored], last: &HashMap<String, u64>| {
+    let check = |recs: &[Record], rows: &[Stored], last: &HashMap<String, u64>| {
         check_data(recs, rows, last, 2, Some(15))
     };
 
@@ -312,7 +365,7 @@ fn checker_finds_what_is_wrong() {
 
     // A member that never received a room message.
     let mut recs = good_records();
-    recs.retain(|r| r["e"] != "msg");
+    recs.retain(|r| !matches!(r.entry, Entry::Msg { .. }));
     let o = check(&recs, &good_rows(), &last);
     assert_eq!(o.lost, 1, "{o:?}");
 
@@ -325,7 +378,7 @@ fn checker_finds_what_is_wrong() {
 
     // A DM neither delivered nor pending is lost; still pending is fine.
     let mut recs = good_records();
-    recs.retain(|r| r["e"] != "dm");
+    recs.retain(|r| !matches!(r.entry, Entry::Dm { .. }));
     let o = check(&recs, &good_rows(), &last);
     assert_eq!(o.lost, 1, "{o:?}");
     let mut rows = good_rows();
@@ -344,7 +397,7 @@ fn checker_finds_what_is_wrong() {
     // A client that did not finish, and a send never acked.
     let mut recs = good_records();
     recs.pop();
-    recs.push(json!({"e": "send", "u": "b", "k": "msg", "to": "r", "cid": "b.1", "text": "c=b.1 z", "t": 45}));
+    recs.push(r(45, "b", send(Kind::Msg, "r", "b.1", "c=b.1 z")));
     let o = check(&recs, &good_rows(), &last);
     assert!(o.problems.iter().any(|p| p.contains("finished")), "{o:?}");
     assert_eq!((o.sent, o.acked), (3, 2));

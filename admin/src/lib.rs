@@ -5,9 +5,11 @@
 //!
 //! accept → hyper http1 connection → [`respond`] → registry gather / health flag.
 //! Tiers that already speak HTTP (dbproxy) call [`respond`] from their own
-//! service instead of running [`serve`].
+//! service instead of running [`serve`]. [`shutdown::on_signal`] is the
+//! Ctrl-C / SIGTERM token of every binary (`chat`, `chat-bench`).
 
 pub mod accept;
+pub mod shutdown;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 
-use serde_json::Value;
+use chat_bench::record::{self, Ack, Entry, Kind, Record, Via};
 
 use super::mariadb::Db;
 
@@ -94,24 +94,11 @@ fn dump(db: &Db) -> (Vec<Stored>, HashMap<String, u64>) {
     (stored, last)
 }
 
-fn records(paths: &[PathBuf]) -> Vec<Value> {
+fn records(paths: &[PathBuf]) -> Vec<Record> {
     paths
         .iter()
-        .flat_map(|p| {
-            std::fs::read_to_string(p)
-                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|p| record::read(p).unwrap_or_else(|e| panic!("{e:#}")))
         .collect()
-}
-
-fn s(v: &Value, k: &str) -> String {
-    v[k].as_str().unwrap_or_default().to_owned()
-}
-fn n(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_default()
 }
 
 /// Checks the run; `fault_ms` is when the fault was injected (Unix ms).
@@ -124,7 +111,7 @@ pub fn check(paths: &[PathBuf], db: &Db, users: usize, fault_ms: Option<u64>) ->
 /// [`check`] on data already read: the records, the stored messages and each
 /// room's `last_seq`.
 pub fn check_data(
-    recs: &[Value],
+    recs: &[Record],
     stored: &[Stored],
     last_seq: &HashMap<String, u64>,
     users: usize,
@@ -138,8 +125,8 @@ pub fn check_data(
     };
 
     // What each client did.
-    let mut sends: HashMap<(String, String), (String, String, String, u64)> = HashMap::new();
-    let mut acks: HashMap<(String, String), (String, String, u64, u64)> = HashMap::new();
+    let mut sends: HashMap<(String, String), (Kind, String, String, u64)> = HashMap::new();
+    let mut acks: HashMap<(String, String), (Kind, String, u64, u64)> = HashMap::new();
     let mut joins: Vec<(String, String, u64)> = Vec::new();
     let mut got_msgs: HashMap<(String, String), BTreeMap<u64, String>> = HashMap::new();
     let mut got_dms: HashMap<String, HashMap<i64, (String, String)>> = HashMap::new();
@@ -147,83 +134,80 @@ pub fn check_data(
     let mut down_since: HashMap<String, u64> = HashMap::new();
     let mut outages: Vec<u64> = Vec::new();
     for r in recs {
-        let u = s(r, "u");
-        match r["e"].as_str().unwrap_or_default() {
-            "send" => {
-                sends.entry((u, s(r, "cid"))).or_insert((
-                    s(r, "k"),
-                    s(r, "to"),
-                    s(r, "text"),
-                    n(r, "t"),
-                ));
+        let u = r.u.clone();
+        match &r.entry {
+            Entry::Send { k, to, cid, text } => {
+                sends
+                    .entry((u, cid.clone()))
+                    .or_insert((*k, to.clone(), text.clone(), r.t));
             }
-            "ack" => {
-                let id = if s(r, "k") == "msg" {
-                    n(r, "seq")
-                } else {
-                    n(r, "id")
+            Entry::Ack(ack) => {
+                let (kind, to, id) = match ack {
+                    Ack::Msg { to, seq, .. } => (Kind::Msg, to, *seq),
+                    Ack::Dm { to, id, .. } => (Kind::Dm, to, *id as u64),
                 };
-                acks.insert((u, s(r, "cid")), (s(r, "k"), s(r, "to"), id, n(r, "t")));
+                acks.insert((u, ack.cid().to_owned()), (kind, to.clone(), id, r.t));
             }
-            "join" => joins.push((u, s(r, "room"), n(r, "seq"))),
-            "msg" => {
-                let text = format!("{}\u{0}{}", s(r, "from"), s(r, "text"));
+            Entry::Join { room, seq } => joins.push((u, room.clone(), *seq)),
+            Entry::Msg {
+                room,
+                seq,
+                from,
+                text,
+                via,
+            } => {
+                let text = format!("{from}\u{0}{text}");
                 got_msgs
-                    .entry((u, s(r, "room")))
+                    .entry((u, room.clone()))
                     .or_default()
-                    .insert(n(r, "seq"), text);
+                    .insert(*seq, text);
                 o.delivered += 1;
-                if r["via"] == "live" {
+                if *via == Via::Live {
                     o.delivered_live += 1;
                 }
             }
-            "dm" => {
-                let id = r["id"].as_i64().unwrap_or_default();
+            Entry::Dm { id, from, text } => {
                 got_dms
                     .entry(u)
                     .or_default()
-                    .insert(id, (s(r, "from"), s(r, "text")));
+                    .insert(*id, (from.clone(), text.clone()));
                 o.delivered += 1;
                 o.delivered_dms += 1;
             }
-            "ryw" => {
+            Entry::Ryw { room, seq, ok } => {
                 o.ryw_probes += 1;
-                if r["ok"] != Value::Bool(true) {
-                    let p = format!(
-                        "read-your-writes: {u} did not read back {} #{}",
-                        s(r, "room"),
-                        n(r, "seq")
-                    );
+                if !ok {
+                    let p = format!("read-your-writes: {u} did not read back {room} #{seq}");
                     problem(&mut o, p);
                 }
             }
-            "down" => {
+            Entry::Down { .. } => {
                 o.reconnects += 1;
-                down_since.entry(u).or_insert(n(r, "t"));
+                down_since.entry(u).or_insert(r.t);
             }
-            "up" => {
+            Entry::Up { .. } => {
                 if let Some(t) = down_since.remove(&u) {
                     if fault_ms.is_some_and(|f| t >= f) {
-                        outages.push(n(r, "t").saturating_sub(t));
+                        outages.push(r.t.saturating_sub(t));
                     }
                 }
             }
-            "err" => match s(r, "code").as_str() {
+            Entry::Err { code, detail, .. } => match code.as_str() {
                 "UNAVAILABLE" => o.unavailable += 1,
                 "RATE_LIMITED" | "NO_SUCH_USER" => {}
                 other => {
-                    let p = format!("{u}: error {other} {}", s(r, "detail"));
+                    let detail = detail.as_deref().unwrap_or_default();
+                    let p = format!("{u}: error {other} {detail}");
                     problem(&mut o, p);
                 }
             },
-            "end" => {
+            Entry::End { unacked, .. } => {
                 ended.insert(u.clone());
-                if n(r, "unacked") > 0 {
-                    let p = format!("{u}: {} sends never acked", n(r, "unacked"));
+                if *unacked > 0 {
+                    let p = format!("{u}: {unacked} sends never acked");
                     problem(&mut o, p);
                 }
             }
-            _ => {}
         }
     }
     o.sent = sends.len();
@@ -272,7 +256,7 @@ pub fn check_data(
             k => {
                 o.duplicated += k - 1;
                 let m = rows[0];
-                let same = if kind == "msg" {
+                let same = if *kind == Kind::Msg {
                     m.room == *to && m.seq == *id
                 } else {
                     m.recipient == *to && m.id as u64 == *id
@@ -315,7 +299,7 @@ pub fn check_data(
     // 3. Every member got every message after its join.
     let mut own: HashMap<(String, String), BTreeSet<u64>> = HashMap::new();
     for ((u, _), (kind, to, seq, _)) in &acks {
-        if kind == "msg" {
+        if *kind == Kind::Msg {
             own.entry((u.clone(), to.clone())).or_default().insert(*seq);
         }
     }
@@ -354,7 +338,7 @@ pub fn check_data(
         .map(|m| (m.id, m))
         .collect();
     for ((u, cid), (kind, to, id, _)) in &acks {
-        if kind != "dm" {
+        if *kind != Kind::Dm {
             continue;
         }
         let id = *id as i64;

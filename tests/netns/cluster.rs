@@ -7,7 +7,7 @@
 //! | srv1..srv3 | 10.77.0.21-23 | `chat server` (:7000, admin :9101) |
 //! | dbp1, dbp2 | 10.77.0.31-32 | `chat dbproxy` (:7100), both on the same MariaDB |
 //! | db1 (primary), db2, db3 | 10.77.0.41-43 | `mariadbd` (:3306), semi-sync GTID replication |
-//! | client1, client2 | 10.77.0.51-52 | `chat bench --scenario checked` |
+//! | client1, client2 | 10.77.0.51-52 | `chat-bench --scenario checked` |
 //!
 //! Chat servers name both dbproxies (`dbproxy_url = "http://…31:7100,http://…32:7100"`)
 //! and, where the binary knows it, their peers (`[server.cluster]`).
@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use chat_bench::record::{self, Entry};
 
 use super::mariadb::{self, Db};
 use super::net::{self, Host, Net, SUBNET};
@@ -32,6 +34,25 @@ pub const CLUSTER_SECRET: &str = "netns-cluster-secret";
 
 pub fn chat_bin() -> &'static str {
     env!("CARGO_BIN_EXE_chat")
+}
+
+/// The `chat-bench` binary, next to `chat`. Cargo names only the binaries of
+/// a test's own package (`CARGO_BIN_EXE_*`), and `chat-bench` is another
+/// package's: `cargo nextest run --workspace` builds it (its package has
+/// tests); running only this test needs `cargo build -p chat-bench` first.
+/// Building it from here instead would resolve other features than the
+/// test's build did and recompile dependencies inside the test's time limit.
+pub fn bench_bin() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = Path::new(chat_bin()).with_file_name("chat-bench");
+        assert!(
+            bin.is_file(),
+            "{} is missing: run `cargo build -p chat-bench` (or `cargo nextest run --workspace`)",
+            bin.display()
+        );
+        bin.display().to_string()
+    })
 }
 
 fn addr(octet: u8, port: u16) -> String {
@@ -170,6 +191,8 @@ impl Cluster {
     }
 
     pub fn start(tag: &str) -> Cluster {
+        // Before anything is set up: without the bench, fail at once.
+        bench_bin();
         net::remove_stale();
         let dir = tempfile::Builder::new()
             .prefix("chat-netns")
@@ -304,7 +327,6 @@ impl Cluster {
             let name = format!("client{}", k + 1);
             let record = self.dir.path().join(format!("{name}.jsonl"));
             let args: Vec<String> = [
-                "bench",
                 "--scenario",
                 "checked",
                 "--target",
@@ -332,7 +354,7 @@ impl Cluster {
             let ns = self.host(&name).ns.clone();
             let log = self.dir.path().join(format!("{name}.log"));
             self.clients
-                .push(Proc::spawn(&name, &ns, chat_bin(), &args, log));
+                .push(Proc::spawn(&name, &ns, bench_bin(), &args, log));
             self.records.push(record);
         }
     }
@@ -342,10 +364,12 @@ impl Cluster {
         self.records
             .iter()
             .map(|r| {
-                std::fs::read_to_string(r)
-                    .unwrap_or_default()
-                    .lines()
-                    .filter(|l| l.contains(r#""e":"ack""#))
+                // A line being written is left out until it is whole.
+                let text = std::fs::read_to_string(r).unwrap_or_default();
+                let records = record::parse(&text).unwrap_or_else(|e| panic!("{e:#}"));
+                records
+                    .iter()
+                    .filter(|r| matches!(r.entry, Entry::Ack(_)))
                     .count()
             })
             .sum()

@@ -1,6 +1,6 @@
-//! `chat bench` smoke run: a dbproxy on SQLite in a temp dir and a chat
+//! `chat-bench` smoke run: a dbproxy on SQLite in a temp dir and a chat
 //! server, both in-process on `127.0.0.1:0`, then the built binary's
-//! `bench --scenario fanout --json` against the server for two seconds; the
+//! `--scenario fanout --json` against the server for two seconds; the
 //! JSON report must show acks, deliveries and a non-empty latency histogram.
 
 use std::net::SocketAddr;
@@ -73,16 +73,8 @@ async fn fanout_smoke_run_acks_and_delivers() {
     wait_ready(admin_addr, Duration::from_secs(10)).await;
 
     let json = dir.path().join("report.json");
-    let mut bench = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat"))
-        .args([
-            "bench",
-            "--scenario",
-            "fanout",
-            "--rooms",
-            "2",
-            "--room-size",
-            "5",
-        ])
+    let mut bench = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-bench"))
+        .args(["--scenario", "fanout", "--rooms", "2", "--room-size", "5"])
         .args(["--duration", "2", "--rate", "500", "--target"])
         .arg(addr.to_string())
         .arg("--json")
@@ -91,7 +83,7 @@ async fn fanout_smoke_run_acks_and_delivers() {
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("run chat bench");
+        .expect("run chat-bench");
     let status = tokio::time::timeout(Duration::from_secs(10), bench.wait())
         .await
         .expect("bench finished within 10s")

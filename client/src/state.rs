@@ -7,11 +7,19 @@
 //!   past `contiguous + 1`, or an `OK JOIN` announcing more than was seen —
 //!   asks `HISTORY <room> <contiguous>`, one request per room at a time, and
 //!   asks again while the history answers make progress;
-//! - `HIST` and `MSG` are shown once per seq, `DM` once per id.
+//! - `HIST` and `MSG` are shown once per seq, `DM` once per id;
+//! - sends tracked by client id ([`Unacked`]) until acknowledged, resent after
+//!   a retryable `ERR … id=<cid>`;
+//! - optionally (the bench's checked workload) read-your-writes probes: a
+//!   `HISTORY` for an own message right after its ack must return it.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use chat_protocol::{ErrorCode, PartReason, ServerLine};
+
+use crate::events::{Event, Stored, Via};
+use crate::unacked::Unacked;
 
 /// The server's default `HISTORY` limit: a full page means there may be more.
 pub const HISTORY_PAGE: u32 = 100;
@@ -81,8 +89,48 @@ impl RoomSeqs {
     }
 }
 
+/// What a [`ClientState`] does beyond what `chat client` needs; the default is
+/// `chat client`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The page size a catch-up `HISTORY` asks for; `None` leaves it to the
+    /// server's default ([`HISTORY_PAGE`]).
+    pub history_limit: Option<u32>,
+    /// After the ack of an own message whose seq is a multiple of this, ask
+    /// `HISTORY` for that message at once (a read-your-writes probe).
+    pub read_your_writes_every: Option<u64>,
+    /// Collect [`Event`]s for [`ClientState::take_events`], which the caller
+    /// then drains after every line.
+    pub events: bool,
+    /// How long a tracked send waits after a retryable `ERR` before it is
+    /// sent again.
+    pub retry_pause: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            history_limit: None,
+            read_your_writes_every: None,
+            events: false,
+            retry_pause: Duration::from_millis(250),
+        }
+    }
+}
+
+/// A read-your-writes `HISTORY` in flight: the seq it must return.
+#[derive(Debug)]
+struct Probe {
+    seq: u64,
+    hit: bool,
+}
+
 #[derive(Debug, Default)]
 pub struct ClientState {
+    options: Options,
+    unacked: Unacked,
+    probes: HashMap<String, Probe>,
+    events: Vec<Event>,
     user: Option<String>,
     token: Option<String>,
     rooms: HashMap<String, RoomSeqs>,
@@ -98,6 +146,49 @@ pub struct ClientState {
 impl ClientState {
     pub fn new() -> ClientState {
         ClientState::default()
+    }
+
+    pub fn with_options(options: Options) -> ClientState {
+        ClientState {
+            options,
+            ..ClientState::default()
+        }
+    }
+
+    /// The sends tracked by client id, not yet acknowledged.
+    pub fn unacked(&mut self) -> &mut Unacked {
+        &mut self.unacked
+    }
+
+    /// The events since the last call (empty unless [`Options::events`]).
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// An `OK JOIN` for `room` arrived (on this connection or an earlier one).
+    pub fn joined(&self, room: &str) -> bool {
+        self.rooms.contains_key(room)
+    }
+
+    /// Per room, the highest seq received with nothing missing below it.
+    pub fn contiguous(&self) -> BTreeMap<String, u64> {
+        self.rooms
+            .iter()
+            .map(|(room, seqs)| (room.clone(), seqs.contiguous))
+            .collect()
+    }
+
+    /// No room has a known gap and no `HISTORY` of ours is in flight.
+    pub fn caught_up(&self) -> bool {
+        self.history_pending.is_empty() && self.rooms.values().all(|s| !s.has_gap())
+    }
+
+    /// `HISTORY` requests for every room with a gap and no request in flight:
+    /// a periodic check, for gaps whose request failed or found too little.
+    pub fn history_requests(&mut self) -> Vec<String> {
+        let mut rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        rooms.sort();
+        rooms.iter().filter_map(|r| self.ask_history(r)).collect()
     }
 
     #[cfg(test)]
@@ -125,6 +216,7 @@ impl ClientState {
         // Requests of the previous connection died with it.
         self.history_pending.clear();
         self.user_history.clear();
+        self.probes.clear();
         match &self.token {
             // `ACK` first: DMs count as received only once acknowledged.
             Some(token) => vec![format!("RESUME {token}"), "ACK".into()],
@@ -156,32 +248,19 @@ impl ClientState {
     }
 
     pub fn on_line(&mut self, line: &ServerLine) -> Reaction {
+        self.on_line_at(line, Instant::now())
+    }
+
+    /// [`Self::on_line`] at `now`, which starts the pause of a refused send.
+    pub fn on_line_at(&mut self, line: &ServerLine, now: Instant) -> Reaction {
+        if let ServerLine::Err { code, detail } = line {
+            self.refused(*code, detail, now);
+        }
         match line {
             ServerLine::OkLogin { user, token } | ServerLine::OkResume { user, token } => {
-                if self.user.as_deref() != Some(user) {
-                    // Someone else now: the rooms we tracked are not theirs.
-                    self.rooms.clear();
-                    self.seen_dms.clear();
-                    self.seen_dm_order.clear();
-                }
-                self.user = Some(user.clone());
-                self.token = Some(token.clone());
-                Reaction::show()
+                self.on_login(user, token)
             }
-            ServerLine::OkJoin { room, last_seq } => {
-                let mut reaction = Reaction::show();
-                match self.rooms.get_mut(room) {
-                    Some(seqs) => {
-                        seqs.target = seqs.target.max(*last_seq);
-                        reaction.send.extend(self.ask_history(room));
-                    }
-                    None => {
-                        self.rooms
-                            .insert(room.clone(), RoomSeqs::starting_at(*last_seq));
-                    }
-                }
-                reaction
-            }
+            ServerLine::OkJoin { room, last_seq } => self.on_join(room, *last_seq),
             ServerLine::OkPart { room } => {
                 self.forget_room(room);
                 Reaction::show()
@@ -195,71 +274,31 @@ impl ClientState {
                 self.forget_room(room);
                 Reaction::show()
             }
-            ServerLine::OkMsg { room, seq, .. } => {
-                self.seqs(room, *seq).record(*seq);
-                let mut reaction = Reaction::show();
-                reaction.send.extend(self.ask_history(room));
-                reaction
-            }
-            ServerLine::Msg { room, seq, .. } => {
-                let fresh = self.seqs(room, seq.saturating_sub(1)).record(*seq);
-                let mut reaction = if fresh {
-                    Reaction::show()
-                } else {
-                    Reaction::hide()
-                };
-                reaction.send.extend(self.ask_history(room));
-                reaction
-            }
-            ServerLine::Hist { room, seq, .. } => {
-                let user_asked = self.user_history.contains(room);
-                let fresh = match self.rooms.get_mut(room) {
-                    Some(seqs) => seqs.record(*seq),
-                    // History of a room we are not in: nothing to track.
-                    None => true,
-                };
-                if fresh || user_asked {
-                    Reaction::show()
-                } else {
-                    Reaction::hide()
+            ServerLine::OkMsg { room, seq, cid, .. } => self.on_ok_msg(room, *seq, cid.as_deref()),
+            ServerLine::OkDm { to, id, cid, .. } => {
+                if let Some(cid) = cid {
+                    self.on_ack(cid, Stored::dm(to, *id));
                 }
+                Reaction::show()
             }
-            ServerLine::OkHistory { room, count } => {
-                let user_asked = self.user_history.remove(room);
-                let mut reaction = if user_asked {
-                    Reaction::show()
-                } else {
-                    Reaction::hide()
-                };
-                if let Some(asked_after) = self.history_pending.remove(room) {
-                    let progressed = self
-                        .rooms
-                        .get(room)
-                        .is_some_and(|s| s.contiguous > asked_after);
-                    // Ask again only while answers move us forward, so a seq
-                    // the server no longer has cannot loop us.
-                    if progressed || *count >= HISTORY_PAGE {
-                        reaction.send.extend(self.ask_history(room));
-                    }
-                }
-                reaction
-            }
-            ServerLine::Dm { id, .. } => {
-                let mut reaction = if self.seen_dms.insert(*id) {
-                    self.seen_dm_order.push_back(*id);
-                    if self.seen_dm_order.len() > MAX_SEEN_DMS {
-                        if let Some(old) = self.seen_dm_order.pop_front() {
-                            self.seen_dms.remove(&old);
-                        }
-                    }
-                    Reaction::show()
-                } else {
-                    Reaction::hide()
-                };
-                // Shown (now or before): acknowledged, so it stops waiting.
-                reaction.send.push(format!("ACK {id}"));
-                reaction
-            }
+            ServerLine::Msg {
+                room,
+                seq,
+                sender,
+                text,
+                ..
+            } => self.on_msg(room, *seq, sender, text),
+            ServerLine::Hist {
+                room,
+                seq,
+                sender,
+                text,
+                ..
+            } => self.on_hist(room, *seq, sender, text),
+            ServerLine::OkHistory { room, count } => self.on_ok_history(room, *count),
+            ServerLine::Dm {
+                id, sender, text, ..
+            } => self.on_dm(*id, sender, text),
             ServerLine::OkAck { .. } => Reaction::hide(),
             ServerLine::Err {
                 code: ErrorCode::TokenInvalid,
@@ -294,6 +333,146 @@ impl ClientState {
         }
     }
 
+    fn on_login(&mut self, user: &str, token: &str) -> Reaction {
+        if self.user.as_deref() != Some(user) {
+            // Someone else now: the rooms we tracked are not theirs.
+            self.rooms.clear();
+            self.seen_dms.clear();
+            self.seen_dm_order.clear();
+        }
+        self.user = Some(user.to_string());
+        self.token = Some(token.to_string());
+        Reaction::show()
+    }
+
+    fn on_join(&mut self, room: &str, last_seq: u64) -> Reaction {
+        let mut reaction = Reaction::show();
+        match self.rooms.get_mut(room) {
+            Some(seqs) => {
+                seqs.target = seqs.target.max(last_seq);
+                reaction.send.extend(self.ask_history(room));
+            }
+            None => {
+                self.rooms
+                    .insert(room.to_string(), RoomSeqs::starting_at(last_seq));
+                self.event(Event::Joined {
+                    room: room.to_string(),
+                    seq: last_seq,
+                });
+            }
+        }
+        reaction
+    }
+
+    /// Our own message was stored at `seq`.
+    fn on_ok_msg(&mut self, room: &str, seq: u64, cid: Option<&str>) -> Reaction {
+        if let Some(cid) = cid {
+            let stored = Stored::Room {
+                room: room.to_string(),
+                seq,
+            };
+            self.on_ack(cid, stored);
+        }
+        self.seqs(room, seq).record(seq);
+        let mut reaction = Reaction::show();
+        reaction.send.extend(self.ask_history(room));
+        if reaction.send.is_empty() {
+            reaction.send.extend(self.probe(room, seq));
+        }
+        reaction
+    }
+
+    fn on_msg(&mut self, room: &str, seq: u64, sender: &str, text: &str) -> Reaction {
+        let fresh = self.seqs(room, seq.saturating_sub(1)).record(seq);
+        if fresh {
+            self.received(room, seq, sender, text, Via::Live);
+        }
+        let mut reaction = if fresh {
+            Reaction::show()
+        } else {
+            Reaction::hide()
+        };
+        reaction.send.extend(self.ask_history(room));
+        reaction
+    }
+
+    fn on_hist(&mut self, room: &str, seq: u64, sender: &str, text: &str) -> Reaction {
+        let user_asked = self.user_history.contains(room);
+        if let Some(probe) = self.probes.get_mut(room) {
+            probe.hit |= probe.seq == seq;
+        }
+        let fresh = match self.rooms.get_mut(room) {
+            Some(seqs) => {
+                let fresh = seqs.record(seq);
+                if fresh {
+                    self.received(room, seq, sender, text, Via::History);
+                }
+                fresh
+            }
+            // History of a room we are not in: nothing to track.
+            None => true,
+        };
+        if fresh || user_asked {
+            Reaction::show()
+        } else {
+            Reaction::hide()
+        }
+    }
+
+    fn on_ok_history(&mut self, room: &str, count: u32) -> Reaction {
+        let user_asked = self.user_history.remove(room);
+        let mut reaction = if user_asked {
+            Reaction::show()
+        } else {
+            Reaction::hide()
+        };
+        if let Some(probe) = self.probes.remove(room) {
+            self.history_pending.remove(room);
+            self.event(Event::ReadYourWrites {
+                room: room.to_string(),
+                seq: probe.seq,
+                ok: probe.hit,
+            });
+            reaction.send.extend(self.ask_history(room));
+            return reaction;
+        }
+        let page = self.options.history_limit.unwrap_or(HISTORY_PAGE);
+        if let Some(asked_after) = self.history_pending.remove(room) {
+            let progressed = self
+                .rooms
+                .get(room)
+                .is_some_and(|s| s.contiguous > asked_after);
+            // Ask again only while answers move us forward, so a seq
+            // the server no longer has cannot loop us.
+            if progressed || count >= page {
+                reaction.send.extend(self.ask_history(room));
+            }
+        }
+        reaction
+    }
+
+    fn on_dm(&mut self, id: i64, sender: &str, text: &str) -> Reaction {
+        let mut reaction = if self.seen_dms.insert(id) {
+            self.event(Event::Dm {
+                id,
+                from: sender.to_string(),
+                text: text.to_string(),
+            });
+            self.seen_dm_order.push_back(id);
+            if self.seen_dm_order.len() > MAX_SEEN_DMS {
+                if let Some(old) = self.seen_dm_order.pop_front() {
+                    self.seen_dms.remove(&old);
+                }
+            }
+            Reaction::show()
+        } else {
+            Reaction::hide()
+        };
+        // Shown (now or before): acknowledged, so it stops waiting.
+        reaction.send.push(format!("ACK {id}"));
+        reaction
+    }
+
     /// The seqs of `room`, starting at `before` if the room is new to us.
     fn seqs(&mut self, room: &str, before: u64) -> &mut RoomSeqs {
         self.rooms
@@ -313,9 +492,74 @@ impl ClientState {
         if !seqs.has_gap() || self.history_pending.contains_key(room) {
             return None;
         }
-        self.history_pending
-            .insert(room.to_string(), seqs.contiguous);
-        Some(format!("HISTORY {room} {}", seqs.contiguous))
+        let after = seqs.contiguous;
+        self.history_pending.insert(room.to_string(), after);
+        Some(match self.options.history_limit {
+            Some(limit) => format!("HISTORY {room} {after} {limit}"),
+            None => format!("HISTORY {room} {after}"),
+        })
+    }
+
+    /// A read-your-writes probe for our own message `seq` in `room`, if one
+    /// is due and no `HISTORY` is in flight for the room.
+    fn probe(&mut self, room: &str, seq: u64) -> Option<String> {
+        let every = self.options.read_your_writes_every?;
+        if seq == 0 || seq % every != 0 || self.history_pending.contains_key(room) {
+            return None;
+        }
+        self.history_pending.insert(room.to_string(), seq - 1);
+        self.probes
+            .insert(room.to_string(), Probe { seq, hit: false });
+        Some(format!("HISTORY {room} {} 1", seq - 1))
+    }
+
+    fn on_ack(&mut self, cid: &str, stored: Stored) {
+        if self.unacked.acked(cid) {
+            self.event(Event::Acked {
+                cid: cid.to_string(),
+                stored,
+            });
+        }
+    }
+
+    /// An `ERR`: a tracked send it names (`id=<cid>`) waits and goes again if
+    /// the cause may pass, or is given up; a failed request of ours without
+    /// an id (`HISTORY`, `JOIN`) may be asked again.
+    fn refused(&mut self, code: ErrorCode, detail: &str, now: Instant) {
+        let cid = detail.strip_prefix("id=").and_then(|d| d.split(' ').next());
+        match cid {
+            Some(cid) => {
+                // A DM's recipient may not have registered yet (clients of a
+                // run start at about the same time).
+                let retry = matches!(
+                    code,
+                    ErrorCode::Unavailable | ErrorCode::RateLimited | ErrorCode::NoSuchUser
+                );
+                let at = retry.then(|| now + self.options.retry_pause);
+                self.unacked.refused(cid, at);
+            }
+            None if code == ErrorCode::Unavailable => {
+                self.history_pending.clear();
+                self.probes.clear();
+            }
+            None => {}
+        }
+    }
+
+    fn received(&mut self, room: &str, seq: u64, from: &str, text: &str, via: Via) {
+        self.event(Event::Message {
+            room: room.to_string(),
+            seq,
+            from: from.to_string(),
+            text: text.to_string(),
+            via,
+        });
+    }
+
+    fn event(&mut self, event: Event) {
+        if self.options.events {
+            self.events.push(event);
+        }
     }
 }
 
