@@ -111,6 +111,9 @@ impl Proxy {
         let mut config = Config {
             servers: servers.iter().map(|s| s.server_addr()).collect(),
             shutdown_grace_secs: 2,
+            // The stand-in servers echo what they get; the PROXY line is
+            // checked by its own test.
+            send_proxy_line: false,
             ..Config::default()
         };
         tweak(&mut config);

@@ -99,6 +99,8 @@ pub fn test_server_config() -> chat_server::Config {
         max_inflight_per_conn: 64,
         max_connections: 10_000,
         shutdown_grace_secs: 2,
+        // The proxies of the tests run here and send a PROXY line.
+        trust_proxy_line: vec!["127.0.0.1".into()],
         ..Default::default()
     }
 }
