@@ -92,7 +92,10 @@ pub async fn run(
         }
         Some(line) => {
             Box::pin(live.session.reply(line.to_bytes())).await;
-            PartReason::Disconnected
+            live.session
+                .handle
+                .kick_reason()
+                .unwrap_or(PartReason::Disconnected)
         }
     };
     let Live {
@@ -287,6 +290,11 @@ async fn close(
 ) {
     let hub = session.hub.clone();
     let handle = session.handle.clone();
+    // Every way a session is dropped as slow (an event into a full queue, a
+    // reply that waited the idle time) ends here, so it is counted here once.
+    if reason == PartReason::Slow {
+        hub.metrics.slow_consumers_total.inc();
+    }
     if matches!(
         reason,
         PartReason::Shutdown | PartReason::Quit | PartReason::Disconnected
@@ -400,10 +408,14 @@ impl Session {
     /// this client's own commands, so waiting only slows this client down.
     /// A client that reads nothing for the idle time is dropped as slow.
     async fn reply(&self, bytes: Bytes) {
+        self.reply_out(Out::Line(bytes)).await;
+    }
+
+    /// [`Session::reply`] for any queue item (a welcome's pending DMs).
+    /// A client kicked as slow is counted once, when its session closes.
+    async fn reply_out(&self, out: Out) -> bool {
         let idle = Duration::from_secs(self.hub.config.idle_timeout_secs);
-        if !self.handle.send_wait(Out::Line(bytes), idle).await {
-            self.hub.metrics.slow_consumers_total.inc();
-        }
+        self.handle.send_wait(out, idle).await
     }
 
     async fn error(&self, code: ErrorCode, detail: impl Into<String>) {
@@ -465,7 +477,9 @@ impl Session {
                 sender: dm.sender,
                 text: dm.body,
             };
-            if self.handle.send(Out::Dm(line.to_bytes(), dm.id)) {
+            // Waits like a reply: up to 1000 pending DMs are a burst of
+            // this client's own login, not a sign that it reads slowly.
+            if self.reply_out(Out::Dm(line.to_bytes(), dm.id)).await {
                 m.deliveries_total.inc();
             }
         }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use chat_protocol::ServerLine;
 use tokio::net::TcpSocket;
 
-use crate::common::{http_get, within, Client, ErrorCode, Next, PartReason, Stack};
+use crate::common::{
+    http_get, metric, wait_until, within, Client, ErrorCode, Next, PartReason, Stack,
+};
 use crate::login::assert_one_err_then_closed;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,6 +390,15 @@ async fn client_that_never_reads_is_disconnected_as_slow() {
             Next::Timeout => panic!("the slow client's connection was not closed"),
         }
     }
+
+    // The disconnect was counted.
+    let admin = stack.admin_addr;
+    wait_until(
+        Duration::from_secs(5),
+        "chat_slow_consumer_disconnects_total counts the slow client",
+        || async move { metric(admin, "chat_slow_consumer_disconnects_total").await == 1.0 },
+    )
+    .await;
 
     // The server is healthy.
     assert_eq!(http_get(stack.admin_addr, "/readyz").await.0, 200);

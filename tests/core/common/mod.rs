@@ -409,6 +409,19 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     .await
 }
 
+/// The sum of every series of metric `name` on `addr`'s `/metrics`.
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "GET /metrics on {addr}");
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 // ---- the client ----------------------------------------------------------
 
 /// What reading the next line produced.
