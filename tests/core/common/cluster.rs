@@ -218,6 +218,11 @@ impl Cluster {
         }
     }
 
+    /// Every byte server `i` has logged so far.
+    pub fn log_bytes(&self, i: usize) -> Vec<u8> {
+        std::fs::read(&self.servers[i].log).unwrap_or_default()
+    }
+
     /// The tail of a server's log, for failure messages.
     pub fn log(&self, i: usize) -> String {
         let text = std::fs::read_to_string(&self.servers[i].log).unwrap_or_default();
