@@ -135,9 +135,7 @@ impl Command {
                     names::is_room(room),
                     "MSG [id=<cid>] <room> <text>: bad room",
                 )
-                .and_then(|()| {
-                    check(!text.is_empty(), "MSG [id=<cid>] <room> <text>: empty text")
-                })
+                .and_then(|()| check(!text.is_empty(), "MSG [id=<cid>] <room> <text>: empty text"))
                 .and_then(|()| text_arg(text))
                 .map_err(|e| with_id(&cid, e))?;
                 Ok(Command::Msg {

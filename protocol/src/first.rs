@@ -47,11 +47,9 @@ impl First<'_> {
             First::Start(Command::Join {
                 guest: Some(name), ..
             }) => Some(name.as_bytes()),
-            First::Start(Command::Resume { token }) => Some(
-                crate::names::token_user(token)
-                    .unwrap_or(token)
-                    .as_bytes(),
-            ),
+            First::Start(Command::Resume { token }) => {
+                Some(crate::names::token_user(token).unwrap_or(token).as_bytes())
+            }
             _ => None,
         }
     }
@@ -84,11 +82,7 @@ pub fn classify(line: &[u8], empty_before: usize) -> Result<First<'_>, ParseErro
         "PEER" => Ok(First::Peer(line)),
         "LOGIN" | "RESUME" | "JOIN" => match Command::parse(line) {
             Ok(cmd @ (Command::Login { .. } | Command::Resume { .. })) => Ok(First::Start(cmd)),
-            Ok(
-                cmd @ Command::Join {
-                    guest: Some(_), ..
-                },
-            ) => Ok(First::Start(cmd)),
+            Ok(cmd @ Command::Join { guest: Some(_), .. }) => Ok(First::Start(cmd)),
             Err(e) if e.code == ErrorCode::BadArgs => Err(e),
             _ => Err(ParseError::new(ErrorCode::BadFirstLine, USAGE)),
         },
@@ -172,7 +166,10 @@ mod tests {
 
     #[test]
     fn peer_lines_are_told_apart() {
-        assert_eq!(classify(b"PEER a:1 s3cret", 0), Ok(First::Peer("PEER a:1 s3cret")));
+        assert_eq!(
+            classify(b"PEER a:1 s3cret", 0),
+            Ok(First::Peer("PEER a:1 s3cret"))
+        );
         assert_eq!(First::Peer("PEER x y").routing_key(), None);
     }
 }

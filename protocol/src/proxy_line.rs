@@ -20,11 +20,7 @@ pub const MAX_LEN: usize = 107;
 pub fn format(src: SocketAddr, dst: SocketAddr) -> String {
     let (s, d) = match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            return format!(
-                "PROXY TCP4 {s} {d} {} {}\r\n",
-                src.port(),
-                dst.port()
-            )
+            return format!("PROXY TCP4 {s} {d} {} {}\r\n", src.port(), dst.port())
         }
         (s, d) => (to_v6(s), to_v6(d)),
     };
@@ -103,10 +99,7 @@ mod tests {
             "192.0.2.7:1".parse().unwrap(),
             "[2001:db8::2]:7000".parse().unwrap(),
         );
-        assert_eq!(
-            mixed,
-            "PROXY TCP6 ::ffff:192.0.2.7 2001:db8::2 1 7000\r\n"
-        );
+        assert_eq!(mixed, "PROXY TCP6 ::ffff:192.0.2.7 2001:db8::2 1 7000\r\n");
     }
 
     #[test]

@@ -219,10 +219,7 @@ fn judge(frame: Frame, empty: &mut usize) -> Option<Result<Command, ParseError>>
         }
         Ok(First::Start(cmd)) => Some(Ok(cmd)),
         // Server links never pass through the proxy.
-        Ok(First::Peer(_)) => Some(Err(ParseError::new(
-            ErrorCode::BadFirstLine,
-            first::USAGE,
-        ))),
+        Ok(First::Peer(_)) => Some(Err(ParseError::new(ErrorCode::BadFirstLine, first::USAGE))),
         Err(e) => Some(Err(e)),
     }
 }

@@ -528,23 +528,27 @@ async fn text_with_a_control_character_is_refused_and_reaches_nobody() {
     }
     alice.send_raw(batch.as_bytes()).await;
     let mut refused = std::collections::BTreeSet::new();
-    within(Duration::from_secs(30), "every control character refused", async {
-        while refused.len() < ids.len() {
-            match alice.recv().await {
-                ServerLine::Err {
-                    code: ErrorCode::BadArgs,
-                    detail,
-                } => {
-                    let id = detail
-                        .strip_prefix("id=")
-                        .and_then(|d| d.split(' ').next())
-                        .unwrap_or_else(|| panic!("ERR BAD_ARGS without its id: {detail:?}"));
-                    assert!(refused.insert(id.to_string()), "{id} refused twice");
+    within(
+        Duration::from_secs(30),
+        "every control character refused",
+        async {
+            while refused.len() < ids.len() {
+                match alice.recv().await {
+                    ServerLine::Err {
+                        code: ErrorCode::BadArgs,
+                        detail,
+                    } => {
+                        let id = detail
+                            .strip_prefix("id=")
+                            .and_then(|d| d.split(' ').next())
+                            .unwrap_or_else(|| panic!("ERR BAD_ARGS without its id: {detail:?}"));
+                        assert!(refused.insert(id.to_string()), "{id} refused twice");
+                    }
+                    other => panic!("text with a control character answered {other}"),
                 }
-                other => panic!("text with a control character answered {other}"),
             }
-        }
-    })
+        },
+    )
     .await;
     assert_eq!(refused, ids);
 

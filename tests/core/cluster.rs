@@ -511,7 +511,13 @@ async fn refused_peer_handshakes_are_counted_and_logged_escaped_and_rate_limited
             .await;
         let lines = c.expect_closed().await;
         assert!(
-            matches!(lines.as_slice(), [ServerLine::Err { code: ErrorCode::AuthFailed, .. }]),
+            matches!(
+                lines.as_slice(),
+                [ServerLine::Err {
+                    code: ErrorCode::AuthFailed,
+                    ..
+                }]
+            ),
             "a wrong PEER secret gets ERR AUTH_FAILED, got {lines:?}"
         );
     }

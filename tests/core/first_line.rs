@@ -36,15 +36,22 @@ async fn first_command_word_is_matched_in_exact_case() {
             let mut c = Client::connect(addr, &format!("{tier}: {line}")).await;
             // Pipelined lines after a refused first line are never read.
             c.send(&format!("{line}\nJOIN cooking y")).await;
-            assert_one_err_then_closed(&mut c, ErrorCode::BadFirstLine, &format!("{tier}: {line:?}"))
-                .await;
+            assert_one_err_then_closed(
+                &mut c,
+                ErrorCode::BadFirstLine,
+                &format!("{tier}: {line:?}"),
+            )
+            .await;
         }
         // The exact words still work, and commands after login are
         // case-insensitive as before.
         let (mut c, _) = Client::guest(addr, "cooking", &format!("{tier}_guest")).await;
         c.send("ping x").await;
-        c.expect("PONG x", |l| matches!(l, ServerLine::Pong { word: Some(w) } if w == "x"))
-            .await;
+        c.expect(
+            "PONG x",
+            |l| matches!(l, ServerLine::Pong { word: Some(w) } if w == "x"),
+        )
+        .await;
         guests.push(c);
     }
     // None of the refused lines made a guest or a room member (WHO lists
@@ -73,9 +80,10 @@ async fn leading_empty_lines_are_skipped_up_to_a_bound() {
         let mut c = Client::connect(addr, &name).await;
         c.send_raw(format!("\r\n\n   \r\nJOIN lobby {name}\n").as_bytes())
             .await;
-        c.expect("OK LOGIN after empty lines", |l| {
-            matches!(l, ServerLine::OkLogin { user, .. } if *user == name)
-        })
+        c.expect(
+            "OK LOGIN after empty lines",
+            |l| matches!(l, ServerLine::OkLogin { user, .. } if *user == name),
+        )
         .await;
         c.expect("OK JOIN lobby", |l| matches!(l, ServerLine::OkJoin { .. }))
             .await;
@@ -105,7 +113,13 @@ async fn a_silent_socket_on_the_client_port_is_closed_after_the_first_line_timeo
     let lines = silent.expect_closed_within(Duration::from_secs(10)).await;
     let took = started.elapsed();
     assert!(
-        matches!(lines.as_slice(), [ServerLine::Err { code: ErrorCode::BadFirstLine, .. }]),
+        matches!(
+            lines.as_slice(),
+            [ServerLine::Err {
+                code: ErrorCode::BadFirstLine,
+                ..
+            }]
+        ),
         "a silent connection gets one ERR BAD_FIRST_LINE, got {lines:?}"
     );
     assert!(
@@ -141,9 +155,13 @@ async fn idle_sockets_on_the_client_ports_do_not_make_healthy_tiers_look_unhealt
     let mut idle = Vec::with_capacity(2 * IDLE);
     for addr in [stack.addr, proxy.addr] {
         for _ in 0..IDLE {
-            let s = within(Duration::from_secs(10), "idle connect", TcpStream::connect(addr))
-                .await
-                .expect("idle connect");
+            let s = within(
+                Duration::from_secs(10),
+                "idle connect",
+                TcpStream::connect(addr),
+            )
+            .await
+            .expect("idle connect");
             idle.push(s);
         }
     }

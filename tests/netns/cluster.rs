@@ -49,7 +49,9 @@ pub fn proxy_addr(i: usize) -> String {
 }
 fn proxy_ip(i: usize) -> String {
     let a = proxy_addr(i);
-    a.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or(a)
+    a.rsplit_once(':')
+        .map(|(ip, _)| ip.to_string())
+        .unwrap_or(a)
 }
 fn proxy_admin(i: usize) -> String {
     addr(11 + i as u8, 9102)
