@@ -142,15 +142,15 @@ async fn read_first_line(
     let mut empty = 0;
     let read = async {
         loop {
-            match codec.decode(&mut pending).map_err(|_| ())? {
-                Some(frame) => match judge(frame, &mut empty) {
+            if let Some(frame) = codec.decode(&mut pending).map_err(|_| ())? {
+                match judge(frame, &mut empty) {
                     Some(start) => return Ok(start),
                     None => {
+                        // A skipped empty line is not replayed.
                         raw.advance(raw.len() - pending.len());
                         continue;
                     }
-                },
-                None => {}
+                }
             }
             raw.reserve(1024);
             let before = raw.len();

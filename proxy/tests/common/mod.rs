@@ -181,6 +181,11 @@ impl Client {
         self.writer.write_all(bytes).await.unwrap();
     }
 
+    /// This end's address (the one the proxy sees as the client's).
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.writer.local_addr().unwrap()
+    }
+
     /// The next line without its terminator; panics on EOF or timeout.
     pub async fn line(&mut self) -> String {
         let mut s = String::new();
