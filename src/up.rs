@@ -207,3 +207,28 @@ fn trust_local_proxy(c: &mut chat_server::Config, client_addr: std::net::SocketA
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The servers `chat up` starts trust its proxy's PROXY line, whichever
+    /// address they listen on, and keep what the config already trusted.
+    #[test]
+    fn servers_trust_the_local_proxy() {
+        let mut c = chat_server::Config {
+            trust_proxy_line: vec!["10.0.0.0/8".into()],
+            ..Default::default()
+        };
+        trust_local_proxy(&mut c, "192.0.2.7:7000".parse().unwrap());
+        trust_local_proxy(&mut c, "192.0.2.7:7010".parse().unwrap());
+        assert_eq!(
+            c.trust_proxy_line,
+            ["10.0.0.0/8", "127.0.0.0/8", "::1", "192.0.2.7"]
+        );
+        c.validate().unwrap();
+        let mut c = chat_server::Config::default();
+        trust_local_proxy(&mut c, "0.0.0.0:7000".parse().unwrap());
+        assert_eq!(c.trust_proxy_line, ["127.0.0.0/8", "::1"]);
+    }
+}

@@ -84,7 +84,7 @@ impl Cluster {
                  [server]\nlisten = \"{}\"\nadmin_listen = \"{}\"\ndbproxy_url = \"{}\"\n\
                  rate_per_sec = {}\nrate_burst = {}\nrate_limit_kick = {}\n\
                  max_connections = {}\nshutdown_grace_secs = 3\n\
-                 trust_proxy_line = [\"127.0.0.1\"]\n\
+                 trust_proxy_line = [\"127.0.0.0/8\"]\n\
                  [server.cluster]\nadvertise = \"{}\"\npeers = [{}]\n\
                  secret = \"cluster-test-secret-0123456789\"\n",
                 s.client,
