@@ -7,11 +7,13 @@
 //! `RESUME` and `ACK`, `HISTORY` for gaps, `ACK <id>` per DM) → stdout. On connect failure or disconnect the
 //! client moves to the next address after a bounded backoff.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io::BufRead;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use chat_protocol::text::escape_controls;
 use chat_protocol::{Frame, LineCodec, ServerLine};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -209,7 +211,7 @@ impl Client {
         for line in self.state.on_connected() {
             eprintln!(
                 "-- resuming the session of {}",
-                self.state.user().unwrap_or("?")
+                escape_controls(self.state.user().unwrap_or("?"))
             );
             if let Err(e) = send(&mut write, &line).await {
                 eprintln!("-- connection lost: {e}");
@@ -309,7 +311,7 @@ impl Client {
         write: &mut OwnedWriteHalf,
     ) -> std::io::Result<bool> {
         let Ok(line) = text.parse::<ServerLine>() else {
-            println!("{text}");
+            println!("{}", escape_controls(text));
             return Ok(true);
         };
         let reaction = self.state.on_line(&line);
@@ -318,7 +320,7 @@ impl Client {
         }
         for out in &reaction.send {
             if !out.starts_with("ACK ") {
-                eprintln!("-- catching up: {out}");
+                eprintln!("-- catching up: {}", escape_controls(out));
             }
             send(write, out).await?;
         }
@@ -352,7 +354,20 @@ async fn send(write: &mut OwnedWriteHalf, line: &str) -> std::io::Result<()> {
 
 /// How a server line is shown: conversation lines in a chat-like form, errors
 /// marked so they stand out, everything else as the protocol line itself.
+///
+/// Whatever came from the network has its control characters escaped
+/// (`\u{001B}`): a server or another member (an older server, a forged
+/// line) must not be able to move the cursor, clear the screen, end a line
+/// with a CR or reorder the text on this terminal.
 pub fn render(line: &ServerLine) -> String {
+    let shown = render_raw(line);
+    match escape_controls(&shown) {
+        Cow::Borrowed(_) => shown,
+        Cow::Owned(escaped) => escaped,
+    }
+}
+
+fn render_raw(line: &ServerLine) -> String {
     match line {
         ServerLine::Msg {
             room,
@@ -409,5 +424,40 @@ mod tests {
         assert_eq!(r("PART lobby bob idle"), "* bob left lobby (idle)");
         assert_eq!(r("ERR NOT_MEMBER lobby"), "!! ERR NOT_MEMBER lobby");
         assert_eq!(r("OK JOIN lobby 3"), "OK JOIN lobby 3");
+    }
+
+    /// No control character a server line carries reaches the terminal
+    /// raw: C0 (TAB aside), DEL, C1 (NEL, CSI), U+2028/2029, bidi controls.
+    #[test]
+    fn rendering_escapes_control_characters() {
+        let forged = [
+            "x\u{1b}[2J\u{1b}[31mred",
+            "a\rOK LOGIN admin",
+            "nul\0bell\u{7}bs\u{8}del\u{7f}",
+            "nel\u{85}csi\u{9b}31m",
+            "ls\u{2028}ps\u{2029}",
+            "rlo\u{202e}gpj.exe lri\u{2066} alm\u{61c} rlm\u{200f}",
+        ];
+        let bad = |c: char| !chat_protocol::text::is_allowed_char(c);
+        for text in forged {
+            for line in [
+                format!("MSG lobby 3 100 bob {text}"),
+                format!("HIST lobby 2 100 bob {text}"),
+                format!("DM 7 100 carol {text}"),
+                format!("ERR BAD_ARGS {text}"),
+            ] {
+                let parsed: ServerLine = line.parse().unwrap_or_else(|e| panic!("{line:?}: {e:?}"));
+                let shown = render(&parsed);
+                assert!(!shown.chars().any(bad), "{line:?} shown as {shown:?}");
+                assert!(shown.contains("\\u{"), "{shown:?} marks what was escaped");
+            }
+            // A line the client cannot parse is printed escaped too.
+            assert!(!escape_controls(text).chars().any(bad));
+        }
+        assert_eq!(
+            render(&"MSG r 1 1 bob tab\tok".parse().unwrap()),
+            "[r #1] bob: tab\tok",
+            "TAB is text"
+        );
     }
 }

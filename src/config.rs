@@ -283,6 +283,45 @@ mod tests {
         let c = Config::load_from(None, env(&[("CHAT_LOG__LEVEL", "info,=[")])).unwrap();
         let e = format!("{:#}", c.validate().unwrap_err());
         assert!(e.contains("log.level"), "{e}");
+
+        for (toml, key) in [
+            (
+                "[server]\nfirst_line_timeout_secs = 0\n",
+                "server.first_line_timeout_secs",
+            ),
+            (
+                "[server]\nfirst_line_timeout_secs = 3601\n",
+                "server.first_line_timeout_secs",
+            ),
+            (
+                "[server]\ntrust_proxy_line = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n",
+                "server.trust_proxy_line[1]",
+            ),
+            (
+                "[server]\ntrust_proxy_line = [\"proxy.local\"]\n",
+                "server.trust_proxy_line[0]",
+            ),
+        ] {
+            let f = toml_file(toml);
+            let c = Config::load_from(Some(f.path()), env(&[])).unwrap();
+            let e = format!("{:#}", c.validate().unwrap_err());
+            assert!(e.contains(key), "{toml:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn first_line_and_proxy_line_keys_have_defaults() {
+        let c = Config::load_from(None, env(&[])).unwrap();
+        assert_eq!(c.server.first_line_timeout_secs, 10);
+        assert!(c.server.trust_proxy_line.is_empty());
+        assert!(c.proxy.send_proxy_line);
+        let f = toml_file(
+            "[server]\ntrust_proxy_line = [\"127.0.0.1\", \"fd00::/8\"]\n[proxy]\nsend_proxy_line = false\n",
+        );
+        let c = Config::load_from(Some(f.path()), env(&[])).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.server.trust_proxy_line, ["127.0.0.1", "fd00::/8"]);
+        assert!(!c.proxy.send_proxy_line);
     }
 
     #[test]

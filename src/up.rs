@@ -86,6 +86,9 @@ pub async fn run(
         c.cluster.peers = if n > 1 { peers.clone() } else { Vec::new() };
         c.cluster.dns_name = None;
         c.cluster.secret.clone_from(&secret);
+        if config.proxy.send_proxy_line {
+            trust_local_proxy(c, b.client_addr);
+        }
     }
     // The proxy routes to the servers just bound, whatever `[proxy] servers` says.
     config.proxy.dns_name = None;
@@ -187,4 +190,45 @@ fn offset_port(key: &str, addr: &str, i: u32) -> anyhow::Result<String> {
         a.set_port(u16::try_from(port).with_context(|| format!("{key}: port {port} is too high"))?);
     }
     Ok(a.to_string())
+}
+
+/// The proxy of `chat up` runs on this machine and dials the servers' client
+/// addresses, so its connections come from loopback or from the address the
+/// server listens on: those may send the PROXY line (added to whatever
+/// `[server] trust_proxy_line` lists already).
+fn trust_local_proxy(c: &mut chat_server::Config, client_addr: std::net::SocketAddr) {
+    let mut local = vec!["127.0.0.0/8".to_string(), "::1".to_string()];
+    if !client_addr.ip().is_unspecified() {
+        local.push(client_addr.ip().to_string());
+    }
+    for block in local {
+        if !c.trust_proxy_line.contains(&block) {
+            c.trust_proxy_line.push(block);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The servers `chat up` starts trust its proxy's PROXY line, whichever
+    /// address they listen on, and keep what the config already trusted.
+    #[test]
+    fn servers_trust_the_local_proxy() {
+        let mut c = chat_server::Config {
+            trust_proxy_line: vec!["10.0.0.0/8".into()],
+            ..Default::default()
+        };
+        trust_local_proxy(&mut c, "192.0.2.7:7000".parse().unwrap());
+        trust_local_proxy(&mut c, "192.0.2.7:7010".parse().unwrap());
+        assert_eq!(
+            c.trust_proxy_line,
+            ["10.0.0.0/8", "127.0.0.0/8", "::1", "192.0.2.7"]
+        );
+        c.validate().unwrap();
+        let mut c = chat_server::Config::default();
+        trust_local_proxy(&mut c, "0.0.0.0:7000".parse().unwrap());
+        assert_eq!(c.trust_proxy_line, ["127.0.0.0/8", "::1"]);
+    }
 }

@@ -378,6 +378,7 @@ async fn start_tiers() -> Tiers {
     let mut srv_cfg = chat_server::Config {
         dbproxy_url: format!("http://{dbproxy}"),
         shutdown_grace_secs: 1,
+        trust_proxy_line: vec!["127.0.0.1".into()],
         ..Default::default()
     };
     // A peer that is down, so the per-peer cluster series exist.

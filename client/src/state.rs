@@ -229,9 +229,13 @@ impl ClientState {
     pub fn on_user_line(&mut self, line: &str) -> Option<&'static str> {
         let mut words = line.split_whitespace();
         let keyword = words.next().unwrap_or("").to_ascii_uppercase();
+        // The servers' own rule for a first line (exact-case word), so
+        // `ACK` follows only a line that can log in.
         let first_line = self.token.is_none()
-            && (matches!(keyword.as_str(), "LOGIN" | "RESUME")
-                || (keyword == "JOIN" && words.clone().count() == 2));
+            && matches!(
+                chat_protocol::first::classify(line.as_bytes(), 0),
+                Ok(chat_protocol::first::First::Start(_))
+            );
         if first_line {
             return Some("ACK");
         }
@@ -744,7 +748,10 @@ mod tests {
     fn a_typed_login_is_followed_by_ack() {
         let mut s = ClientState::new();
         assert_eq!(s.on_user_line("LOGIN alice pw"), Some("ACK"));
-        assert_eq!(s.on_user_line("join lobby dave"), Some("ACK"));
+        assert_eq!(s.on_user_line("JOIN lobby dave"), Some("ACK"));
+        // Not a first line for the servers (exact case), so no ACK after it.
+        assert_eq!(s.on_user_line("join lobby dave"), None);
+        assert_eq!(s.on_user_line(""), None);
         let mut s = logged_in();
         assert_eq!(s.on_user_line("JOIN lobby"), None);
         assert_eq!(s.on_user_line("LOGIN alice pw"), None, "logged in already");

@@ -134,9 +134,10 @@ impl Command {
                 check(
                     names::is_room(room),
                     "MSG [id=<cid>] <room> <text>: bad room",
-                )?;
-                check(!text.is_empty(), "MSG [id=<cid>] <room> <text>: empty text")?;
-                text_arg(text)?;
+                )
+                .and_then(|()| check(!text.is_empty(), "MSG [id=<cid>] <room> <text>: empty text"))
+                .and_then(|()| text_arg(text))
+                .map_err(|e| with_id(&cid, e))?;
                 Ok(Command::Msg {
                     cid,
                     room: room.into(),
@@ -146,9 +147,12 @@ impl Command {
             "DM" => {
                 let (cid, rest) = cid_arg(rest)?;
                 let (to, text) = split_word(rest);
-                check(names::is_user(to), "DM [id=<cid>] <user> <text>: bad user")?;
-                check(!text.is_empty(), "DM [id=<cid>] <user> <text>: empty text")?;
-                text_arg(text)?;
+                check(names::is_user(to), "DM [id=<cid>] <user> <text>: bad user")
+                    .and_then(|()| {
+                        check(!text.is_empty(), "DM [id=<cid>] <user> <text>: empty text")
+                    })
+                    .and_then(|()| text_arg(text))
+                    .map_err(|e| with_id(&cid, e))?;
                 Ok(Command::Dm {
                     cid,
                     to: to.into(),
@@ -221,6 +225,15 @@ fn check(ok: bool, usage: &str) -> Result<(), ParseError> {
         Ok(())
     } else {
         Err(ParseError::bad_args(usage))
+    }
+}
+
+/// An error answering a `MSG`/`DM` that carried an id starts with
+/// `id=<cid>`, so the client can tell which of its messages was refused.
+fn with_id(cid: &Option<String>, e: ParseError) -> ParseError {
+    match cid {
+        Some(c) => ParseError::new(e.code, format!("id={c} {}", e.detail)),
+        None => e,
     }
 }
 
@@ -324,6 +337,23 @@ mod tests {
 
     fn p(s: &str) -> Result<Command, ParseError> {
         Command::parse(s)
+    }
+
+    #[test]
+    fn refused_msg_and_dm_name_their_id() {
+        for line in [
+            "MSG id=a1 lobby bad\u{1b}text",
+            "MSG id=a1 lobby ",
+            "MSG id=a1 bad/room hi",
+            "DM id=a1 bob bad\u{202e}text",
+            "DM id=a1 bad/user hi",
+        ] {
+            let e = Command::parse(line).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadArgs, "{line:?}");
+            assert!(e.detail.starts_with("id=a1 "), "{line:?}: {}", e.detail);
+        }
+        let e = Command::parse("MSG lobby bad\u{7}").unwrap_err();
+        assert!(!e.detail.starts_with("id="), "{}", e.detail);
     }
 
     #[test]

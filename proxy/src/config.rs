@@ -62,6 +62,11 @@ pub struct Config {
     pub max_connections: usize,
     /// How long draining may take on shutdown.
     pub shutdown_grace_secs: u64,
+    /// Send each chat server a PROXY protocol v1 line (`PROXY TCP4 <client ip>
+    /// …`) ahead of the client's first line, so the server limits failed
+    /// logins per client address rather than per proxy. The servers must list
+    /// this proxy's address in `trust_proxy_line`, or they refuse the line.
+    pub send_proxy_line: bool,
 }
 
 impl Default for Config {
@@ -87,6 +92,7 @@ impl Default for Config {
             max_line_bytes: 4096,
             max_connections: 100_000,
             shutdown_grace_secs: 10,
+            send_proxy_line: true,
         }
     }
 }

@@ -8,8 +8,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use chat_protocol::{Command, ErrorCode, Frame, LineCodec, ServerLine};
+use bytes::{Buf, BytesMut};
+use chat_protocol::first::{self, First};
+use chat_protocol::{Command, ErrorCode, Frame, LineCodec, ParseError, ServerLine};
 
 use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,9 +40,6 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a moved or draining client's server may take to flush and close
 /// before the proxy cuts it off.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
-
-const FIRST_LINE_USAGE: &str =
-    "first line must be LOGIN <user> <password>, RESUME <token> or JOIN <room> <name>";
 
 pub(crate) struct Ctx {
     pub config: Config,
@@ -89,7 +87,7 @@ struct Link {
 /// once the connection was answered and closed here.
 async fn setup(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> Option<Link> {
     let _ = client.set_nodelay(true);
-    let first = match read_first_line(ctx, &mut client).await {
+    let mut first = match read_first_line(ctx, &mut client).await {
         Ok(Some(first)) => first,
         Ok(None) => return None,
         Err(reply) => {
@@ -110,6 +108,9 @@ async fn setup(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> Option<Lin
             return None;
         }
     };
+    if ctx.config.send_proxy_line {
+        first.raw = with_proxy_line(peer, &client, &first.raw);
+    }
     let load = ctx.upstreams.acquire(&server);
     tracing::debug!(%peer, upstream = %server, "routed");
     Some(Link {
@@ -123,37 +124,54 @@ async fn setup(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> Option<Lin
     })
 }
 
-/// Reads up to the end of the first line. `Ok(None)`: the client left (or the
-/// proxy is shutting down) before sending one; `Err`: the line to answer with.
+/// Reads up to the end of the first line (after any empty lines, see
+/// [`chat_protocol::first`]). `Ok(None)`: the client left (or the proxy is
+/// shutting down) before sending one; `Err`: the line to answer with.
 async fn read_first_line(
     ctx: &Ctx,
     client: &mut TcpStream,
 ) -> Result<Option<FirstLine>, ServerLine> {
     let mut codec = LineCodec::new(ctx.config.max_line_bytes);
     let mut raw = BytesMut::with_capacity(256);
-    // The codec consumes what it decodes; `raw` keeps every byte for the replay.
+    // The codec consumes what it decodes; `raw` keeps the bytes from the
+    // first line on for the replay (skipped empty lines are dropped from it).
     // Both stay within max_line_bytes + 2 + one read: the codec reports an
     // over-long line as soon as it is longer than the limit.
     let mut pending = BytesMut::new();
     let limit = Duration::from_secs(ctx.config.first_line_timeout_secs);
+    let mut empty = 0;
     let read = async {
         loop {
             if let Some(frame) = codec.decode(&mut pending).map_err(|_| ())? {
-                return Ok(Some(frame));
+                match judge(frame, &mut empty) {
+                    Some(start) => return Ok(start),
+                    None => {
+                        // A skipped empty line is not replayed.
+                        raw.advance(raw.len() - pending.len());
+                        continue;
+                    }
+                }
             }
             raw.reserve(1024);
             let before = raw.len();
             match client.read_buf(&mut raw).await {
-                Ok(0) => return codec.decode_eof(&mut pending).map_err(|_| ()),
+                // A last line without terminator still counts; nothing at
+                // all (or only empty lines) is a client that left.
+                Ok(0) => {
+                    return match codec.decode_eof(&mut pending).map_err(|_| ())? {
+                        Some(frame) => judge(frame, &mut empty).ok_or(()),
+                        None => Err(()),
+                    }
+                }
                 Ok(_) => pending.extend_from_slice(&raw[before..]),
                 Err(_) => return Err(()),
             }
         }
     };
-    let frame = tokio::select! {
+    let start = tokio::select! {
         r = timeout(limit, read) => match r {
-            Ok(Ok(Some(frame))) => frame,
-            Ok(Ok(None)) | Ok(Err(())) => return Ok(None),
+            Ok(Ok(start)) => start,
+            Ok(Err(())) => return Ok(None),
             Err(_) => return Err(ServerLine::err(
                 ErrorCode::BadFirstLine,
                 "no first line in time",
@@ -161,42 +179,48 @@ async fn read_first_line(
         },
         _ = ctx.shutdown.cancelled() => return Ok(None),
     };
-    let line = match frame {
-        Frame::Line(line) => line,
-        Frame::TooLong => {
-            return Err(ServerLine::err(
-                ErrorCode::LineTooLong,
-                "first line too long",
-            ))
-        }
-        Frame::BadUtf8 => {
-            return Err(ServerLine::err(
-                ErrorCode::BadUtf8,
-                "first line is not UTF-8",
-            ))
-        }
-    };
-    let key = routing_key(&line)?;
+    let cmd = start.map_err(|e| ServerLine::err(e.code, e.detail))?;
+    let key = First::Start(cmd)
+        .routing_key()
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
     Ok(Some(FirstLine { key, raw }))
 }
 
-/// The routing key of a first line, answering exactly as a chat server would
-/// (`BAD_ARGS` for a malformed LOGIN/RESUME/JOIN, else `BAD_FIRST_LINE`).
-///
-/// LOGIN, guest JOIN and RESUME all route by the user name (a token is
-/// `<user>.<secret>`), so a user's connections meet on one server.
-fn routing_key(line: &str) -> Result<Vec<u8>, ServerLine> {
-    match Command::parse(line) {
-        Ok(Command::Login { user, .. }) => Ok(user.into_bytes()),
-        Ok(Command::Join {
-            guest: Some(name), ..
-        }) => Ok(name.into_bytes()),
-        Ok(Command::Resume { token }) => {
-            let user = chat_protocol::names::token_user(&token).unwrap_or(&token);
-            Ok(user.as_bytes().to_vec())
+/// What is replayed to the chat server, behind the PROXY line naming the
+/// client's address (`raw` is everything the client sent so far).
+fn with_proxy_line(peer: SocketAddr, client: &TcpStream, raw: &[u8]) -> BytesMut {
+    let local = client.local_addr().unwrap_or(peer);
+    let line = chat_protocol::proxy_line::format(peer, local);
+    let mut out = BytesMut::with_capacity(line.len() + raw.len());
+    out.extend_from_slice(line.as_bytes());
+    out.extend_from_slice(raw);
+    out
+}
+
+/// One line read before the first line: `None` for an empty line to skip,
+/// else the start or the refusal, by the rules every chat server applies.
+fn judge(frame: Frame, empty: &mut usize) -> Option<Result<Command, ParseError>> {
+    let line = match frame {
+        Frame::Line(line) => line,
+        Frame::TooLong => {
+            let e = ParseError::new(ErrorCode::LineTooLong, "first line too long");
+            return Some(Err(e));
         }
-        Err(e) if e.code == ErrorCode::BadArgs => Err(ServerLine::err(e.code, e.detail)),
-        _ => Err(ServerLine::err(ErrorCode::BadFirstLine, FIRST_LINE_USAGE)),
+        Frame::BadUtf8 => {
+            let e = ParseError::new(ErrorCode::BadUtf8, "first line is not UTF-8");
+            return Some(Err(e));
+        }
+    };
+    match first::classify(line.as_bytes(), *empty) {
+        Ok(First::Empty) => {
+            *empty += 1;
+            None
+        }
+        Ok(First::Start(cmd)) => Some(Ok(cmd)),
+        // Server links never pass through the proxy.
+        Ok(First::Peer(_)) => Some(Err(ParseError::new(ErrorCode::BadFirstLine, first::USAGE))),
+        Err(e) => Some(Err(e)),
     }
 }
 

@@ -24,6 +24,45 @@ async fn first_line_is_replayed_byte_exact_with_what_follows() {
     assert_eq!(proxy.metric("chat_proxy_connections_total"), 1.0);
 }
 
+/// With `send_proxy_line` the server first gets a PROXY v1 line naming the
+/// client's address and port, then exactly what the client sent; skipped
+/// empty lines are not replayed.
+#[tokio::test]
+async fn proxy_line_names_the_client_before_the_first_line() {
+    let s = FakeServer::start(true).await;
+    let proxy = Proxy::start(&[&s], |c| c.send_proxy_line = true).await;
+    let mut c = Client::connect(&proxy.addr).await;
+    let client_port = c.local_addr().port();
+    let proxy_port = proxy.addr.rsplit_once(':').unwrap().1.to_string();
+    c.send(b"\r\n\nLOGIN alice pw\nPING x\n").await;
+    assert_eq!(c.line().await, format!("HELLO {}", s.addr));
+    assert_eq!(
+        c.line().await,
+        format!("PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {proxy_port}\r")
+    );
+    assert_eq!(c.line().await, "LOGIN alice pw");
+    assert_eq!(c.line().await, "PING x");
+}
+
+/// The first command word is exact, as at a chat server: `JoiN` is refused
+/// by the proxy itself (nothing reaches a server), as is `PEER`.
+#[tokio::test]
+async fn first_line_words_in_another_case_are_refused() {
+    let s = FakeServer::start(true).await;
+    let proxy = Proxy::start(&[&s], |_| {}).await;
+    for line in [
+        &b"JoiN cooking x\n"[..],
+        b"login a pw\n",
+        b"PEER a:1 secret\n",
+    ] {
+        let mut c = Client::connect(&proxy.addr).await;
+        c.send(line).await;
+        let got = c.line().await;
+        assert!(got.starts_with("ERR BAD_FIRST_LINE "), "{line:?}: {got}");
+        c.expect_eof().await;
+    }
+}
+
 #[tokio::test]
 async fn first_line_split_across_writes() {
     let s = FakeServer::start(true).await;

@@ -45,6 +45,16 @@ pub struct Config {
     pub room_batch_max: usize,
     /// How long draining may take on shutdown.
     pub shutdown_grace_secs: u64,
+    /// A connection that has not sent its first line (login, or a peer's
+    /// `PEER`) after this long gets `ERR BAD_FIRST_LINE` and is closed, so
+    /// silent sockets do not hold connection slots for `idle_timeout_secs`.
+    pub first_line_timeout_secs: u64,
+    /// Address blocks (`10.0.0.0/8`, `fd00::/8`, or single addresses) of the
+    /// proxies whose connections may open with a PROXY protocol v1 line naming
+    /// the client's address. A PROXY line from any other address is refused;
+    /// without one the socket's peer is the client's address. Empty (the
+    /// default): no one is trusted.
+    pub trust_proxy_line: Vec<String>,
     /// The other chat servers: rooms and DMs across servers.
     pub cluster: ClusterConfig,
 }
@@ -146,6 +156,8 @@ impl Default for Config {
             room_queue: 4096,
             room_batch_max: 256,
             shutdown_grace_secs: 10,
+            first_line_timeout_secs: 10,
+            trust_proxy_line: Vec::new(),
             cluster: ClusterConfig::default(),
         }
     }
@@ -180,10 +192,22 @@ impl Config {
             ("max_rooms_per_user", self.max_rooms_per_user as u64),
             ("room_queue", self.room_queue as u64),
             ("room_batch_max", self.room_batch_max as u64),
+            ("first_line_timeout_secs", self.first_line_timeout_secs),
         ];
         for (key, v) in positive {
             if v == 0 {
                 return bad(key, "must be greater than 0");
+            }
+        }
+        if self.first_line_timeout_secs > 3600 {
+            return bad("first_line_timeout_secs", "must be at most 3600");
+        }
+        for (i, block) in self.trust_proxy_line.iter().enumerate() {
+            if crate::source::Cidr::parse(block).is_none() {
+                return bad(
+                    &format!("trust_proxy_line[{i}]"),
+                    "must be an address or address/prefix (10.0.0.0/8, fd00::/8)",
+                );
             }
         }
         let c = &self.cluster;

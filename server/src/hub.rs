@@ -45,6 +45,8 @@ pub struct Hub {
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
     pub cluster: Arc<Cluster>,
+    /// `config.trust_proxy_line`, parsed once.
+    pub trusted_proxies: crate::source::Trusted,
     online: RwLock<HashMap<Arc<str>, OnlineUser>>,
     local: Mutex<HashMap<String, Arc<LocalRoom>>>,
     owned: Mutex<HashMap<String, Arc<Room>>>,
@@ -62,6 +64,7 @@ impl Hub {
         cluster: Arc<Cluster>,
     ) -> Arc<Hub> {
         Arc::new(Hub {
+            trusted_proxies: crate::source::Trusted::new(&config.trust_proxy_line),
             config,
             db,
             metrics,

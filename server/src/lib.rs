@@ -18,6 +18,7 @@ pub mod metrics;
 mod outbound;
 mod room;
 mod session;
+pub mod source;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

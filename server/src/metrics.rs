@@ -21,8 +21,12 @@ pub struct Metrics {
     pub peers_in_ring: IntGauge,
     pub peer_queue_depth: IntGaugeVec,
     pub peer_link_drops_total: IntCounterVec,
+    pub handshake_failures_total: IntCounterVec,
     pub fanout_latency: Histogram,
 }
+
+/// The `reason` label values of `chat_cluster_handshake_failures_total`.
+pub const HANDSHAKE_FAILURES: [&str; 3] = ["malformed", "auth", "self"];
 
 impl Metrics {
     pub fn new(registry: &Registry) -> Result<Metrics, prometheus::Error> {
@@ -93,6 +97,13 @@ impl Metrics {
                 ),
                 &["peer"],
             )?,
+            handshake_failures_total: IntCounterVec::new(
+                Opts::new(
+                    "chat_cluster_handshake_failures_total",
+                    "PEER handshakes refused on the client port, by reason (malformed, auth: wrong secret or not clustered, self: our own id)",
+                ),
+                &["reason"],
+            )?,
             peer_link_drops_total: IntCounterVec::new(
                 Opts::new(
                     "chat_cluster_link_drops_total",
@@ -123,6 +134,11 @@ impl Metrics {
         registry.register(Box::new(m.peers_in_ring.clone()))?;
         registry.register(Box::new(m.peer_queue_depth.clone()))?;
         registry.register(Box::new(m.peer_link_drops_total.clone()))?;
+        // Every series exists from the start, so alerts see 0 before the first failure.
+        for reason in HANDSHAKE_FAILURES {
+            m.handshake_failures_total.with_label_values(&[reason]);
+        }
+        registry.register(Box::new(m.handshake_failures_total.clone()))?;
         registry.register(Box::new(m.fanout_latency.clone()))?;
         Ok(m)
     }

@@ -1,6 +1,8 @@
 //! The send side of a session: a bounded queue of encoded lines drained by a
-//! writer task. Producers (room fan-out, DM delivery, replies) never wait: a
-//! full queue marks the client as a slow consumer and disconnects it.
+//! writer task. Producers of events (room fan-out, DM delivery) never wait: a
+//! full queue marks the client as a slow consumer and disconnects it. The
+//! session's own replies wait for the queue to be below half full (see
+//! `Tx::send`), so they only slow down the client that asked for them.
 //!
 //! The queue is ours rather than a tokio `mpsc`: an `mpsc` allocates its first
 //! block of slots (about 1.5 KiB here) when created, and most connections are
@@ -113,12 +115,18 @@ impl Shared {
     }
 
     fn try_push(&self, out: Out) -> Result<(), PushError> {
+        self.try_push_within(out, self.cap)
+    }
+
+    /// Queues `out` unless the queue would then hold more than `limit` lines
+    /// (an empty queue takes any one item).
+    fn try_push_within(&self, out: Out, limit: usize) -> Result<(), PushError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(PushError::Closed);
         }
         let mut q = self.lock();
         let n = out.lines();
-        if !q.items.is_empty() && q.lines + n > self.cap {
+        if !q.items.is_empty() && q.lines + n > limit {
             return Err(PushError::Full(out));
         }
         q.lines += n;
@@ -150,13 +158,19 @@ impl Drop for Tx {
 }
 
 impl Tx {
-    /// Waits for room; `Err` once the receiver is gone.
+    /// Waits until the queue is below half its bound, then queues; `Err`
+    /// once the receiver is gone. Only a session's own replies wait here, and
+    /// they never fill more than that half: the other half stays for what
+    /// arrives without waiting (room events, DMs), so a reply burst (a login's
+    /// welcome for 1,000 rooms, a HISTORY of 1,000 lines) cannot by itself
+    /// make a client that reads at full speed look slow.
     async fn send(&self, mut out: Out) -> Result<(), ()> {
+        let limit = (self.0.cap / 2).max(1);
         loop {
             let room = self.0.drained.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            match self.0.try_push(out) {
+            match self.0.try_push_within(out, limit) {
                 Ok(()) => return Ok(()),
                 Err(PushError::Closed) => return Err(()),
                 Err(PushError::Full(o)) => {

@@ -4,12 +4,14 @@
 //! room / dbproxy → replies and events through the session's bounded queue →
 //! `outbound::write_loop` → socket.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chat_dbproxy::api::{ApiError, DmItem, ErrorKind, Identity};
+use chat_protocol::first::{self, First};
+use chat_protocol::{proxy_line, ParseError};
 use chat_protocol::{Command, ErrorCode, Frame, LineCodec, PartReason, ServerLine};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -30,6 +32,8 @@ const HISTORY_DEFAULT_LIMIT: u32 = 100;
 const ROOMS_LIMIT: u32 = 1000;
 /// Initial read buffer of a connection (most lines are short).
 const READ_BUF: usize = 256;
+/// How long the one `ERR` to a refused first line may take to write.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Maps a storage failure to the client's `ERR` line.
 pub fn storage_error(metrics: &Metrics, e: &ApiError, cid: &Option<String>) -> ServerLine {
@@ -88,7 +92,10 @@ pub async fn run(
         }
         Some(line) => {
             Box::pin(live.session.reply(line.to_bytes())).await;
-            PartReason::Disconnected
+            live.session
+                .handle
+                .kick_reason()
+                .unwrap_or(PartReason::Disconnected)
         }
     };
     let Live {
@@ -166,13 +173,16 @@ async fn open(
     // most connections.
     let mut frames =
         FramedRead::with_capacity(rd, LineCodec::new(hub.config.max_line_bytes), READ_BUF);
-    let idle = Duration::from_secs(hub.config.idle_timeout_secs);
+    let limit = Duration::from_secs(hub.config.first_line_timeout_secs);
     let first = tokio::select! {
-        f = timeout(idle, frames.next()) => f,
+        f = timeout(limit, read_first(hub, &mut frames, peer)) => f,
         _ = hub.shutdown.cancelled() => return None,
     };
-    let (identity, guest_room, resumed) = match first {
-        Ok(Some(Ok(Frame::Line(line)))) if line.starts_with("PEER ") => {
+    let refused = match first {
+        Err(_) => first_line_error(hub, ErrorCode::BadFirstLine, "no first line in time"),
+        Ok(Opened::Gone) => return None,
+        Ok(Opened::Refused(e)) => first_line_error(hub, e.code, &e.detail),
+        Ok(Opened::Peer(line)) => {
             // Another chat server opening its link, not a client: served
             // with the background work, which outlives the clients' drain.
             if frames.read_buffer().is_empty() {
@@ -183,28 +193,91 @@ async fn open(
             }
             return None;
         }
-        Ok(Some(Ok(Frame::Line(line)))) => match login(hub, &line, peer.ip()).await {
-            Ok(ok) => ok,
-            Err(err) => {
-                tracing::debug!(%peer, "first line refused");
-                let _ = wr.write_all(&err.to_bytes()).await;
-                let _ = wr.shutdown().await;
-                return None;
+        Ok(Opened::Start(cmd, source)) => match login(hub, cmd, source).await {
+            Ok((identity, guest_room, resumed)) => {
+                return Some((identity, guest_room, resumed, frames, wr))
             }
+            Err(err) => err,
         },
-        Ok(Some(Ok(Frame::TooLong))) => {
-            let err = first_line_error(hub, ErrorCode::LineTooLong, "first line too long");
-            let _ = wr.write_all(&err.to_bytes()).await;
-            return None;
-        }
-        Ok(Some(Ok(Frame::BadUtf8))) => {
-            let err = first_line_error(hub, ErrorCode::BadUtf8, "first line is not UTF-8");
-            let _ = wr.write_all(&err.to_bytes()).await;
-            return None;
-        }
-        _ => return None,
     };
-    Some((identity, guest_room, resumed, frames, wr))
+    tracing::debug!(%peer, "first line refused");
+    let _ = timeout(FAREWELL_TIMEOUT, async {
+        wr.write_all(&refused.to_bytes()).await?;
+        wr.shutdown().await
+    })
+    .await;
+    None
+}
+
+/// How a connection's first line turned out.
+enum Opened {
+    /// A client start and the address the client connected from.
+    Start(Command, IpAddr),
+    /// A chat server's `PEER` line.
+    Peer(String),
+    Refused(ParseError),
+    /// Closed (or failed) before a first line.
+    Gone,
+}
+
+/// Reads the optional PROXY line of a trusted proxy, skips empty lines and
+/// classifies the first line (`chat_protocol::first`, the proxy's rules too).
+async fn read_first(hub: &Hub, frames: &mut Frames, peer: SocketAddr) -> Opened {
+    let mut source = peer.ip().to_canonical();
+    let mut proxied = false;
+    let mut empty = 0;
+    loop {
+        let line = match frames.next().await {
+            Some(Ok(Frame::Line(line))) => line,
+            Some(Ok(Frame::TooLong)) => {
+                return Opened::Refused(ParseError::new(
+                    ErrorCode::LineTooLong,
+                    "first line too long",
+                ))
+            }
+            Some(Ok(Frame::BadUtf8)) => {
+                return Opened::Refused(ParseError::new(
+                    ErrorCode::BadUtf8,
+                    "first line is not UTF-8",
+                ))
+            }
+            None | Some(Err(_)) => return Opened::Gone,
+        };
+        if !proxied && empty == 0 && proxy_line::is_proxy_line(line.as_bytes()) {
+            match client_source(&hub.trusted_proxies, peer, line.as_bytes()) {
+                Ok(ip) => source = ip,
+                Err(e) => return Opened::Refused(e),
+            }
+            proxied = true;
+            continue;
+        }
+        match first::classify(line.as_bytes(), empty) {
+            Ok(First::Empty) => empty += 1,
+            Ok(First::Start(cmd)) => return Opened::Start(cmd, source),
+            // Peers dial each other directly, never through a proxy.
+            Ok(First::Peer(_)) if proxied => {
+                return Opened::Refused(ParseError::new(ErrorCode::BadFirstLine, first::USAGE))
+            }
+            Ok(First::Peer(p)) => return Opened::Peer(p.to_string()),
+            Err(e) => return Opened::Refused(e),
+        }
+    }
+}
+
+/// The client's address from a PROXY line sent by `peer`: only a proxy in
+/// `trust_proxy_line` may name another address than its own.
+fn client_source(
+    trusted: &crate::source::Trusted,
+    peer: SocketAddr,
+    line: &[u8],
+) -> Result<IpAddr, ParseError> {
+    if !trusted.contains(peer.ip()) {
+        return Err(ParseError::new(
+            ErrorCode::BadFirstLine,
+            "PROXY line from an address not in server.trust_proxy_line",
+        ));
+    }
+    Ok(proxy_line::parse(line)?.ip().to_canonical())
 }
 
 /// Ends a session: answers what it read (on a clean close), leaves the
@@ -217,6 +290,11 @@ async fn close(
 ) {
     let hub = session.hub.clone();
     let handle = session.handle.clone();
+    // Every way a session is dropped as slow (an event into a full queue, a
+    // reply that waited the idle time) ends here, so it is counted here once.
+    if reason == PartReason::Slow {
+        hub.metrics.slow_consumers_total.inc();
+    }
     if matches!(
         reason,
         PartReason::Shutdown | PartReason::Quit | PartReason::Disconnected
@@ -254,47 +332,30 @@ fn first_line_error(hub: &Hub, code: ErrorCode, detail: &str) -> ServerLine {
     ServerLine::err(code, detail)
 }
 
-/// Handles the first line: the identity, the room of a guest start, and
-/// whether it was a RESUME.
+/// Logs in with the first line's command: the identity, the room of a
+/// guest start, and whether it was a RESUME.
 async fn login(
     hub: &Hub,
-    line: &str,
-    source: std::net::IpAddr,
+    cmd: Command,
+    source: IpAddr,
 ) -> Result<(Identity, Option<String>, bool), ServerLine> {
-    let cmd =
-        match Command::parse(line) {
-            Ok(c) => c,
-            Err(e) if e.code == ErrorCode::BadArgs => {
-                return Err(first_line_error(hub, e.code, &e.detail))
-            }
-            Err(_) => return Err(first_line_error(
-                hub,
-                ErrorCode::BadFirstLine,
-                "first line must be LOGIN <user> <password>, RESUME <token> or JOIN <room> <name>",
-            )),
-        };
     hub.metrics
         .commands_total
         .with_label_values(&[cmd.name()])
         .inc();
-    let res =
-        match cmd {
-            Command::Login { user, password } => hub
-                .db
-                .login(&user, &password, Some(source))
-                .await
-                .map(|i| (i, None, false)),
-            Command::Resume { token } => hub.db.resume(&token).await.map(|i| (i, None, true)),
-            Command::Join {
-                room,
-                guest: Some(name),
-            } => hub.db.guest(&name).await.map(|i| (i, Some(room), false)),
-            _ => return Err(first_line_error(
-                hub,
-                ErrorCode::BadFirstLine,
-                "first line must be LOGIN <user> <password>, RESUME <token> or JOIN <room> <name>",
-            )),
-        };
+    let res = match cmd {
+        Command::Login { user, password } => hub
+            .db
+            .login(&user, &password, Some(source))
+            .await
+            .map(|i| (i, None, false)),
+        Command::Resume { token } => hub.db.resume(&token).await.map(|i| (i, None, true)),
+        Command::Join {
+            room,
+            guest: Some(name),
+        } => hub.db.guest(&name).await.map(|i| (i, Some(room), false)),
+        _ => return Err(first_line_error(hub, ErrorCode::BadFirstLine, first::USAGE)),
+    };
     res.map_err(|e| storage_error(&hub.metrics, &e, &None))
 }
 
@@ -347,10 +408,14 @@ impl Session {
     /// this client's own commands, so waiting only slows this client down.
     /// A client that reads nothing for the idle time is dropped as slow.
     async fn reply(&self, bytes: Bytes) {
+        self.reply_out(Out::Line(bytes)).await;
+    }
+
+    /// [`Session::reply`] for any queue item (a welcome's pending DMs).
+    /// A client kicked as slow is counted once, when its session closes.
+    async fn reply_out(&self, out: Out) -> bool {
         let idle = Duration::from_secs(self.hub.config.idle_timeout_secs);
-        if !self.handle.send_wait(Out::Line(bytes), idle).await {
-            self.hub.metrics.slow_consumers_total.inc();
-        }
+        self.handle.send_wait(out, idle).await
     }
 
     async fn error(&self, code: ErrorCode, detail: impl Into<String>) {
@@ -412,7 +477,9 @@ impl Session {
                 sender: dm.sender,
                 text: dm.body,
             };
-            if self.handle.send(Out::Dm(line.to_bytes(), dm.id)) {
+            // Waits like a reply: up to 1000 pending DMs are a burst of
+            // this client's own login, not a sign that it reads slowly.
+            if self.reply_out(Out::Dm(line.to_bytes(), dm.id)).await {
                 m.deliveries_total.inc();
             }
         }

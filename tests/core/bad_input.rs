@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use chat_protocol::ServerLine;
 use tokio::net::TcpSocket;
 
-use crate::common::{http_get, within, Client, ErrorCode, Next, PartReason, Stack};
+use crate::common::{
+    http_get, metric, wait_until, within, Client, ErrorCode, Next, PartReason, Stack,
+};
 use crate::login::assert_one_err_then_closed;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,6 +391,15 @@ async fn client_that_never_reads_is_disconnected_as_slow() {
         }
     }
 
+    // The disconnect was counted.
+    let admin = stack.admin_addr;
+    wait_until(
+        Duration::from_secs(5),
+        "chat_slow_consumer_disconnects_total counts the slow client",
+        || async move { metric(admin, "chat_slow_consumer_disconnects_total").await == 1.0 },
+    )
+    .await;
+
     // The server is healthy.
     assert_eq!(http_get(stack.admin_addr, "/readyz").await.0, 200);
     let (mut fresh, _) = stack.guest("r", "fresh").await;
@@ -482,4 +493,79 @@ async fn client_staying_over_the_rate_is_kicked() {
     // Others are fine.
     let (mut calm, _) = stack.login("calm", "pw").await;
     calm.sync().await;
+}
+
+/// Every class of control character text may not hold (C0 but TAB, DEL, C1
+/// with NEL, U+2028/2029, the bidi controls), inside `MSG` and `DM` text:
+/// each is answered `ERR BAD_ARGS` carrying its id, and nothing reaches the
+/// other member or storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_with_a_control_character_is_refused_and_reaches_nobody() {
+    let stack = Stack::start().await;
+    let (mut alice, _) = stack.login("alice", "pw").await;
+    let (mut bob, _) = stack.login("bob", "pw").await;
+    alice.join("r").await;
+    bob.join("r").await;
+    bob.sync().await;
+    alice.sync().await;
+
+    // LF ends the line, so it cannot be inside one; a CR right before the
+    // LF is part of the terminator, so CR is tested mid-text.
+    let mut forbidden: Vec<char> = ('\u{0}'..='\u{1f}')
+        .filter(|c| *c != '\t' && *c != '\n')
+        .collect();
+    forbidden.extend('\u{7f}'..='\u{9f}');
+    forbidden.extend(['\u{2028}', '\u{2029}', '\u{61c}', '\u{200e}', '\u{200f}']);
+    forbidden.extend('\u{202a}'..='\u{202e}');
+    forbidden.extend('\u{2066}'..='\u{2069}');
+    let mut batch = String::new();
+    let mut ids = std::collections::BTreeSet::new();
+    for (i, c) in forbidden.iter().enumerate() {
+        batch.push_str(&format!("MSG id=m{i} r before{c}after\n"));
+        batch.push_str(&format!("DM id=d{i} bob before{c}after\n"));
+        ids.insert(format!("m{i}"));
+        ids.insert(format!("d{i}"));
+    }
+    alice.send_raw(batch.as_bytes()).await;
+    let mut refused = std::collections::BTreeSet::new();
+    within(
+        Duration::from_secs(30),
+        "every control character refused",
+        async {
+            while refused.len() < ids.len() {
+                match alice.recv().await {
+                    ServerLine::Err {
+                        code: ErrorCode::BadArgs,
+                        detail,
+                    } => {
+                        let id = detail
+                            .strip_prefix("id=")
+                            .and_then(|d| d.split(' ').next())
+                            .unwrap_or_else(|| panic!("ERR BAD_ARGS without its id: {detail:?}"));
+                        assert!(refused.insert(id.to_string()), "{id} refused twice");
+                    }
+                    other => panic!("text with a control character answered {other}"),
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(refused, ids);
+
+    // Nothing reached bob, live or stored.
+    let seen = bob.sync().await;
+    assert!(
+        !seen
+            .iter()
+            .any(|l| matches!(l, ServerLine::Msg { .. } | ServerLine::Dm { .. })),
+        "bob got {seen:?}"
+    );
+    assert!(alice.history("r", 0, None).await.is_empty());
+    drop(bob);
+    let (mut bob, _) = stack.login("bob", "pw").await;
+    let welcome = bob.sync().await;
+    assert!(
+        !welcome.iter().any(|l| matches!(l, ServerLine::Dm { .. })),
+        "no DM waited for bob: {welcome:?}"
+    );
 }

@@ -491,3 +491,67 @@ async fn a_dm_finds_a_user_connected_off_their_hash() {
     )
     .await;
 }
+
+/// A PEER handshake is attacker input on the client port: refused ones are
+/// counted by reason and logged at most about once a second, the claimed id
+/// with its control characters escaped, so ESC sequences and CRs never reach
+/// the log as they were sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_peer_handshakes_are_counted_and_logged_escaped_and_rate_limited() {
+    const TRIES: usize = 40;
+    let cluster = Cluster::start(106, 2, 2, 1).await;
+    let target = cluster.servers[0].client;
+    let started = Instant::now();
+    for i in 0..TRIES {
+        let mut c = Client::from_stream(
+            TcpStream::connect(target).await.expect("connect"),
+            &format!("forger{i}"),
+        );
+        c.send_raw(b"PEER \x1b[2J\x1b[31mfake\rWARN\x07forged wrong-secret-0123456789\n")
+            .await;
+        let lines = c.expect_closed().await;
+        assert!(
+            matches!(
+                lines.as_slice(),
+                [ServerLine::Err {
+                    code: ErrorCode::AuthFailed,
+                    ..
+                }]
+            ),
+            "a wrong PEER secret gets ERR AUTH_FAILED, got {lines:?}"
+        );
+    }
+    let elapsed = started.elapsed();
+    let admin = cluster.servers[0].admin;
+    let body = crate::common::http_get(admin, "/metrics").await.1;
+    let auth = crate::common::metric(admin, "chat_cluster_handshake_failures_total").await;
+    assert_eq!(auth, TRIES as f64, "every refusal counted:\n{body}");
+    assert!(
+        body.contains("chat_cluster_handshake_failures_total{reason=\"auth\"} 40"),
+        "counted as auth failures:\n{body}"
+    );
+
+    let log = cluster.log_bytes(0);
+    let text = String::from_utf8_lossy(&log);
+    let refusals: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("refused a chat server link"))
+        .collect();
+    assert!(!refusals.is_empty(), "a refusal is logged:\n{text}");
+    let allowed = elapsed.as_secs() as usize + 2;
+    assert!(
+        refusals.len() <= allowed,
+        "{} refusal lines in {elapsed:?} (at most about one a second):\n{}",
+        refusals.len(),
+        refusals.join("\n")
+    );
+    assert!(
+        !log.iter().any(|&b| b == 0x1b || b == b'\r'),
+        "raw ESC or CR bytes in the server's log:\n{text}"
+    );
+    assert!(
+        refusals[0].contains("\\u{001B}[2J"),
+        "the claimed id is quoted escaped: {}",
+        refusals[0]
+    );
+}

@@ -8,6 +8,7 @@ mod bad_input;
 mod cluster;
 mod dm;
 mod durability;
+mod first_line;
 mod history;
 mod login;
 mod login_memory;

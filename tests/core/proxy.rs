@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::{http_get, within, Client, Next, Stack};
 
-struct Proxy {
-    addr: SocketAddr,
+pub(crate) struct Proxy {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -25,7 +26,7 @@ impl Drop for Proxy {
     }
 }
 
-async fn start_proxy(stack: &Stack) -> Proxy {
+pub(crate) async fn start_proxy(stack: &Stack) -> Proxy {
     let client = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = client.local_addr().unwrap();
@@ -55,7 +56,12 @@ async fn start_proxy(stack: &Stack) -> Proxy {
         )
     })
     .await;
-    Proxy { addr, cancel, task }
+    Proxy {
+        addr,
+        admin_addr,
+        cancel,
+        task,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,3 +200,64 @@ async fn thousand_clients_in_one_room_receive_every_message() {
         "1000 clients took {total:?} (joins {joined_after:?}); expected well under a minute"
     );
 }
+
+/// A member of 1,000 rooms (the most allowed) logs in again and again and
+/// reads at full speed: every login's welcome (OK LOGIN, 1,000 `OK JOIN`, the
+/// `JOIN` events its own return causes) arrives whole, never `BYE slow`,
+/// with the default send queue of 1,024 lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_of_1000_rooms_is_never_slow_at_login() {
+    const ROOMS: usize = 1000;
+    const LOGINS: usize = 8;
+    let stack = Stack::start().await;
+    let (mut c, _) = stack.login("many", "pw").await;
+    let mut joins = String::new();
+    for r in 0..ROOMS {
+        joins.push_str(&format!("JOIN room{r}\n"));
+    }
+    c.send_raw(joins.as_bytes()).await;
+    let mut joined = 0;
+    within(Duration::from_secs(120), "1000 JOINs answered", async {
+        while joined < ROOMS {
+            if let ServerLine::OkJoin { .. } = c.recv().await {
+                joined += 1;
+            }
+        }
+    })
+    .await;
+    c.send("QUIT").await;
+    c.expect_closed().await;
+
+    for login in 0..LOGINS {
+        let (mut c, _) = stack.login("many", "pw").await;
+        c.send("PING done").await;
+        let mut ok_joins = HashSet::new();
+        let lines = within(Duration::from_secs(60), "the welcome", async {
+            let mut n = 0usize;
+            loop {
+                match c.next(Duration::from_secs(30)).await {
+                    Next::Line(ServerLine::OkJoin { room, .. }) => {
+                        ok_joins.insert(room);
+                    }
+                    Next::Line(ServerLine::Pong { .. }) => return n,
+                    Next::Line(ServerLine::Bye { reason }) => {
+                        panic!("login {login}: BYE {reason} after {n} lines")
+                    }
+                    Next::Line(_) => {}
+                    Next::Closed => panic!("login {login}: closed after {n} lines"),
+                    Next::Timeout => panic!("login {login}: stalled after {n} lines"),
+                }
+                n += 1;
+            }
+        })
+        .await;
+        assert_eq!(ok_joins.len(), ROOMS, "login {login}: an OK JOIN per room");
+        assert!(lines >= ROOMS, "login {login}: {lines} lines");
+        c.send("QUIT").await;
+        c.expect_closed().await;
+    }
+    assert_eq!(
+        crate::common::metric(stack.admin_addr, "chat_slow_consumer_disconnects_total").await,
+        0.0
+    );
+}

@@ -68,6 +68,12 @@ fn server_admin(i: usize) -> String {
 pub fn proxy_addr(i: usize) -> String {
     addr(11 + i as u8, 7001)
 }
+fn proxy_ip(i: usize) -> String {
+    let a = proxy_addr(i);
+    a.rsplit_once(':')
+        .map(|(ip, _)| ip.to_string())
+        .unwrap_or(a)
+}
 fn proxy_admin(i: usize) -> String {
     addr(11 + i as u8, 9102)
 }
@@ -104,10 +110,16 @@ fn server_toml(i: usize, cluster: bool) -> String {
         .collect();
     let mut s = format!(
         "[log]\nlevel = \"info\"\n[server]\nlisten = \"{}\"\nadmin_listen = \"{}\"\n\
-         dbproxy_url = \"{}\"\nshutdown_grace_secs = 2\n",
+         dbproxy_url = \"{}\"\nshutdown_grace_secs = 2\n\
+         trust_proxy_line = [{}]\n",
         server_addr(i),
         server_admin(i),
-        dbp.join(",")
+        dbp.join(","),
+        // The proxies' namespaces: they send a PROXY line per client.
+        (0..2)
+            .map(|k| format!("\"{}\"", proxy_ip(k)))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if cluster {
         let peers: Vec<String> = (0..3).map(|k| format!("\"{}\"", server_addr(k))).collect();

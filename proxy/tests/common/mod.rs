@@ -111,6 +111,9 @@ impl Proxy {
         let mut config = Config {
             servers: servers.iter().map(|s| s.server_addr()).collect(),
             shutdown_grace_secs: 2,
+            // The stand-in servers echo what they get; the PROXY line is
+            // checked by its own test.
+            send_proxy_line: false,
             ..Config::default()
         };
         tweak(&mut config);
@@ -176,6 +179,11 @@ impl Client {
 
     pub async fn send(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).await.unwrap();
+    }
+
+    /// This end's address (the one the proxy sees as the client's).
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.writer.local_addr().unwrap()
     }
 
     /// The next line without its terminator; panics on EOF or timeout.

@@ -163,17 +163,19 @@ pub async fn serve(hub: Arc<Hub>, hello: &str, rd: OwnedReadHalf, mut wr: OwnedW
     let (Some(HELLO), Some(id), Some(secret), None) =
         (words.next(), words.next(), words.next(), words.next())
     else {
+        refused(&hub, "malformed", hello);
         let _ = wr.write_all(b"ERR BAD_ARGS PEER <id> <secret>\n").await;
         return;
     };
     if !cluster.config.is_clustered() || !wire::same_secret(secret, &cluster.config.secret) {
-        tracing::warn!(peer = %id, "refused a chat server link: wrong secret");
+        refused(&hub, "auth", id);
         let _ = wr
             .write_all(b"ERR AUTH_FAILED peer links need the cluster secret\n")
             .await;
         return;
     }
     if *id == *cluster.me {
+        refused(&hub, "self", id);
         let _ = wr.write_all(b"ERR BAD_ARGS that is my own id\n").await;
         return;
     }
@@ -343,4 +345,91 @@ async fn dispatch(
         }
     }
     true
+}
+
+/// Longest part of an attacker's bytes quoted in a log line.
+const QUOTE_MAX: usize = 64;
+
+/// Logs refused PEER handshakes at most once a second: whoever can reach the
+/// client port can send them as fast as it connects, and each would otherwise
+/// be a WARN line. The metric counts every one.
+#[derive(Default)]
+pub(crate) struct RefusalLog {
+    /// When a line was last written; a `std` mutex held only to compare and
+    /// set it.
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Refusals not logged since the last line.
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl RefusalLog {
+    /// Whether to log now, and how many refusals went unlogged before.
+    fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// `s` for a log line: control characters escaped (no raw ESC or CR reaches
+/// the log), at most [`QUOTE_MAX`] characters.
+pub(crate) fn quote(s: &str) -> String {
+    let cut: String = s.chars().take(QUOTE_MAX).collect();
+    let more = if cut.len() < s.len() { "…" } else { "" };
+    format!("{}{more}", chat_protocol::text::escape_controls(&cut))
+}
+
+/// Counts a refused handshake and logs it, rate limited; `what` is the
+/// peer's claimed id (or its whole line when malformed), never the secret.
+fn refused(hub: &Hub, reason: &'static str, what: &str) {
+    hub.metrics
+        .handshake_failures_total
+        .with_label_values(&[reason])
+        .inc();
+    if let Some(suppressed) = hub.cluster.refusals.admit(std::time::Instant::now()) {
+        let claimed = if reason == "malformed" {
+            // The line may hold a secret in an unexpected place: show its
+            // first word only.
+            quote(what.split(' ').nth(1).unwrap_or(""))
+        } else {
+            quote(what)
+        };
+        tracing::warn!(
+            reason,
+            peer = %claimed,
+            suppressed,
+            "refused a chat server link (PEER handshake)"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_bytes_hold_no_controls() {
+        let q = quote("\u{1b}[2Jfake\rOK");
+        assert!(!q.chars().any(|c| c.is_control()), "{q:?}");
+        assert_eq!(q, "\\u{001B}[2Jfake\\u{000D}OK");
+        let long = quote(&"x".repeat(500));
+        assert!(long.chars().count() <= QUOTE_MAX + 1);
+    }
+
+    #[test]
+    fn at_most_one_line_a_second() {
+        let log = RefusalLog::default();
+        let t = std::time::Instant::now();
+        assert_eq!(log.admit(t), Some(0));
+        for ms in [1, 10, 500, 999] {
+            assert_eq!(log.admit(t + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(log.admit(t + Duration::from_millis(1000)), Some(4));
+        assert_eq!(log.admit(t + Duration::from_millis(1500)), None);
+    }
 }

@@ -94,6 +94,8 @@ pub struct Cluster {
     /// Closes every link. Cancelled after the client sessions have drained,
     /// so their last messages still reach (and hear from) the rooms' owners.
     stop: CancellationToken,
+    /// Refused PEER handshakes are logged through this (at most one line a second).
+    pub(crate) refusals: link::RefusalLog,
 }
 
 impl Cluster {
@@ -114,6 +116,7 @@ impl Cluster {
             next_req: AtomicU64::new(1),
             leaving: AtomicBool::new(false),
             stop,
+            refusals: link::RefusalLog::default(),
         })
     }
 

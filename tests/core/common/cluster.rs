@@ -84,6 +84,7 @@ impl Cluster {
                  [server]\nlisten = \"{}\"\nadmin_listen = \"{}\"\ndbproxy_url = \"{}\"\n\
                  rate_per_sec = {}\nrate_burst = {}\nrate_limit_kick = {}\n\
                  max_connections = {}\nshutdown_grace_secs = 3\n\
+                 trust_proxy_line = [\"127.0.0.0/8\"]\n\
                  [server.cluster]\nadvertise = \"{}\"\npeers = [{}]\n\
                  secret = \"cluster-test-secret-0123456789\"\n",
                 s.client,
@@ -215,6 +216,11 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Every byte server `i` has logged so far.
+    pub fn log_bytes(&self, i: usize) -> Vec<u8> {
+        std::fs::read(&self.servers[i].log).unwrap_or_default()
     }
 
     /// The tail of a server's log, for failure messages.

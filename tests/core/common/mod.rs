@@ -99,6 +99,8 @@ pub fn test_server_config() -> chat_server::Config {
         max_inflight_per_conn: 64,
         max_connections: 10_000,
         shutdown_grace_secs: 2,
+        // The proxies of the tests run here and send a PROXY line.
+        trust_proxy_line: vec!["127.0.0.1".into()],
         ..Default::default()
     }
 }
@@ -405,6 +407,19 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
             .unwrap_or_else(|e| panic!("GET {path} on {addr} failed: {e}"))
     })
     .await
+}
+
+/// The sum of every series of metric `name` on `addr`'s `/metrics`.
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "GET /metrics on {addr}");
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 // ---- the client ----------------------------------------------------------
