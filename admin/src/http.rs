@@ -17,9 +17,10 @@
 //!   last answer.
 //!
 //! When all `max_connections` slots are taken, a new connection takes the
-//! slot of the connection that has been idle (or in its head phase) the
-//! longest, which is closed; only when every connection is busy is the new
-//! one closed at once. So a flood of silent or idle sockets cannot keep a
+//! slot of another, which is closed: of those that never had a request
+//! answered (silent or dribbling sockets) the one waiting longest, else the
+//! longest-idle keep-alive connection; only when every connection is busy
+//! is the new one closed at once. So a flood of silent or idle sockets cannot keep a
 //! real prober out: it always finds a slot within one accept.
 
 use std::collections::HashMap;
@@ -28,7 +29,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -43,7 +44,7 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -251,6 +252,7 @@ async fn connection<W, H, Fut>(
                 }
                 return;
             }
+            _ = state.changed.notified() => {}
             _ = tokio::time::sleep_until(deadline) => {
                 if Instant::now() >= state.deadline() {
                     tracing::debug!(%peer, phase = ?state.phase(), "connection timed out: closed");
@@ -303,6 +305,12 @@ struct ConnState {
     /// eviction: the oldest non-busy phase goes first) and when it ends.
     since_ms: AtomicU64,
     deadline_ms: AtomicU64,
+    /// Whether a request was ever answered here: connections that never got
+    /// that far (silent or dribbling sockets) are closed first when the
+    /// listener is full, before a client's pooled keep-alive connection.
+    answered: AtomicBool,
+    /// Wakes the connection's task when a phase change moves the deadline.
+    changed: Notify,
     evicted: CancellationToken,
 }
 
@@ -314,6 +322,8 @@ impl ConnState {
             phase: AtomicU8::new(Phase::Head as u8),
             since_ms: AtomicU64::new(0),
             deadline_ms: AtomicU64::new(millis(times.header)),
+            answered: AtomicBool::new(false),
+            changed: Notify::new(),
             evicted: CancellationToken::new(),
         }
     }
@@ -337,6 +347,10 @@ impl ConnState {
         self.deadline_ms
             .store(now.saturating_add(millis(limit)), Ordering::Relaxed);
         self.phase.store(phase as u8, Ordering::Relaxed);
+        if phase == Phase::Idle {
+            self.answered.store(true, Ordering::Relaxed);
+        }
+        self.changed.notify_one();
     }
 
     fn deadline(&self) -> Instant {
@@ -372,15 +386,16 @@ impl Table {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Closes the connection that has been idle or waiting for a head the
-    /// longest and hands over its permit; `None` when every one is busy.
+    /// Closes the connection that has been waiting for a head the longest
+    /// (one that never had a request answered), else the longest-idle one,
+    /// and hands over its permit; `None` when every one is busy.
     /// O(open connections), paid only when the listener is full.
     fn evict_longest_idle(&self) -> Option<OwnedSemaphorePermit> {
         let mut conns = self.lock();
         let victim = conns
             .iter()
             .filter(|(_, (s, _))| s.phase() != Phase::Busy)
-            .min_by_key(|(_, (s, _))| s.since())
+            .min_by_key(|(_, (s, _))| (s.answered.load(Ordering::Relaxed), s.since()))
             .map(|(id, _)| *id)?;
         let (state, permit) = conns.remove(&victim)?;
         state.evicted.cancel();

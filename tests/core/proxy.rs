@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::{http_get, within, Client, Next, Stack};
 
-struct Proxy {
-    addr: SocketAddr,
+pub(crate) struct Proxy {
+    pub(crate) addr: SocketAddr,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -25,7 +25,7 @@ impl Drop for Proxy {
     }
 }
 
-async fn start_proxy(stack: &Stack) -> Proxy {
+pub(crate) async fn start_proxy(stack: &Stack) -> Proxy {
     let client = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = client.local_addr().unwrap();
