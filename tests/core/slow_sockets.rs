@@ -95,9 +95,17 @@ async fn idle_sockets_on_a_server_admin_port_leave_it_in_the_ring() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sockets_on_the_dbproxy_port_do_not_stop_logins() {
-    let stack = Stack::start().await;
+    let mut stack = Stack::storage().await;
     let n = flood_size();
     let mut flood = open_idle(stack.db_addr, n).await;
+    // A chat server starting during the flood has no pooled connection to
+    // the dbproxy: it must get one past the idle sockets to become ready.
+    within(
+        Duration::from_secs(10),
+        "a chat server started during the flood is ready",
+        stack.start_server(),
+    )
+    .await;
     for wave in 0..2 {
         // Concurrent logins need more connections to the dbproxy than the
         // server holds pooled, so they must get past the idle sockets.
