@@ -84,7 +84,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:7100".into(),
-            admin_listen: "127.0.0.1:7101".into(),
+            admin_listen: "127.0.0.1:9103".into(),
             admin_http: chat_admin::HttpLimits::default(),
             backend: "sqlite".into(),
             sqlite_path: "data/chat.db".into(),

@@ -104,12 +104,19 @@ async fn idle_pooled_connections_are_closed() {
     );
     burst(&client, 64).await;
     let most = r.most.load(Ordering::SeqCst);
-    assert!((2..=8).contains(&most), "{most} connections with a cap of 8");
+    assert!(
+        (2..=8).contains(&most),
+        "{most} connections with a cap of 8"
+    );
     // The client lives on, unused: the pool closes what it keeps.
-    wait_until("idle pooled connections closed", Duration::from_secs(5), || {
-        let open = r.open.load(Ordering::SeqCst);
-        async move { open == 0 }
-    })
+    wait_until(
+        "idle pooled connections closed",
+        Duration::from_secs(5),
+        || {
+            let open = r.open.load(Ordering::SeqCst);
+            async move { open == 0 }
+        },
+    )
     .await;
     // And opens new ones when needed.
     burst(&client, 4).await;
