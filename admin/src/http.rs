@@ -18,9 +18,9 @@
 //!
 //! When all `max_connections` slots are taken, a new connection takes the
 //! slot of another, which is closed: of those that never had a request
-//! answered (silent or dribbling sockets) the one waiting longest, else the
-//! longest-idle keep-alive connection; only when every connection is busy
-//! is the new one closed at once. So a flood of silent or idle sockets cannot keep a
+//! answered, the oldest silent one, else the one whose head has been
+//! dribbling in longest; else the longest-idle keep-alive connection. Only
+//! when every connection is in a request is the new one closed at once. So a flood of silent or idle sockets cannot keep a
 //! real prober out: it always finds a slot within one accept.
 
 use std::collections::HashMap;
@@ -150,7 +150,14 @@ pub async fn serve<W, H, Fut>(
                 permit,
             }) => (stream, peer, permit),
             Admission::Full { stream, peer } => match table.evict_longest_idle() {
-                Some(permit) => (stream, peer, permit),
+                Some(permit) => {
+                    // A connect flood keeps this loop busy: let the
+                    // connections just accepted read what they were sent
+                    // (a prober's request) before the next one is let in,
+                    // so they do not look silent when room is made again.
+                    tokio::task::yield_now().await;
+                    (stream, peer, permit)
+                }
                 None => {
                     // Every connection is in a request: refusing at once
                     // beats a client waiting for a slot it cannot see.
@@ -239,7 +246,14 @@ async fn connection<W, H, Fut>(
     // hyper's own header timeout also runs while a keep-alive connection
     // waits for its next request, which would make the idle bound the
     // header bound; the phases above keep the two apart.
-    builder.keep_alive(true).header_read_timeout(None);
+    builder
+        .keep_alive(true)
+        .header_read_timeout(None)
+        // What one connection may buffer (a request head, a read of the
+        // body): 64 KiB instead of hyper's ~400 KiB, so a full listener of
+        // huge heads costs max_connections × 64 KiB at most.
+        .max_buf_size(MAX_BUF_BYTES)
+        .max_headers(MAX_HEADERS);
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let mut draining = false;
@@ -270,6 +284,11 @@ async fn connection<W, H, Fut>(
         }
     }
 }
+
+/// Our requests have a handful of headers; a head larger than this is an
+/// attack or a mistake.
+const MAX_BUF_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -309,6 +328,10 @@ struct ConnState {
     /// that far (silent or dribbling sockets) are closed first when the
     /// listener is full, before a client's pooled keep-alive connection.
     answered: AtomicBool,
+    /// Whether any byte arrived: of the connections without an answered
+    /// request, the silent ones are closed first, before one (a prober's)
+    /// whose request is arriving.
+    heard: AtomicBool,
     /// Wakes the connection's task when a phase change moves the deadline.
     changed: Notify,
     evicted: CancellationToken,
@@ -323,6 +346,7 @@ impl ConnState {
             since_ms: AtomicU64::new(0),
             deadline_ms: AtomicU64::new(millis(times.header)),
             answered: AtomicBool::new(false),
+            heard: AtomicBool::new(false),
             changed: Notify::new(),
             evicted: CancellationToken::new(),
         }
@@ -386,16 +410,23 @@ impl Table {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Closes the connection that has been waiting for a head the longest
-    /// (one that never had a request answered), else the longest-idle one,
-    /// and hands over its permit; `None` when every one is busy.
+    /// Closes, of the connections not in a request, the one that has never
+    /// had a request answered and sent nothing for longest, else the one
+    /// whose request head has been arriving longest, else the longest-idle
+    /// one, and hands over its permit; `None` when every one is busy.
     /// O(open connections), paid only when the listener is full.
     fn evict_longest_idle(&self) -> Option<OwnedSemaphorePermit> {
         let mut conns = self.lock();
         let victim = conns
             .iter()
             .filter(|(_, (s, _))| s.phase() != Phase::Busy)
-            .min_by_key(|(_, (s, _))| (s.answered.load(Ordering::Relaxed), s.since()))
+            .min_by_key(|(_, (s, _))| {
+                (
+                    s.answered.load(Ordering::Relaxed),
+                    s.heard.load(Ordering::Relaxed),
+                    s.since(),
+                )
+            })
             .map(|(id, _)| *id)?;
         let (state, permit) = conns.remove(&victim)?;
         state.evicted.cancel();
@@ -431,8 +462,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before && self.state.phase() == Phase::Idle {
-            self.state.enter(Phase::Head);
+        if buf.filled().len() > before {
+            self.state.heard.store(true, Ordering::Relaxed);
+            if self.state.phase() == Phase::Idle {
+                self.state.enter(Phase::Head);
+            }
         }
         r
     }

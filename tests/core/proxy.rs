@@ -14,6 +14,7 @@ use crate::common::{http_get, within, Client, Next, Stack};
 
 pub(crate) struct Proxy {
     pub(crate) addr: SocketAddr,
+    pub(crate) admin_addr: SocketAddr,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -55,7 +56,12 @@ pub(crate) async fn start_proxy(stack: &Stack) -> Proxy {
         )
     })
     .await;
-    Proxy { addr, cancel, task }
+    Proxy {
+        addr,
+        admin_addr,
+        cancel,
+        task,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,9 +7,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::common::{open_files_limit, try_http_get, within, Client, Stack};
 use crate::proxy::start_proxy;
@@ -43,6 +46,35 @@ async fn open_idle(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
         }
     }
     open
+}
+
+/// Opens `n` connections to `addr` that each send a never-ending request
+/// head, one byte every 200 ms, until `stop`.
+async fn dribble(addr: SocketAddr, n: usize, stop: &CancellationToken) -> JoinSet<()> {
+    let mut dribblers = JoinSet::new();
+    for _ in 0..n {
+        let stop = stop.clone();
+        dribblers.spawn(async move {
+            let Ok(Ok(mut s)) =
+                tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await
+            else {
+                return;
+            };
+            let head = b"GET /readyz HTTP/1.1\r\nX-Slow: ";
+            let _ = s.write_all(head).await;
+            // Bounded: the test stops it, and a closed socket ends it.
+            for _ in 0..200 {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                if s.write_all(b"a").await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    dribblers
 }
 
 /// `/readyz` on `admin` answers 200 within 2 s every 250 ms for `period`.
@@ -133,5 +165,39 @@ async fn idle_sockets_on_the_dbproxy_port_do_not_stop_logins() {
             flood.extend(open_idle(stack.db_addr, n).await);
         }
     }
+    drop(flood);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_dribbling_sockets_on_the_dbproxy_and_proxy_admin_ports() {
+    let stack = Stack::start().await;
+    let proxy = start_proxy(&stack).await;
+    let n = flood_size() / 2;
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let mut flood = Vec::new();
+    let mut dribblers = Vec::new();
+    for admin in [stack.db_admin_addr, proxy.admin_addr] {
+        flood.extend(open_idle(admin, n / 2).await);
+        dribblers.push(dribble(admin, n / 2, &stop).await);
+    }
+    for admin in [stack.db_admin_addr, proxy.admin_addr] {
+        stays_ready(admin, Duration::from_millis(1_500)).await;
+    }
+    // The scrape still works, and the stack still serves logins.
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        try_http_get(stack.db_admin_addr, "/metrics"),
+    )
+    .await;
+    assert!(
+        matches!(&r, Ok(Ok((200, body))) if body.contains("chat_dbproxy_")),
+        "{r:?}"
+    );
+    within(Duration::from_secs(5), "a login through the proxy", async {
+        Client::login(proxy.addr, "carol", "pw").await
+    })
+    .await;
+    stop.cancel();
     drop(flood);
 }
