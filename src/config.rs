@@ -325,6 +325,63 @@ mod tests {
     }
 
     #[test]
+    fn http_bounds_and_pool_keys_load_and_are_named() {
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("CHAT_SERVER__ADMIN_HTTP__MAX_CONNECTIONS", "8"),
+                ("CHAT_SERVER__DBPROXY_POOL_MAX", "100"),
+                ("CHAT_DBPROXY__ADMIN_LISTEN", "0.0.0.0:9103"),
+                ("CHAT_DBPROXY__IDLE_TIMEOUT_MS", "45000"),
+                ("CHAT_PROXY__ADMIN_HTTP__HEADER_TIMEOUT_MS", "2000"),
+            ]),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.server.admin_http.max_connections, 8);
+        assert_eq!(c.server.dbproxy_pool_max, 100);
+        assert_eq!(c.dbproxy.admin_listen, "0.0.0.0:9103");
+        assert_eq!(c.dbproxy.idle_timeout_ms, 45_000);
+        assert_eq!(c.proxy.admin_http.header_timeout_ms, 2000);
+        for (key, value, named) in [
+            (
+                "CHAT_SERVER__ADMIN_HTTP__IDLE_TIMEOUT_MS",
+                "0",
+                "server.admin_http.idle_timeout_ms",
+            ),
+            (
+                "CHAT_SERVER__DBPROXY_POOL_MAX",
+                "0",
+                "server.dbproxy_pool_max",
+            ),
+            (
+                "CHAT_SERVER__DBPROXY_POOL_IDLE_MS",
+                "1",
+                "server.dbproxy_pool_idle_ms",
+            ),
+            (
+                "CHAT_PROXY__ADMIN_HTTP__MAX_CONNECTIONS",
+                "0",
+                "proxy.admin_http.max_connections",
+            ),
+            (
+                "CHAT_DBPROXY__ADMIN_HTTP__HEADER_TIMEOUT_MS",
+                "0",
+                "admin_http.header_timeout_ms",
+            ),
+            (
+                "CHAT_DBPROXY__REQUEST_TIMEOUT_MS",
+                "0",
+                "request_timeout_ms",
+            ),
+        ] {
+            let c = Config::load_from(None, env(&[(key, value)])).unwrap();
+            let e = format!("{:#}", c.validate().unwrap_err());
+            assert!(e.contains(named), "{key}={value}: {e}");
+        }
+    }
+
+    #[test]
     fn example_config_loads_and_validates() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/chat.example.toml");
         let c = Config::load_from(Some(&path), env(&[])).unwrap();

@@ -52,17 +52,35 @@ pub async fn run_server(
         .context("chat server failed")
 }
 
+/// A dbproxy whose listeners are already bound.
+pub struct BoundDbproxy {
+    pub listeners: chat_dbproxy::Listeners,
+    pub api_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+pub async fn bind_dbproxy(config: &chat_dbproxy::Config) -> anyhow::Result<BoundDbproxy> {
+    let (api, api_addr) = bind("dbproxy.listen", &config.listen).await?;
+    let (admin, admin_addr) = bind("dbproxy.admin_listen", &config.admin_listen).await?;
+    Ok(BoundDbproxy {
+        listeners: chat_dbproxy::Listeners { api, admin },
+        api_addr,
+        admin_addr,
+    })
+}
+
 pub async fn run_dbproxy(
-    listener: TcpListener,
+    bound: BoundDbproxy,
     config: chat_dbproxy::Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     tracing::info!(
-        listen = %listener.local_addr().context("dbproxy listener")?,
+        listen = %bound.api_addr,
+        admin = %bound.admin_addr,
         backend = %config.backend,
         "dbproxy starting"
     );
-    chat_dbproxy::run(listener, config, Registry::new(), shutdown)
+    chat_dbproxy::run(bound.listeners, config, Registry::new(), shutdown)
         .await
         .context("dbproxy failed")
 }
@@ -81,8 +99,8 @@ pub async fn dbproxy(
     config: chat_dbproxy::Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (listener, _) = bind("dbproxy.listen", &config.listen).await?;
-    run_dbproxy(listener, config, shutdown).await
+    let bound = bind_dbproxy(&config).await?;
+    run_dbproxy(bound, config, shutdown).await
 }
 
 /// A proxy whose listeners are already bound.

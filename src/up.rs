@@ -62,9 +62,21 @@ pub async fn run(
         format!("SQLite at {}", db_path.display())
     };
 
+    // Every server's dbproxy pool must fit what the one dbproxy accepts.
+    let pooled = u64::from(config.up.servers) * config.server.dbproxy_pool_max as u64;
+    if pooled > config.dbproxy.max_connections as u64 {
+        anyhow::bail!(
+            "server.dbproxy_pool_max: {} servers × {} connections exceed dbproxy.max_connections ({})",
+            config.up.servers,
+            config.server.dbproxy_pool_max,
+            config.dbproxy.max_connections
+        );
+    }
+
     // Bind everything before starting anything: a busy port fails the whole
     // command at once instead of leaving half a stack running.
-    let (db_listener, db_addr) = tiers::bind("dbproxy.listen", &config.dbproxy.listen).await?;
+    let bound_db = tiers::bind_dbproxy(&config.dbproxy).await?;
+    let (db_addr, db_admin) = (bound_db.api_addr, bound_db.admin_addr);
     config.server.dbproxy_url = format!("http://{db_addr}");
     // N chat servers, ports 10 apart, one cluster with a fresh secret.
     let n = config.up.servers;
@@ -121,7 +133,7 @@ pub async fn run(
         async move {
             // A drop guard, so that a panic stops the other tiers too.
             let _stop_server = server_stop.drop_guard();
-            tiers::run_dbproxy(db_listener, dbproxy_config, own).await
+            tiers::run_dbproxy(bound_db, dbproxy_config, own).await
         }
     });
     // The proxy stops with the servers (and, failing, stops them).
@@ -163,7 +175,7 @@ pub async fn run(
          \n                cargo run -- client {proxy_addr}\
          \n  servers:{listing}\
          \n  metrics:      http://{proxy_admin}/metrics (proxy)\
-         \n                http://{db_addr}/metrics (dbproxy)\
+         \n                http://{db_admin}/metrics (dbproxy)\
          \n\nCtrl-C to stop.",
         if n == 1 { "" } else { "s" },
         proxy_addr.ip(),

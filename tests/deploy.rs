@@ -333,6 +333,7 @@ impl Line {
 struct Tiers {
     cancel: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The dbproxy's admin port (what Prometheus scrapes).
     dbproxy: SocketAddr,
     server_admin: SocketAddr,
     proxy: SocketAddr,
@@ -360,7 +361,8 @@ async fn start_tiers() -> Tiers {
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
 
-    let (db_l, dbproxy) = bind().await;
+    let (api, dbproxy_api) = bind().await;
+    let (admin, dbproxy) = bind().await;
     let db_cfg = chat_dbproxy::Config {
         sqlite_path: dir.path().join("chat.db").to_string_lossy().into_owned(),
         shutdown_grace_secs: 1,
@@ -368,7 +370,8 @@ async fn start_tiers() -> Tiers {
     };
     let c = cancel.clone();
     tasks.push(tokio::spawn(async move {
-        chat_dbproxy::run(db_l, db_cfg, prometheus::Registry::new(), c)
+        let l = chat_dbproxy::Listeners { api, admin };
+        chat_dbproxy::run(l, db_cfg, prometheus::Registry::new(), c)
             .await
             .expect("dbproxy run");
     }));
@@ -376,7 +379,7 @@ async fn start_tiers() -> Tiers {
     let (client, server) = bind().await;
     let (admin, server_admin) = bind().await;
     let mut srv_cfg = chat_server::Config {
-        dbproxy_url: format!("http://{dbproxy}"),
+        dbproxy_url: format!("http://{dbproxy_api}"),
         shutdown_grace_secs: 1,
         trust_proxy_line: vec!["127.0.0.1".into()],
         ..Default::default()
@@ -602,9 +605,9 @@ async fn mysql_only_metrics_are_exposed() {
     let pair = tokio::task::spawn_blocking(mariadb::Pair::start)
         .await
         .expect("start MariaDB primary + replica");
-    let (listener, addr) = bind().await;
+    let (api, _) = bind().await;
+    let (admin, addr) = bind().await;
     let config = chat_dbproxy::Config {
-        listen: addr.to_string(),
         backend: "mysql".into(),
         shutdown_grace_secs: 1,
         mysql: pair.mysql_config(),
@@ -613,7 +616,8 @@ async fn mysql_only_metrics_are_exposed() {
     let cancel = CancellationToken::new();
     let task = tokio::spawn({
         let cancel = cancel.clone();
-        async move { chat_dbproxy::run(listener, config, prometheus::Registry::new(), cancel).await }
+        let l = chat_dbproxy::Listeners { api, admin };
+        async move { chat_dbproxy::run(l, config, prometheus::Registry::new(), cancel).await }
     });
     let used = used_names();
     let deadline = Instant::now() + Duration::from_secs(20);

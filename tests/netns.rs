@@ -181,7 +181,7 @@ fn partition_replica() {
                 &format!("dbproxy {dbp} sees the replica lag and stops reading from it"),
                 Duration::from_secs(15),
                 || {
-                    net::http_get(&ns, &format!("http://{dbp}:7100/metrics")).is_some_and(|m| {
+                    net::http_get(&ns, &format!("http://{dbp}:9103/metrics")).is_some_and(|m| {
                         metric(&m, &lag).is_some_and(|l| l > 1.0)
                             && metric(&m, "chat_dbproxy_replicas_unhealthy ")
                                 .is_some_and(|u| u >= 1.0)

@@ -3,29 +3,28 @@
 //! explicit registry), `/healthz` (the process is alive) and `/readyz` (it
 //! accepts work: not starting up, not draining).
 //!
-//! accept → hyper http1 connection → [`respond`] → registry gather / health flag.
-//! Tiers that already speak HTTP (dbproxy) call [`respond`] from their own
-//! service instead of running [`serve`]. [`shutdown::on_signal`] is the
-//! Ctrl-C / SIGTERM token of every binary (`chat`, `chat-bench`).
+//! accept → [`http::serve`] (the one HTTP serving mechanism: time and
+//! connection bounds) → [`respond`] → registry gather / health flag. The
+//! dbproxy serves its API through [`http::serve`] too, and this endpoint on
+//! a port of its own. [`shutdown::on_signal`] is the Ctrl-C / SIGTERM token
+//! of every binary (`chat`, `chat-bench`).
 
 pub mod accept;
+pub mod http;
 pub mod shutdown;
 
-use std::convert::Infallible;
+pub use crate::http::HttpLimits;
+
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::http::{Response, StatusCode};
 use bytes::Bytes;
-use http::{Response, StatusCode};
 use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Why a tier is or is not ready. `/readyz` answers 200 only for
 /// [`Readiness::Ready`]; the other states answer 503 with their reason in
@@ -94,28 +93,32 @@ impl Health {
 
 /// Answers the admin paths; `None` for any other path.
 pub fn respond(path: &str, registry: &Registry, health: &Health) -> Option<Response<Full<Bytes>>> {
-    let (status, content_type, body) = match path {
-        "/metrics" => {
-            let mut buf = Vec::new();
-            let encoder = TextEncoder::new();
-            if let Err(e) = encoder.encode(&registry.gather(), &mut buf) {
-                tracing::error!(error = %e, "encoding metrics failed");
-                return Some(text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "metrics encoding failed\n",
-                ));
-            }
-            (
-                StatusCode::OK,
-                encoder.format_type().to_string(),
-                Bytes::from(buf),
-            )
-        }
-        "/healthz" => (
-            StatusCode::OK,
-            "text/plain".into(),
-            Bytes::from_static(b"ok\n"),
-        ),
+    if path != "/metrics" {
+        return respond_health(path, health);
+    }
+    let mut buf = Vec::new();
+    let encoder = TextEncoder::new();
+    if let Err(e) = encoder.encode(&registry.gather(), &mut buf) {
+        tracing::error!(error = %e, "encoding metrics failed");
+        return Some(text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics encoding failed\n",
+        ));
+    }
+    Some(
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", encoder.format_type())
+            .body(Full::new(Bytes::from(buf)))
+            .expect("static response parts are valid"),
+    )
+}
+
+/// Answers `/healthz` and `/readyz` only (what a tier may answer on a port
+/// that is not its admin port); `None` for any other path.
+pub fn respond_health(path: &str, health: &Health) -> Option<Response<Full<Bytes>>> {
+    let (status, body) = match path {
+        "/healthz" => (StatusCode::OK, "ok\n"),
         "/readyz" => {
             let state = health.state();
             let status = if state == Readiness::Ready {
@@ -123,21 +126,11 @@ pub fn respond(path: &str, registry: &Registry, health: &Health) -> Option<Respo
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            (
-                status,
-                "text/plain".into(),
-                Bytes::from_static(state.body().as_bytes()),
-            )
+            (status, state.body())
         }
         _ => return None,
     };
-    Some(
-        Response::builder()
-            .status(status)
-            .header("content-type", content_type)
-            .body(Full::new(body))
-            .expect("static response parts are valid"),
-    )
+    Some(text(status, body))
 }
 
 pub fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -148,41 +141,22 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         .expect("static response parts are valid")
 }
 
-/// Admin connections are few (scrapers, probes): this caps them anyway.
-const MAX_ADMIN_CONNECTIONS: usize = 64;
-
 /// Serves the admin endpoint until `shutdown`, then lets open requests finish
 /// for at most `grace`.
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
     health: Health,
+    limits: HttpLimits,
     shutdown: CancellationToken,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let tracker = TaskTracker::new();
-    let acceptor = accept::Acceptor::new(listener, MAX_ADMIN_CONNECTIONS);
-    while let Some(accept::Accepted { stream, permit, .. }) = acceptor.next(&shutdown).await {
-        let (registry, health, shutdown) = (registry.clone(), health.clone(), shutdown.clone());
-        tracker.spawn(async move {
-            let _permit = permit;
-            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let resp = respond(req.uri().path(), &registry, &health)
-                    .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "not found\n"));
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
-    tracker.close();
-    let _ = tokio::time::timeout(grace, tracker.wait()).await;
+    let acceptor = accept::Acceptor::new(listener, limits.max_connections);
+    let handler = move |req: ::http::Request<hyper::body::Incoming>| {
+        let resp = respond(req.uri().path(), &registry, &health)
+            .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "not found\n"));
+        std::future::ready(resp)
+    };
+    http::serve(acceptor, limits, http::Plain, handler, shutdown, grace).await;
     Ok(())
 }

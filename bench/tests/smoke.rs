@@ -35,8 +35,10 @@ async fn fanout_smoke_run_acks_and_delivers() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cancel = CancellationToken::new();
 
-    let db_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let db_addr = db_listener.local_addr().unwrap();
+    let db_listeners = chat_dbproxy::Listeners::bind("127.0.0.1:0", "127.0.0.1:0")
+        .await
+        .unwrap();
+    let db_addr = db_listeners.api.local_addr().unwrap();
     let db_config = chat_dbproxy::Config {
         listen: db_addr.to_string(),
         backend: "sqlite".into(),
@@ -45,7 +47,7 @@ async fn fanout_smoke_run_acks_and_delivers() {
         ..Default::default()
     };
     let db = tokio::spawn(chat_dbproxy::run(
-        db_listener,
+        db_listeners,
         db_config,
         prometheus::Registry::new(),
         cancel.child_token(),

@@ -26,12 +26,14 @@ use tokio::sync::Semaphore;
 
 use crate::api::*;
 use crate::coalesce::{self, Coalescer, SendFn};
+use crate::pool::CappedConnector;
+pub use crate::pool::PoolOptions;
 
 /// A request that takes longer has a stuck dbproxy behind it; the caller
 /// retries (Unavailable) rather than waiting forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bounds the requests (and so the connections) one chat server opens.
-const MAX_IN_FLIGHT: usize = 512;
+/// How long connecting to a dbproxy may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest answer read from dbproxy. The biggest legitimate one (1000 history
 /// messages of at most a 4 KiB line each, or 1000 rooms) is a few MiB; this
 /// guards against a misbehaving peer, not a real answer.
@@ -48,7 +50,7 @@ struct Inner {
     bases: Vec<String>,
     /// Index into `bases` of the dbproxy that answered last.
     current: AtomicUsize,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<CappedConnector, Full<Bytes>>,
     in_flight: Semaphore,
     /// Appends and DMs of concurrent callers, sent together (see
     /// [`coalesce`]).
@@ -150,6 +152,15 @@ impl DbClient {
     /// `base_url` like `http://127.0.0.1:7100`, or several of them separated
     /// by commas (`http://10.0.0.1:7100,http://10.0.0.2:7100`) to fail over.
     pub fn new(base_url: &str) -> DbClient {
+        DbClient::with_pool(base_url, PoolOptions::default())
+    }
+
+    /// [`DbClient::new`] with the connection pool sized by `pool`: at most
+    /// `pool.max_per_host` connections to each dbproxy, and as many requests
+    /// in flight (a request past it waits for one to finish), idle ones
+    /// closed after `pool.idle_timeout`.
+    pub fn with_pool(base_url: &str, pool: PoolOptions) -> DbClient {
+        let max = pool.max_per_host.max(1);
         let mut bases = parse_bases(base_url);
         if bases.is_empty() {
             // Fails at request time with a clear "bad dbproxy url".
@@ -157,16 +168,17 @@ impl DbClient {
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(MAX_IN_FLIGHT)
-            .build(connector);
+            .pool_idle_timeout(pool.idle_timeout)
+            .pool_max_idle_per_host(max)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(CappedConnector::new(connector, max, CONNECT_TIMEOUT));
         let inner = Arc::new_cyclic(|weak| Inner {
             bases,
             current: AtomicUsize::new(0),
             http,
-            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            in_flight: Semaphore::new(max),
             appends: Coalescer::new(sender(weak, |c, items, retry| async move {
                 let r: AppendResp = c.post(PATH_APPEND, &AppendReq { items }, retry).await?;
                 Ok((r.results, r.pos))

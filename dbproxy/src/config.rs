@@ -10,8 +10,14 @@ pub use crate::mysql::config::MysqlConfig;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Address the binary binds the API (and `/metrics`, `/healthz`, `/readyz`) on.
+    /// Address the binary binds the API on (the chat servers' port; it also
+    /// answers `/readyz` and `/healthz`, which the servers probe).
     pub listen: String,
+    /// Address the binary binds `/metrics`, `/healthz` and `/readyz` on (the
+    /// port Prometheus and the kubelet use).
+    pub admin_listen: String,
+    /// `[dbproxy.admin_http]`: time and connection bounds of the admin listener.
+    pub admin_http: chat_admin::HttpLimits,
     /// Storage backend: `sqlite` or `mysql` (MySQL/MariaDB, see `mysql`).
     pub backend: String,
     /// SQLite database file; missing parent directories are created.
@@ -25,8 +31,20 @@ pub struct Config {
     pub read_connections: usize,
     /// Largest request body accepted; larger bodies get `413`.
     pub max_body_bytes: usize,
-    /// Most HTTP connections served at once; further accepts wait.
+    /// Most API connections open at once. When full, a new connection takes
+    /// the slot of the longest-idle one. Keep it at least the sum of the
+    /// chat servers' `dbproxy_pool_max` (docs/OPERATIONS.md).
     pub max_connections: usize,
+    /// An API request head must arrive within this long of the connection
+    /// opening (or of its first byte after an idle spell).
+    pub header_timeout_ms: u64,
+    /// An API connection with no request for this long is closed; keep it
+    /// above the chat servers' `dbproxy_pool_idle_ms`, so that the pool, not
+    /// the dbproxy, closes an idle connection.
+    pub idle_timeout_ms: u64,
+    /// Longest one API request may take once its head arrived (body and
+    /// answer); above the servers' 10 s request timeout.
+    pub request_timeout_ms: u64,
     /// Seconds that in-flight requests and queued writes get to finish on shutdown.
     pub shutdown_grace_secs: u64,
     /// Longest message text (room message or DM body) stored, in bytes. The
@@ -66,6 +84,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:7100".into(),
+            admin_listen: "127.0.0.1:9103".into(),
+            admin_http: chat_admin::HttpLimits::default(),
             backend: "sqlite".into(),
             sqlite_path: "data/chat.db".into(),
             batch_max_items: 512,
@@ -73,6 +93,9 @@ impl Default for Config {
             read_connections: 4,
             max_body_bytes: 4 * 1024 * 1024,
             max_connections: 1024,
+            header_timeout_ms: 5_000,
+            idle_timeout_ms: 60_000,
+            request_timeout_ms: 30_000,
             shutdown_grace_secs: 10,
             max_text_bytes: 4096,
             max_rooms_per_user: 1000,
@@ -100,6 +123,21 @@ impl Config {
         if self.listen.trim().is_empty() || !self.listen.contains(':') {
             return bad("listen", "must be host:port");
         }
+        if self.admin_listen.trim().is_empty() || !self.admin_listen.contains(':') {
+            return bad("admin_listen", "must be host:port");
+        }
+        if let Err((key, why)) = self.admin_http.validate() {
+            let key = match key {
+                "header_timeout_ms" => "admin_http.header_timeout_ms",
+                "idle_timeout_ms" => "admin_http.idle_timeout_ms",
+                "request_timeout_ms" => "admin_http.request_timeout_ms",
+                _ => "admin_http.max_connections",
+            };
+            return bad(key, why);
+        }
+        if let Err((key, why)) = self.api_http().validate() {
+            return bad(key, why);
+        }
         if self.backend != "sqlite" && self.backend != "mysql" {
             return bad(
                 "backend",
@@ -126,9 +164,6 @@ impl Config {
         }
         if self.max_body_bytes < 1024 {
             return bad("max_body_bytes", "must be at least 1024");
-        }
-        if self.max_connections == 0 {
-            return bad("max_connections", "must be at least 1");
         }
         if !(1..=1 << 20).contains(&self.max_text_bytes) {
             return bad("max_text_bytes", "must be 1..=1048576");
@@ -167,6 +202,16 @@ impl Config {
             return bad("hash_threads", "must be 0..=256");
         }
         Ok(())
+    }
+
+    /// The API listener's bounds, from its keys.
+    pub fn api_http(&self) -> chat_admin::HttpLimits {
+        chat_admin::HttpLimits {
+            header_timeout_ms: self.header_timeout_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            request_timeout_ms: self.request_timeout_ms,
+            max_connections: self.max_connections,
+        }
     }
 
     /// [`Config::token_idle_ttl_secs`] in ms, as the queries compare it.
@@ -238,6 +283,44 @@ mod tests {
                 "hash_threads",
                 Config {
                     hash_threads: 1000,
+                    ..Config::default()
+                },
+            ),
+            (
+                "admin_listen",
+                Config {
+                    admin_listen: "nowhere".into(),
+                    ..Config::default()
+                },
+            ),
+            (
+                "admin_http.idle_timeout_ms",
+                Config {
+                    admin_http: chat_admin::HttpLimits {
+                        idle_timeout_ms: 0,
+                        ..Default::default()
+                    },
+                    ..Config::default()
+                },
+            ),
+            (
+                "`max_connections`",
+                Config {
+                    max_connections: 0,
+                    ..Config::default()
+                },
+            ),
+            (
+                "`header_timeout_ms`",
+                Config {
+                    header_timeout_ms: 99,
+                    ..Config::default()
+                },
+            ),
+            (
+                "`request_timeout_ms`",
+                Config {
+                    request_timeout_ms: 0,
                     ..Config::default()
                 },
             ),

@@ -1,26 +1,24 @@
-//! The HTTP side: accept loop (bounded by a semaphore), one tracked task per
-//! hyper http1 connection, and the router from API paths to [`Backend`] calls.
+//! The API over HTTP: served by `chat_admin::http::serve` (accept, time and
+//! connection bounds), and the router from API paths to [`Backend`] calls.
+//! Besides the API this port answers `/readyz` and `/healthz` (the chat
+//! servers probe it, and may reach no other dbproxy port); `/metrics` is on
+//! the admin port only.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chat_admin::Health;
+use chat_admin::accept::Acceptor;
+use chat_admin::http::Plain;
+use chat_admin::{Health, HttpLimits};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use prometheus::Registry;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiError, ErrorBody, ErrorKind};
 use crate::backend::Backend;
@@ -29,80 +27,26 @@ use crate::metrics::Metrics;
 pub(crate) struct Shared {
     pub backend: Arc<dyn Backend>,
     pub metrics: Arc<Metrics>,
-    pub registry: Registry,
     pub health: Health,
     pub max_body_bytes: usize,
 }
 
-/// Accepts until `shutdown`, then gives open connections `grace` to finish.
+/// Serves the API on `listener` (bounded as `limits` says, through the one
+/// HTTP mechanism every tier uses) until `shutdown`, then gives open
+/// connections `grace` to finish.
 pub(crate) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
-    max_connections: usize,
+    limits: HttpLimits,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let tracker = TaskTracker::new();
-    // Bounds memory and file descriptors; the chat servers pool their
-    // connections, so the limit is far above what they need.
-    let permits = Arc::new(Semaphore::new(max_connections));
-    let mut conn_id: u64 = 0;
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        conn_id += 1;
-        let _ = stream.set_nodelay(true);
-        let (shared, shutdown) = (shared.clone(), shutdown.clone());
-        let span = tracing::debug_span!("conn", %peer, id = conn_id);
-        tracker.spawn(tracing::Instrument::instrument(
-            async move {
-                let _permit = permit;
-                let svc = service_fn(move |req| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(handle(&shared, req).await) }
-                });
-                let conn = http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), svc);
-                tokio::pin!(conn);
-                let result = tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with error");
-                }
-            },
-            span,
-        ));
-    }
-    drop(listener);
-    tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            open = tracker.len(),
-            "connections still open after the grace period"
-        );
-    }
+    let acceptor = Acceptor::new(listener, limits.max_connections);
+    let handler = move |req| {
+        let shared = shared.clone();
+        async move { handle(&shared, req).await }
+    };
+    chat_admin::http::serve(acceptor, limits, Plain, handler, shutdown, grace).await;
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
@@ -157,7 +101,8 @@ fn path_label(path: &str) -> &'static str {
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
-    if let Some(resp) = chat_admin::respond(&path, &shared.registry, &shared.health) {
+    // Never `/metrics` here: that is for whoever may reach the admin port.
+    if let Some(resp) = chat_admin::respond_health(&path, &shared.health) {
         return resp;
     }
     let label = path_label(&path);

@@ -12,7 +12,8 @@
 //! failed-login limits), `metrics`. `config.backend` picks `sqlite` or
 //! `mysql`. `/readyz` follows a probe of the backend every second.
 //!
-//! Data path of a write: accept → `http::serve` (one task per connection) →
+//! Data path of a write: accept → `http::serve` (`chat_admin::http::serve`:
+//! one task per connection, time and connection bounds) →
 //! `http::handle` → `front::Checked` → `Backend` method → `writer` queue → one batch per
 //! transaction → SQLite commit (or, for mysql, a transaction on the current
 //! primary) → each request answered. Reads skip the writer and run on a pool
@@ -32,6 +33,7 @@ mod http;
 mod limiter;
 mod metrics;
 mod mysql;
+mod pool;
 mod schema;
 mod sqlite;
 mod validate;
@@ -57,12 +59,30 @@ use chat_admin::Readiness;
 const READY_PROBE_EVERY: Duration = Duration::from_secs(1);
 const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Serves the API plus /metrics, /healthz, /readyz on `listener` until
-/// `shutdown` is cancelled, then finishes in-flight requests and pending
-/// batches within `config.shutdown_grace_secs`. Opens/migrates the database
-/// before accepting.
+/// The sockets the dbproxy serves, bound by the caller (port 0 in tests).
+pub struct Listeners {
+    /// The API (plus `/readyz`, `/healthz`): the chat servers' port.
+    pub api: TcpListener,
+    /// `/metrics`, `/healthz`, `/readyz`: Prometheus' and the kubelet's port.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both (tests bind `127.0.0.1:0` twice).
+    pub async fn bind(api: &str, admin: &str) -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            api: TcpListener::bind(api).await?,
+            admin: TcpListener::bind(admin).await?,
+        })
+    }
+}
+
+/// Serves the API on `listeners.api` and /metrics, /healthz, /readyz on
+/// `listeners.admin` until `shutdown` is cancelled, then finishes in-flight
+/// requests and pending batches within `config.shutdown_grace_secs`.
+/// Opens/migrates the database before accepting.
 pub async fn run(
-    listener: TcpListener,
+    listeners: Listeners,
     config: Config,
     registry: prometheus::Registry,
     shutdown: CancellationToken,
@@ -90,7 +110,8 @@ pub async fn run(
         config.sqlite_path.clone()
     };
     tracing::info!(
-        addr = ?listener.local_addr().ok(),
+        addr = ?listeners.api.local_addr().ok(),
+        admin = ?listeners.admin.local_addr().ok(),
         backend = %config.backend,
         %db,
         "dbproxy serving"
@@ -98,16 +119,25 @@ pub async fn run(
     let shared = Arc::new(http::Shared {
         backend: backend.clone(),
         metrics,
-        registry,
         health: health.clone(),
         max_body_bytes: config.max_body_bytes,
     });
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let serve_shutdown = CancellationToken::new();
+    // The admin port answers until the API has drained, so a probe sees
+    // `draining` rather than a refused connection.
+    let admin = tokio::spawn(chat_admin::serve(
+        listeners.admin,
+        registry,
+        health.clone(),
+        config.admin_http,
+        serve_shutdown.clone(),
+        grace,
+    ));
     let server = http::serve(
-        listener,
+        listeners.api,
         shared,
-        config.max_connections,
+        config.api_http(),
         serve_shutdown.clone(),
         grace,
     );
@@ -127,11 +157,14 @@ pub async fn run(
             if tokio::time::timeout(left, backend.close()).await.is_err() {
                 tracing::warn!("writer did not drain within the grace period");
             }
+            let _ = admin.await;
             tracing::info!("dbproxy stopped");
             return Ok(());
         }
     }
     probe_stop.cancel();
+    serve_shutdown.cancel();
+    let _ = admin.await;
     backend.close().await;
     Ok(())
 }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 struct Proxy {
     client: DbClient,
     base: String,
+    admin: String,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), chat_dbproxy::DbProxyError>>,
 }
@@ -23,8 +24,11 @@ impl Proxy {
     }
 
     async fn start_with(dir: &Path, config: Config) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let listeners = chat_dbproxy::Listeners::bind("127.0.0.1:0", "127.0.0.1:0")
+            .await
+            .unwrap();
+        let base = format!("http://{}", listeners.api.local_addr().unwrap());
+        let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
         let config = Config {
             sqlite_path: dir.join("db/chat.db").to_string_lossy().into_owned(),
             shutdown_grace_secs: 2,
@@ -32,7 +36,7 @@ impl Proxy {
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(chat_dbproxy::run(
-            listener,
+            listeners,
             config,
             prometheus::Registry::new(),
             shutdown.clone(),
@@ -41,6 +45,7 @@ impl Proxy {
         let proxy = Proxy {
             client,
             base,
+            admin,
             shutdown,
             task,
         };
@@ -324,7 +329,9 @@ async fn concurrent_appends_get_dense_seqs() {
         1000
     );
 
-    let (_, metrics) = raw_get(&p.base, "/metrics").await.unwrap();
+    let (_, metrics) = raw_get(&p.admin, "/metrics").await.unwrap();
+    // The API port, which the chat servers reach, has no metrics.
+    assert_eq!(raw_get(&p.base, "/metrics").await.unwrap().0, 404);
     assert!(
         metrics.contains("chat_dbproxy_messages_stored_total 1000"),
         "{metrics}"
@@ -500,13 +507,15 @@ async fn http_edges() {
 
 #[tokio::test]
 async fn invalid_config_is_refused() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listeners = chat_dbproxy::Listeners::bind("127.0.0.1:0", "127.0.0.1:0")
+        .await
+        .unwrap();
     let config = Config {
         write_queue: 0,
         ..Config::default()
     };
     let e = chat_dbproxy::run(
-        listener,
+        listeners,
         config,
         prometheus::Registry::new(),
         CancellationToken::new(),

@@ -12,7 +12,6 @@ use chat_dbproxy::api::{AppendItem, ErrorKind};
 use chat_dbproxy::config::MysqlConfig;
 use chat_dbproxy::{Config, DbClient};
 use mariadb_harness::Pair;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -31,8 +30,10 @@ impl Proxy {
 
     /// `config` with its `mysql` section pointed at `pair`.
     async fn start_with(pair: &Pair, config: Config) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let listeners = chat_dbproxy::Listeners::bind("127.0.0.1:0", "127.0.0.1:0")
+            .await
+            .unwrap();
+        let base = format!("http://{}", listeners.api.local_addr().unwrap());
         let config = Config {
             backend: "mysql".into(),
             shutdown_grace_secs: 2,
@@ -48,7 +49,7 @@ impl Proxy {
         let registry = prometheus::Registry::new();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(chat_dbproxy::run(
-            listener,
+            listeners,
             config,
             registry.clone(),
             shutdown.clone(),

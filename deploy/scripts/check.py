@@ -18,7 +18,13 @@ Usage: check.py KUBECTL KUBERNETES_VALIDATE PROMTOOL CHAT_BINARY OUT_DIR
 6. checks every chat_* metric the rules and the dashboard use is registered in
    the source (tests/deploy.rs also checks them against live /metrics output);
 7. evaluates the NetworkPolicies as Kubernetes does and checks who can reach
-   each named port of each tier against the intended matrix (REACH).
+   each named port of each tier against the intended matrix (REACH);
+8. checks that the connection caps agree (cap_problems): every chat server's
+   dbproxy pool fits one dbproxy (replicas(server) × server.dbproxy_pool_max
+   ≤ dbproxy.max_connections: the servers reach the dbproxies through one
+   Service, and kube-proxy may put every connection on one pod), and pools
+   close idle connections before the dbproxy would; mutated copies of each
+   rendered target must fail it, so the check itself is tested.
 """
 
 import json
@@ -37,7 +43,13 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 TARGETS = {"base": "k8s/base", "kind": "k8s/overlays/kind", "production": "k8s/overlays/production"}
 # Where each tier serves /metrics, /healthz, /readyz: the key of its section.
-ADMIN_KEY = {"proxy": "admin_listen", "server": "admin_listen", "dbproxy": "listen"}
+ADMIN_KEY = {"proxy": "admin_listen", "server": "admin_listen", "dbproxy": "admin_listen"}
+# The binaries' defaults for the connection caps (server/src/config.rs,
+# dbproxy/src/config.rs), used when a ConfigMap leaves a key out.
+SERVER_POOL_MAX = 256
+SERVER_POOL_IDLE_MS = 30000
+DBPROXY_MAX_CONNECTIONS = 1024
+DBPROXY_IDLE_TIMEOUT_MS = 60000
 
 failures = []
 
@@ -275,6 +287,56 @@ def check_consistency(rendered):
         print(f"ok: ports, probes, annotations, Services, grace periods, security: {name}")
 
 
+def cap_problems(server_replicas, ssec, dsec):
+    """What is wrong with the connection caps of one rendered target."""
+    problems = []
+    pool = ssec.get("dbproxy_pool_max", SERVER_POOL_MAX)
+    most = dsec.get("max_connections", DBPROXY_MAX_CONNECTIONS)
+    if server_replicas * pool > most:
+        problems.append(f"{server_replicas} chat servers × server.dbproxy_pool_max {pool} = "
+                        f"{server_replicas * pool} > dbproxy.max_connections {most}")
+    pool_idle = ssec.get("dbproxy_pool_idle_ms", SERVER_POOL_IDLE_MS)
+    idle = dsec.get("idle_timeout_ms", DBPROXY_IDLE_TIMEOUT_MS)
+    if pool_idle >= idle:
+        problems.append(f"server.dbproxy_pool_idle_ms {pool_idle} is not below dbproxy.idle_timeout_ms {idle}: "
+                        "the dbproxy would close pooled connections the servers are about to use")
+    return problems
+
+
+def check_caps(rendered):
+    for name, docs in rendered.items():
+        objs = index(docs)
+        secs = {}
+        replicas = {}
+        for d, spec, c in chat_workloads(docs):
+            tier = c["args"][0]
+            secs[tier] = tomllib.loads(config_of(objs, spec, c)).get(tier, {})
+            replicas[tier] = d["spec"].get("replicas", 1)
+        if "server" not in secs or "dbproxy" not in secs:
+            fail(f"{name}: no chat server or dbproxy workload to check the caps of")
+            continue
+        ssec, dsec, n = secs["server"], secs["dbproxy"], replicas["server"]
+        problems = cap_problems(n, ssec, dsec)
+        for p in problems:
+            fail(f"{name}: connection caps: {p}")
+        # The check must catch what it is for: one server more than fits,
+        # and a pool that outlives the dbproxy's idle timeout.
+        pool = ssec.get("dbproxy_pool_max", SERVER_POOL_MAX)
+        most = dsec.get("max_connections", DBPROXY_MAX_CONNECTIONS)
+        mutants = {
+            "servers beyond the dbproxy's cap": (most // pool + 1, ssec, dsec),
+            "pool larger than the dbproxy's cap": (n, {**ssec, "dbproxy_pool_max": most + 1}, dsec),
+            "pool idle timeout past the dbproxy's": (
+                n, {**ssec, "dbproxy_pool_idle_ms": dsec.get("idle_timeout_ms", DBPROXY_IDLE_TIMEOUT_MS)}, dsec),
+        }
+        for what, (mn, ms, md) in mutants.items():
+            if not cap_problems(mn, ms, md):
+                fail(f"{name}: the caps check passes a mutant it must refuse: {what}")
+        if not problems:
+            print(f"ok: connection caps agree: {name} ({n} servers × {pool} ≤ {most}; "
+                  f"{len(mutants)} mutants refused)")
+
+
 def check_rules(promtool, out, rendered):
     rules_file = DEPLOY / "prometheus/rules.yml"
     plain = yaml.safe_load(rules_file.read_text())
@@ -424,6 +486,7 @@ def main():
     check_rules(promtool, out, rendered)
     check_metric_names()
     check_network_policies(rendered)
+    check_caps(rendered)
     if failures:
         print(f"\ncheck-deploy: {len(failures)} check(s) failed")
         sys.exit(1)

@@ -23,6 +23,8 @@ pub struct Config {
     pub listen: String,
     /// Admin listener: /metrics, /healthz, /readyz.
     pub admin_listen: String,
+    /// `[proxy.admin_http]`: time and connection bounds of the admin listener.
+    pub admin_http: chat_admin::HttpLimits,
     /// Static list of chat servers, used when `dns_name` is not set. The
     /// default is one chat server at its own default addresses.
     pub servers: Vec<ServerAddr>,
@@ -73,6 +75,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:7001".into(),
+            admin_http: chat_admin::HttpLimits::default(),
             admin_listen: "127.0.0.1:9102".into(),
             servers: vec![ServerAddr {
                 client: "127.0.0.1:7000".into(),
@@ -108,6 +111,9 @@ impl Config {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 return bad(key, "must be an ip:port socket address");
             }
+        }
+        if let Err((key, why)) = self.admin_http.validate() {
+            return bad(&format!("admin_http.{key}"), why);
         }
         match (&self.dns_name, self.servers.is_empty()) {
             (None, true) => return bad("servers", "list at least one server, or set dns_name"),
@@ -232,6 +238,9 @@ mod tests {
             ..with_server()
         };
         assert!(err_of(&c).contains("proxy.listen"));
+        let mut c = with_server();
+        c.admin_http.header_timeout_ms = 0;
+        assert!(err_of(&c).contains("proxy.admin_http.header_timeout_ms"));
     }
 
     #[test]

@@ -65,6 +65,7 @@ pub async fn run(
         listeners.admin,
         registry.clone(),
         health.clone(),
+        config.admin_http,
         shutdown.clone(),
         grace,
     ));

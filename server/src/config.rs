@@ -12,8 +12,17 @@ pub struct Config {
     pub listen: String,
     /// Admin listener: /metrics, /healthz, /readyz.
     pub admin_listen: String,
+    /// `[server.admin_http]`: time and connection bounds of the admin listener.
+    pub admin_http: chat_admin::HttpLimits,
     /// Base URL of the dbproxy HTTP API.
     pub dbproxy_url: String,
+    /// Connections this server keeps open to one dbproxy at most (busy and
+    /// idle), and requests in flight to storage. Every server's pool must
+    /// fit the dbproxy's `max_connections`: servers × this ≤ it.
+    pub dbproxy_pool_max: usize,
+    /// A pooled dbproxy connection unused this long is closed. Keep it below
+    /// the dbproxy's `idle_timeout_ms` (60 s), so the pool closes it first.
+    pub dbproxy_pool_idle_ms: u64,
     /// Longest client line in bytes (terminator excluded); longer lines are discarded.
     pub max_line_bytes: usize,
     /// Lines queued for one client before it counts as a slow consumer and is
@@ -141,8 +150,11 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:7000".into(),
+            admin_http: chat_admin::HttpLimits::default(),
             admin_listen: "127.0.0.1:9101".into(),
             dbproxy_url: "http://127.0.0.1:7100".into(),
+            dbproxy_pool_max: 256,
+            dbproxy_pool_idle_ms: 30_000,
             max_line_bytes: 4096,
             send_queue_lines: 1024,
             idle_timeout_secs: 300,
@@ -164,6 +176,14 @@ impl Default for Config {
 }
 
 impl Config {
+    /// How the server pools its dbproxy connections.
+    pub fn dbproxy_pool(&self) -> chat_dbproxy::client::PoolOptions {
+        chat_dbproxy::client::PoolOptions {
+            max_per_host: self.dbproxy_pool_max,
+            idle_timeout: std::time::Duration::from_millis(self.dbproxy_pool_idle_ms),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |key: &str, why: &str| Err(Error::Config(format!("server.{key}: {why}")));
         for (key, addr) in [
@@ -174,11 +194,20 @@ impl Config {
                 return bad(key, "must be an ip:port socket address");
             }
         }
+        if let Err((key, why)) = self.admin_http.validate() {
+            return bad(&format!("admin_http.{key}"), why);
+        }
         if !(self.dbproxy_url.starts_with("http://")) {
             return bad("dbproxy_url", "must be an http:// URL");
         }
         if !(64..=1 << 20).contains(&self.max_line_bytes) {
             return bad("max_line_bytes", "must be between 64 and 1048576");
+        }
+        if !(1..=65_536).contains(&self.dbproxy_pool_max) {
+            return bad("dbproxy_pool_max", "must be 1..=65536");
+        }
+        if !(100..=3_600_000).contains(&self.dbproxy_pool_idle_ms) {
+            return bad("dbproxy_pool_idle_ms", "must be 100..=3600000");
         }
         let positive = [
             ("send_queue_lines", self.send_queue_lines as u64),

@@ -71,7 +71,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     config.validate()?;
     let metrics = Metrics::new(&registry)?;
-    let db = DbClient::new(&config.dbproxy_url);
+    let db = DbClient::with_pool(&config.dbproxy_url, config.dbproxy_pool());
     let tasks = TaskTracker::new();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let health = Health::default();
@@ -80,6 +80,7 @@ pub async fn run(
         listeners.admin,
         registry.clone(),
         health.clone(),
+        config.admin_http,
         shutdown.clone(),
         grace,
     ));

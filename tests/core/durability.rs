@@ -286,7 +286,10 @@ async fn metrics_and_health_endpoints() {
     alice.msg("r", "m", "counted").await;
     alice.history("r", 0, None).await;
 
-    for (tier, addr) in [("server", stack.admin_addr), ("dbproxy", stack.db_addr)] {
+    for (tier, addr) in [
+        ("server", stack.admin_addr),
+        ("dbproxy", stack.db_admin_addr),
+    ] {
         let (status, body) = http_get(addr, "/metrics").await;
         assert_eq!(status, 200, "{tier} GET /metrics");
         assert!(

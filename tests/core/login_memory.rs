@@ -34,12 +34,18 @@ impl Drop for Dbproxy {
 }
 
 impl Dbproxy {
-    /// `chat dbproxy` on a free loopback port with its SQLite file in `dir`.
-    async fn start(dir: &Path) -> (Dbproxy, String) {
+    /// `chat dbproxy` on free loopback ports with its SQLite file in `dir`:
+    /// the API's base URL and the admin address (`/metrics`).
+    async fn start(dir: &Path) -> (Dbproxy, String, std::net::SocketAddr) {
         for attempt in 0..5 {
             // A free port; another process may take it before the child
             // binds it, so a child that exits at once is started again.
             let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
@@ -50,6 +56,7 @@ impl Dbproxy {
                 &config,
                 format!(
                     "[log]\nlevel = \"warn\"\n[dbproxy]\nlisten = \"127.0.0.1:{port}\"\n\
+                     admin_listen = \"127.0.0.1:{admin_port}\"\n\
                      sqlite_path = \"{}\"\nhash_threads = {HASH_THREADS}\n\
                      login_failures_per_account = 1000000\n\
                      login_failures_per_source = 1000000\n",
@@ -83,7 +90,8 @@ impl Dbproxy {
                     tokio::time::timeout(Duration::from_secs(1), try_http_get(addr, "/readyz"))
                         .await
                 {
-                    return (p, format!("http://127.0.0.1:{port}"));
+                    let admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
+                    return (p, format!("http://127.0.0.1:{port}"), admin);
                 }
                 if let Ok(Some(_)) = p.child.try_wait() {
                     break;
@@ -119,7 +127,7 @@ impl Dbproxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_wrong_passwords_keeps_dbproxy_memory_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let (proxy, base) = Dbproxy::start(dir.path()).await;
+    let (proxy, base, admin) = Dbproxy::start(dir.path()).await;
     let client = DbClient::new(&base);
     client.login("victim", "the right one", None).await.unwrap();
     let (idle_rss, _) = proxy.memory_kib();
@@ -141,12 +149,7 @@ async fn a_burst_of_wrong_passwords_keeps_dbproxy_memory_bounded() {
     for o in &outcomes {
         assert_eq!(o.as_ref().unwrap_err().kind, ErrorKind::AuthFailed, "{o:?}");
     }
-    let (_, metrics) = try_http_get(
-        base.trim_start_matches("http://").parse().unwrap(),
-        "/metrics",
-    )
-    .await
-    .unwrap();
+    let (_, metrics) = try_http_get(admin, "/metrics").await.unwrap();
     let hashes: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("chat_dbproxy_password_hashes_total "))

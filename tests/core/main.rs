@@ -16,3 +16,4 @@ mod messages;
 mod proxy;
 mod rooms;
 mod scale;
+mod slow_sockets;

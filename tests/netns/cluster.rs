@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | proxy1, proxy2 | 10.77.0.11-12 | `chat proxy` (:7001, admin :9102) |
 //! | srv1..srv3 | 10.77.0.21-23 | `chat server` (:7000, admin :9101) |
-//! | dbp1, dbp2 | 10.77.0.31-32 | `chat dbproxy` (:7100), both on the same MariaDB |
+//! | dbp1, dbp2 | 10.77.0.31-32 | `chat dbproxy` (API :7100, admin :9103), both on the same MariaDB |
 //! | db1 (primary), db2, db3 | 10.77.0.41-43 | `mariadbd` (:3306), semi-sync GTID replication |
 //! | client1, client2 | 10.77.0.51-52 | `chat-bench --scenario checked` |
 //!
@@ -79,6 +79,9 @@ fn proxy_admin(i: usize) -> String {
 }
 fn dbproxy_addr(i: usize) -> String {
     addr(31 + i as u8, 7100)
+}
+fn dbproxy_admin(i: usize) -> String {
+    addr(31 + i as u8, 9103)
 }
 
 /// Whether this `chat` build accepts `[server.cluster]` (issue 4); without
@@ -154,10 +157,11 @@ fn proxy_toml(i: usize) -> String {
 
 fn dbproxy_toml(i: usize, password_file: &Path) -> String {
     format!(
-        "[log]\nlevel = \"info\"\n[dbproxy]\nlisten = \"{}\"\nbackend = \"mysql\"\nshutdown_grace_secs = 2\n\
+        "[log]\nlevel = \"info\"\n[dbproxy]\nlisten = \"{}\"\nadmin_listen = \"{}\"\nbackend = \"mysql\"\nshutdown_grace_secs = 2\n\
          [dbproxy.mysql]\nprimary = \"{}\"\nreplicas = [\"{}\", \"{}\"]\nuser = \"{}\"\n\
          password_file = \"{}\"\ndatabase = \"{}\"\n",
         dbproxy_addr(i),
+        dbproxy_admin(i),
         addr(41, 3306),
         addr(42, 3306),
         addr(43, 3306),
@@ -305,7 +309,8 @@ impl Cluster {
     }
 
     pub fn wait_dbproxy_ready(&mut self, i: usize) {
-        let url = format!("http://{}/readyz", dbproxy_addr(i));
+        // The admin port, as the kubelet probes it.
+        let url = format!("http://{}/readyz", dbproxy_admin(i));
         let p: fn(&mut Cluster) -> &mut Proc = match i {
             0 => |c| &mut c.dbproxies[0],
             _ => |c| &mut c.dbproxies[1],

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use chat_dbproxy::{Config, DbClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub struct Proxy {
     pub client: DbClient,
     pub base: String,
+    /// The admin port's base URL (`/metrics`, `/healthz`, `/readyz`).
+    pub admin: String,
     pub registry: prometheus::Registry,
     pub sqlite_path: PathBuf,
     shutdown: CancellationToken,
@@ -25,8 +26,11 @@ pub struct Proxy {
 impl Proxy {
     /// `config` with its SQLite file in `dir`; returns once `/readyz` is 200.
     pub async fn start(dir: &Path, config: Config) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let listeners = chat_dbproxy::Listeners::bind("127.0.0.1:0", "127.0.0.1:0")
+            .await
+            .unwrap();
+        let base = format!("http://{}", listeners.api.local_addr().unwrap());
+        let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
         let sqlite_path = dir.join("db/chat.db");
         let config = Config {
             sqlite_path: sqlite_path.to_string_lossy().into_owned(),
@@ -36,7 +40,7 @@ impl Proxy {
         let registry = prometheus::Registry::new();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(chat_dbproxy::run(
-            listener,
+            listeners,
             config,
             registry.clone(),
             shutdown.clone(),
@@ -44,6 +48,7 @@ impl Proxy {
         let proxy = Proxy {
             client: DbClient::new(&base),
             base,
+            admin,
             registry,
             sqlite_path,
             shutdown,

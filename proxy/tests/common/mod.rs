@@ -43,6 +43,7 @@ impl FakeServer {
             admin,
             Registry::new(),
             health.clone(),
+            chat_admin::HttpLimits::default(),
             stop.clone(),
             Duration::from_secs(1),
         ));

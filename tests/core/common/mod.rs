@@ -142,6 +142,9 @@ pub struct Stack {
     pub mariadb: Option<mariadb::Pair>,
     /// The dbproxy's API address; a restarted dbproxy binds it again.
     pub db_addr: SocketAddr,
+    /// The dbproxy's admin address (/metrics, /healthz, /readyz); a fresh
+    /// port at every (re)start.
+    pub db_admin_addr: SocketAddr,
     /// Where clients connect (changes when the server is restarted).
     pub addr: SocketAddr,
     /// The server's admin listener (/metrics, /healthz, /readyz).
@@ -214,6 +217,7 @@ impl Stack {
             sqlite_path,
             mariadb,
             db_addr,
+            db_admin_addr: db_addr,
             addr: db_addr,
             admin_addr: db_addr,
             server_config,
@@ -246,13 +250,18 @@ impl Stack {
         config
     }
 
-    async fn spawn_dbproxy(&mut self, listener: TcpListener) {
+    async fn spawn_dbproxy(&mut self, api: TcpListener) {
         assert!(self.db.is_none(), "dbproxy already running");
+        let admin = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind dbproxy admin");
+        self.db_admin_addr = admin.local_addr().unwrap();
         let cancel = CancellationToken::new();
         let config = self.dbproxy_config();
         let token = cancel.clone();
         let task = tokio::spawn(async move {
-            chat_dbproxy::run(listener, config, prometheus::Registry::new(), token)
+            let listeners = chat_dbproxy::Listeners { api, admin };
+            chat_dbproxy::run(listeners, config, prometheus::Registry::new(), token)
                 .await
                 .map_err(|e| e.to_string())
         });

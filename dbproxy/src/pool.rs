@@ -1,0 +1,159 @@
+//! The chat server's connections to each dbproxy, capped: a connect waits
+//! for one of `max_per_host` permits of its host (dbproxy), held for the
+//! connection's life. With the pool's idle timeout this bounds what one chat
+//! server holds open at a dbproxy, so that the servers' pools together fit
+//! the dbproxy's `max_connections` (docs/OPERATIONS.md states the rule).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// How the chat server pools its connections to dbproxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolOptions {
+    /// Connections open at once to one dbproxy (busy and idle together).
+    pub max_per_host: usize,
+    /// A pooled connection unused this long is closed by the pool.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            max_per_host: 256,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// [`HttpConnector`] with a cap per `host:port`.
+#[derive(Clone)]
+pub(crate) struct CappedConnector {
+    inner: HttpConnector,
+    max_per_host: usize,
+    /// How long a connect waits for a permit: a request whose host is at its
+    /// cap usually gets a pooled connection back meanwhile.
+    wait: Duration,
+    /// One semaphore per host. A std mutex: held only to look one up.
+    hosts: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+}
+
+impl CappedConnector {
+    pub(crate) fn new(inner: HttpConnector, max_per_host: usize, wait: Duration) -> Self {
+        CappedConnector {
+            inner,
+            max_per_host,
+            wait,
+            hosts: Arc::default(),
+        }
+    }
+
+    fn permits(&self, uri: &Uri) -> Arc<Semaphore> {
+        let key = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        hosts
+            .entry(key)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.max_per_host)))
+            .clone()
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for CappedConnector {
+    type Response = Capped;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Capped, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let permits = self.permits(&uri);
+        let wait = self.wait;
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let permit = tokio::time::timeout(wait, permits.acquire_owned())
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "every pooled connection to this dbproxy is busy",
+                    )
+                })?
+                .map_err(io::Error::other)?;
+            let io = inner.call(uri).await?;
+            Ok(Capped {
+                io,
+                _permit: permit,
+            })
+        })
+    }
+}
+
+/// A connection holding its host's permit until it is closed.
+pub(crate) struct Capped {
+    io: TokioIo<TcpStream>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connection for Capped {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl Read for Capped {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl Write for Capped {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
