@@ -161,23 +161,24 @@ async fn read_first_line(
         },
         _ = ctx.shutdown.cancelled() => return Ok(None),
     };
-    let line = match frame {
-        Frame::Line(line) => line,
-        Frame::TooLong => {
-            return Err(ServerLine::err(
-                ErrorCode::LineTooLong,
-                "first line too long",
-            ))
-        }
-        Frame::BadUtf8 => {
-            return Err(ServerLine::err(
-                ErrorCode::BadUtf8,
-                "first line is not UTF-8",
-            ))
-        }
-    };
-    let key = routing_key(&line)?;
+    let key = first_line_key(frame)?;
     Ok(Some(FirstLine { key, raw }))
+}
+
+/// The routing key of the first frame a client sent, or the line to answer
+/// it with. Pure (no I/O), so it can be fuzzed on its own.
+pub fn first_line_key(frame: Frame) -> Result<Vec<u8>, ServerLine> {
+    match frame {
+        Frame::Line(line) => routing_key(&line),
+        Frame::TooLong => Err(ServerLine::err(
+            ErrorCode::LineTooLong,
+            "first line too long",
+        )),
+        Frame::BadUtf8 => Err(ServerLine::err(
+            ErrorCode::BadUtf8,
+            "first line is not UTF-8",
+        )),
+    }
 }
 
 /// The routing key of a first line, answering exactly as a chat server would
