@@ -74,9 +74,8 @@ where
     serde_json::to_vec(&resp).map_err(|e| crate::error::internal(format!("encoding: {e}")))
 }
 
-/// The label for a path: API paths as themselves, everything else "other"
-/// (keeps the metric's cardinality bounded).
-fn path_label(path: &str) -> &'static str {
+/// Every API path (the order is the fuzz target's path selector).
+pub(crate) const API_PATHS: [&str; 14] = {
     use api::*;
     [
         PATH_LOGIN,
@@ -94,9 +93,15 @@ fn path_label(path: &str) -> &'static str {
         PATH_PENDING_DMS,
         PATH_MARK_RECEIVED,
     ]
-    .into_iter()
-    .find(|p| *p == path)
-    .unwrap_or("other")
+};
+
+/// The label for a path: API paths as themselves, everything else "other"
+/// (keeps the metric's cardinality bounded).
+fn path_label(path: &str) -> &'static str {
+    API_PATHS
+        .into_iter()
+        .find(|p| *p == path)
+        .unwrap_or("other")
 }
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -167,28 +172,35 @@ async fn dispatch(
             ))
         }
     };
-    let b = shared.backend.as_ref();
+    route(shared.backend.as_ref(), path, &body)
+        .await
+        .map_err(|e| {
+            let status = StatusCode::from_u16(e.kind.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            (status, e)
+        })
+}
+
+/// Decodes `body` as the request of API `path` and calls its `Backend`
+/// method: the JSON answer, or the error. No I/O of its own, so the request
+/// decoding can be fuzzed without a socket.
+pub(crate) async fn route(b: &dyn Backend, path: &str, body: &[u8]) -> Result<Vec<u8>, ApiError> {
     use api::*;
-    let result = match path {
-        PATH_LOGIN => call(&body, |r| b.login(r)).await,
-        PATH_GUEST => call(&body, |r| b.guest(r)).await,
-        PATH_RESUME => call(&body, |r| b.resume(r)).await,
-        PATH_TOUCH => call(&body, |r| b.touch(r)).await,
-        PATH_JOIN => call(&body, |r| b.join(r)).await,
-        PATH_PART => call(&body, |r| b.part(r)).await,
-        PATH_USER_ROOMS => call(&body, |r| b.user_rooms(r)).await,
-        PATH_ROOMS => call(&body, |r| b.rooms(r)).await,
-        PATH_ROOM_INFO => call(&body, |r| b.room_info(r)).await,
-        PATH_APPEND => call(&body, |r| b.append(r)).await,
-        PATH_HISTORY => call(&body, |r| b.history(r)).await,
-        PATH_SEND_DMS => call(&body, |r| b.send_dms(r)).await,
-        PATH_PENDING_DMS => call(&body, |r| b.pending_dms(r)).await,
-        PATH_MARK_RECEIVED => call(&body, |r| b.mark_received(r)).await,
+    match path {
+        PATH_LOGIN => call(body, |r| b.login(r)).await,
+        PATH_GUEST => call(body, |r| b.guest(r)).await,
+        PATH_RESUME => call(body, |r| b.resume(r)).await,
+        PATH_TOUCH => call(body, |r| b.touch(r)).await,
+        PATH_JOIN => call(body, |r| b.join(r)).await,
+        PATH_PART => call(body, |r| b.part(r)).await,
+        PATH_USER_ROOMS => call(body, |r| b.user_rooms(r)).await,
+        PATH_ROOMS => call(body, |r| b.rooms(r)).await,
+        PATH_ROOM_INFO => call(body, |r| b.room_info(r)).await,
+        PATH_APPEND => call(body, |r| b.append(r)).await,
+        PATH_HISTORY => call(body, |r| b.history(r)).await,
+        PATH_SEND_DMS => call(body, |r| b.send_dms(r)).await,
+        PATH_PENDING_DMS => call(body, |r| b.pending_dms(r)).await,
+        PATH_MARK_RECEIVED => call(body, |r| b.mark_received(r)).await,
         _ => Err(ApiError::new(ErrorKind::BadRequest, "no such path")),
-    };
-    result.map_err(|e| {
-        let status =
-            StatusCode::from_u16(e.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, e)
-    })
+    }
 }

@@ -7,7 +7,7 @@
 //! `sqlite` (the SQLite backend), `mysql` (the MySQL/MariaDB backend:
 //! primary + replicas, routing, heartbeat, GTID read-your-writes), `writer`
 //! (group commit), `schema` (connections and migrations), `auth` (argon2id,
-//! tokens), `hashing` (the argon2 threads), `front` (every request's checks:
+//! tokens), `hashing` (the argon2 threads), `fuzzing` (the harness of the `dbproxy_request` fuzz target), `front` (every request's checks:
 //! `validate`, the protocol's rules for what is stored, and `limiter`, the
 //! failed-login limits), `metrics`. `config.backend` picks `sqlite` or
 //! `mysql`. `/readyz` follows a probe of the backend every second.
@@ -28,6 +28,8 @@ mod coalesce;
 pub mod config;
 pub mod error;
 mod front;
+#[doc(hidden)]
+pub mod fuzzing;
 mod hashing;
 mod http;
 mod limiter;

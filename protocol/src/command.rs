@@ -212,9 +212,11 @@ impl Command {
                 words::<0>(rest, "QUIT")?;
                 Ok(Command::Quit)
             }
+            // The keyword goes back in `ERR UNKNOWN_COMMAND <kw>`: a CR or an
+            // ESC sequence in it would forge lines on the client's screen.
             _ => Err(ParseError::new(
                 ErrorCode::UnknownCommand,
-                truncate(&kw, names::MAX_ROOM),
+                crate::text::escape_controls(&truncate(&kw, names::MAX_ROOM)),
             )),
         }
     }
@@ -428,6 +430,16 @@ mod tests {
         assert_eq!(p("MSG r \u{202e}x").unwrap_err().code, ErrorCode::BadArgs);
         let many = format!("ACK{}", " 1".repeat(ACK_MAX_IDS + 1));
         assert_eq!(p(&many).unwrap_err().code, ErrorCode::BadArgs);
+    }
+
+    #[test]
+    fn unknown_keyword_is_echoed_without_controls() {
+        // Found by the `command` fuzz target: the keyword came back raw.
+        let e = p("FOO\rOK\u{1b}[2J\0 x").unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownCommand);
+        assert_eq!(e.detail, "FOO\\u{000D}OK\\u{001B}[2J\\u{0000}");
+        assert!(crate::text::is_text(&e.detail));
+        assert_eq!(p("foo x").unwrap_err().detail, "FOO");
     }
 
     fn word(re: &'static str) -> impl Strategy<Value = String> {

@@ -143,7 +143,7 @@ async fn read_first_line(
     let read = async {
         loop {
             if let Some(frame) = codec.decode(&mut pending).map_err(|_| ())? {
-                match judge(frame, &mut empty) {
+                match judge_first(frame, &mut empty) {
                     Some(start) => return Ok(start),
                     None => {
                         // A skipped empty line is not replayed.
@@ -159,7 +159,7 @@ async fn read_first_line(
                 // all (or only empty lines) is a client that left.
                 Ok(0) => {
                     return match codec.decode_eof(&mut pending).map_err(|_| ())? {
-                        Some(frame) => judge(frame, &mut empty).ok_or(()),
+                        Some(frame) => judge_first(frame, &mut empty).ok_or(()),
                         None => Err(()),
                     }
                 }
@@ -200,7 +200,9 @@ fn with_proxy_line(peer: SocketAddr, client: &TcpStream, raw: &[u8]) -> BytesMut
 
 /// One line read before the first line: `None` for an empty line to skip,
 /// else the start or the refusal, by the rules every chat server applies.
-fn judge(frame: Frame, empty: &mut usize) -> Option<Result<Command, ParseError>> {
+/// Pure (no I/O), so it can be fuzzed on its own; `empty` counts the empty
+/// lines skipped so far.
+pub fn judge_first(frame: Frame, empty: &mut usize) -> Option<Result<Command, ParseError>> {
     let line = match frame {
         Frame::Line(line) => line,
         Frame::TooLong => {

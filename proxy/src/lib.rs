@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use config::{Config, ServerAddr};
-pub use conn::{read_drained, SpareCapacity};
+pub use conn::{judge_first, read_drained, SpareCapacity};
 pub use error::Error;
 pub use ring::Ring;
 
