@@ -82,7 +82,10 @@ fn first(input: &[u8], sizes: &[usize]) -> Option<(Frame, Answer)> {
             }
         };
         let Some(judged) = chat_proxy::judge_first(frame.clone(), &mut empty) else {
-            assert!(matches!(&frame, Frame::Line(l) if l.trim_end_matches('\r').is_empty()));
+            assert!(
+                matches!(&frame, Frame::Line(l) if l.trim().is_empty()),
+                "skipped {frame:?}"
+            );
             continue;
         };
         let answer = judged
