@@ -44,3 +44,16 @@ fn cert_has_name(cert: &rustls::pki_types::CertificateDer<'_>, name: &str) -> bo
         Err(_) => false,
     }
 }
+
+/// The DNS names the internal hops' certificates carry, one per role. A
+/// dialer verifies the role it expects, not the address it dialed (pod
+/// addresses come and go; a Secret's certificate stays), and a listener
+/// decides by the client's role what it may do.
+pub mod names {
+    /// A chat server: its client port and its links to the other servers.
+    pub const SERVER: &str = "chat-server";
+    /// A proxy, as a client of the chat servers.
+    pub const PROXY: &str = "chat-proxy";
+    /// A dbproxy's API.
+    pub const DBPROXY: &str = "chat-dbproxy";
+}
