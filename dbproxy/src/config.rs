@@ -76,6 +76,20 @@ pub struct Config {
     /// Password hashes waiting for a hashing thread; beyond it logins fail
     /// with `Unavailable` instead of queueing without bound.
     pub hash_queue: usize,
+    /// `[dbproxy.tls]`: this dbproxy's certificate (name `chat-dbproxy`), key
+    /// and the CA its callers' certificates chain to. When set, the API
+    /// listener takes mutual TLS only, and only from chat servers (a
+    /// certificate named `chat-server`). Files are re-read when they change.
+    pub tls: Option<chat_tls::TlsIdentity>,
+    /// Bearer tokens the API accepts (`Authorization: Bearer <token>`);
+    /// several, so a token can be rotated. Prefer `api_tokens_file`. With
+    /// no token configured the API takes every request (a WARN at start).
+    pub api_tokens: Vec<chat_tls::Secret>,
+    /// File of accepted tokens, one per line (a mounted Secret), re-read
+    /// when it changes; its tokens are accepted next to `api_tokens`.
+    pub api_tokens_file: String,
+    /// How often the token file and the TLS files are checked for changes.
+    pub reload_interval_ms: u64,
     /// MySQL/MariaDB servers, used when `backend = "mysql"`.
     pub mysql: MysqlConfig,
 }
@@ -106,6 +120,10 @@ impl Default for Config {
             login_limiter_entries: 65_536,
             hash_threads: 0,
             hash_queue: 128,
+            tls: None,
+            api_tokens: Vec::new(),
+            api_tokens_file: String::new(),
+            reload_interval_ms: 10_000,
             mysql: Default::default(),
         }
     }
@@ -149,6 +167,23 @@ impl Config {
         }
         if self.backend == "mysql" {
             self.mysql.validate()?;
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [
+                ("tls.cert", &tls.cert),
+                ("tls.key", &tls.key),
+                ("tls.ca", &tls.ca),
+            ] {
+                if path.as_os_str().is_empty() {
+                    return bad(key, "must name a PEM file");
+                }
+            }
+        }
+        if self.api_tokens.iter().any(|t| t.expose().trim().len() < 16) {
+            return bad("api_tokens", "every token must have at least 16 characters");
+        }
+        if !(100..=3_600_000).contains(&self.reload_interval_ms) {
+            return bad("reload_interval_ms", "must be 100..=3600000");
         }
         if self.sqlite_path.trim().is_empty() {
             return bad("sqlite_path", "must not be empty");

@@ -69,6 +69,13 @@ pub struct Config {
     /// logins per client address rather than per proxy. The servers must list
     /// this proxy's address in `trust_proxy_line`, or they refuse the line.
     pub send_proxy_line: bool,
+    /// `[proxy.upstream_tls]`: this proxy's certificate (name `chat-proxy`),
+    /// key and the CA the chat servers' certificates chain to. When set,
+    /// client connections are carried to the chat servers over mutual TLS,
+    /// and each server must present a certificate named `chat-server`.
+    /// Health checks stay on the servers' plain admin port. Files are
+    /// re-read when they change.
+    pub upstream_tls: Option<chat_tls::TlsIdentity>,
 }
 
 impl Default for Config {
@@ -96,6 +103,7 @@ impl Default for Config {
             max_connections: 100_000,
             shutdown_grace_secs: 10,
             send_proxy_line: true,
+            upstream_tls: None,
         }
     }
 }

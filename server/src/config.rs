@@ -14,8 +14,17 @@ pub struct Config {
     pub admin_listen: String,
     /// `[server.admin_http]`: time and connection bounds of the admin listener.
     pub admin_http: chat_admin::HttpLimits,
-    /// Base URL of the dbproxy HTTP API.
+    /// Base URL of the dbproxy HTTP API. `https://` dials it over mutual TLS
+    /// with this server's `tls` identity and requires the dbproxy's
+    /// certificate to carry the name `chat-dbproxy`.
     pub dbproxy_url: String,
+    /// Bearer token sent on every dbproxy request (one of the dbproxy's
+    /// `api_tokens`). Prefer `dbproxy_token_file`; never logged.
+    pub dbproxy_token: chat_tls::Secret,
+    /// File holding the bearer token (a mounted Secret), re-read when it
+    /// changes so a rotated token is used without a restart; overrides
+    /// `dbproxy_token`.
+    pub dbproxy_token_file: String,
     /// Connections this server keeps open to one dbproxy at most (busy and
     /// idle), and requests in flight to storage. Every server's pool must
     /// fit the dbproxy's `max_connections`: servers × this ≤ it.
@@ -64,6 +73,16 @@ pub struct Config {
     /// without one the socket's peer is the client's address. Empty (the
     /// default): no one is trusted.
     pub trust_proxy_line: Vec<String>,
+    /// `[server.tls]`: this server's certificate (name `chat-server`), key
+    /// and the CA its callers' certificates chain to. When set, the client
+    /// port takes mutual TLS: proxies (`chat-proxy`) and other servers
+    /// (`chat-server`) must present a certificate from the CA, links to the
+    /// other servers are dialed over TLS, and a `PROXY` line is believed
+    /// only from a proxy's certificate. Files are re-read when they change.
+    pub tls: Option<chat_tls::TlsIdentity>,
+    /// With `tls` set, also take plain TCP connections on the client port
+    /// (clients only, never `PEER`): for a rolling migration to TLS.
+    pub tls_allow_plain: bool,
     /// The other chat servers: rooms and DMs across servers.
     pub cluster: ClusterConfig,
 }
@@ -153,6 +172,8 @@ impl Default for Config {
             admin_http: chat_admin::HttpLimits::default(),
             admin_listen: "127.0.0.1:9101".into(),
             dbproxy_url: "http://127.0.0.1:7100".into(),
+            dbproxy_token: chat_tls::Secret::default(),
+            dbproxy_token_file: String::new(),
             dbproxy_pool_max: 256,
             dbproxy_pool_idle_ms: 30_000,
             max_line_bytes: 4096,
@@ -170,6 +191,8 @@ impl Default for Config {
             shutdown_grace_secs: 10,
             first_line_timeout_secs: 10,
             trust_proxy_line: Vec::new(),
+            tls: None,
+            tls_allow_plain: false,
             cluster: ClusterConfig::default(),
         }
     }
@@ -197,8 +220,31 @@ impl Config {
         if let Err((key, why)) = self.admin_http.validate() {
             return bad(&format!("admin_http.{key}"), why);
         }
-        if !(self.dbproxy_url.starts_with("http://")) {
-            return bad("dbproxy_url", "must be an http:// URL");
+        if self.dbproxy_url.starts_with("https://") {
+            if self.tls.is_none() {
+                return bad(
+                    "dbproxy_url",
+                    "an https:// URL needs [server.tls] (the certificate this server presents)",
+                );
+            }
+        } else if !self.dbproxy_url.starts_with("http://") {
+            return bad("dbproxy_url", "must be an http:// or https:// URL");
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [
+                ("tls.cert", &tls.cert),
+                ("tls.key", &tls.key),
+                ("tls.ca", &tls.ca),
+            ] {
+                if path.as_os_str().is_empty() {
+                    return bad(key, "must name a PEM file");
+                }
+            }
+        } else if self.tls_allow_plain {
+            return bad(
+                "tls_allow_plain",
+                "only means something with [server.tls] set",
+            );
         }
         if !(64..=1 << 20).contains(&self.max_line_bytes) {
             return bad("max_line_bytes", "must be between 64 and 1048576");

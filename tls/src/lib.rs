@@ -20,6 +20,7 @@ pub mod dev;
 mod error;
 mod identity;
 mod reload;
+mod secret;
 mod stream;
 
 pub use acceptor::Acceptor;
@@ -27,6 +28,7 @@ pub use connector::Connector;
 pub use error::TlsError;
 pub use identity::{fingerprint, TlsIdentity};
 pub use reload::{watch, Reload};
+pub use secret::Secret;
 pub use stream::{sniff_tls, ReadHalf, Stream, WriteHalf};
 
 /// The crypto provider every config here is built with.

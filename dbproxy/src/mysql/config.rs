@@ -42,6 +42,14 @@ pub struct MysqlConfig {
     /// Longest wait (ms) on a replica for a read's `min_pos` before the read
     /// falls back to the primary.
     pub causal_wait_ms: u64,
+    /// TLS to the database: `disabled`, `required` (encrypted, certificate
+    /// not checked), `verify_ca` (chains to `ssl_ca` or the system roots) or
+    /// `verify_identity` (also matches the host name). Managed databases
+    /// usually require one of the last three.
+    pub ssl_mode: String,
+    /// PEM file of the CA the database's certificate chains to (empty: the
+    /// built-in web roots).
+    pub ssl_ca: String,
 }
 
 impl Default for MysqlConfig {
@@ -60,6 +68,8 @@ impl Default for MysqlConfig {
             acquire_timeout_ms: 2000,
             health_interval_ms: 200,
             causal_wait_ms: 50,
+            ssl_mode: "disabled".into(),
+            ssl_ca: String::new(),
         }
     }
 }
@@ -82,6 +92,8 @@ impl std::fmt::Debug for MysqlConfig {
             .field("acquire_timeout_ms", &self.acquire_timeout_ms)
             .field("health_interval_ms", &self.health_interval_ms)
             .field("causal_wait_ms", &self.causal_wait_ms)
+            .field("ssl_mode", &self.ssl_mode)
+            .field("ssl_ca", &self.ssl_ca)
             .finish()
     }
 }
@@ -151,6 +163,20 @@ impl MysqlConfig {
         }
         if !(10..=10_000).contains(&self.health_interval_ms) {
             return bad("mysql.health_interval_ms", "must be 10..=10000");
+        }
+        if !["disabled", "required", "verify_ca", "verify_identity"]
+            .contains(&self.ssl_mode.as_str())
+        {
+            return bad(
+                "mysql.ssl_mode",
+                "must be disabled, required, verify_ca or verify_identity",
+            );
+        }
+        if !self.ssl_ca.is_empty() && self.ssl_mode == "disabled" {
+            return bad(
+                "mysql.ssl_ca",
+                "only used with an ssl_mode other than disabled",
+            );
         }
         if self.causal_wait_ms > 10_000 {
             return bad("mysql.causal_wait_ms", "must be at most 10000");
