@@ -496,7 +496,12 @@ pub async fn write_loop(
     handle.writer_done(&receipts);
     if handle.kick_reason() == Some(PartReason::Slow) {
         // The client does not read: skip its queue, say why (best effort), close.
-        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, w.write_all(b"BYE slow\n")).await;
+        let bye = async {
+            w.write_all(b"BYE slow\n").await?;
+            // TLS holds the line until flushed; plain TCP has nothing to flush.
+            w.flush().await
+        };
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, bye).await;
     }
 }
 

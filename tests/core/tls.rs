@@ -43,6 +43,23 @@ async fn chat_across_two_servers_over_tls() {
     )
     .await;
 
+    // A backlog bigger than one TLS record and than the proxy's first
+    // read buffers, both ways: partial writes and flushes resume.
+    let text = "x".repeat(1000);
+    for k in 0..200 {
+        a.send_msg(&room, &format!("bulk{k}"), &text).await;
+    }
+    for k in 0..200 {
+        a.msg_answer(&format!("bulk{k}"))
+            .await
+            .expect("bulk MSG acknowledged");
+    }
+    let history = b.history(&room, seq, Some(1000)).await;
+    assert_eq!(history.len(), 200);
+    assert!(history
+        .iter()
+        .all(|(_, _, sender, t)| *sender == alice && *t == text));
+
     for i in 0..2 {
         for reason in ["tls", "plain_refused", "role"] {
             assert_eq!(stack.refused(i, reason).await, 0.0, "server {i}: {reason}");
