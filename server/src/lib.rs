@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use chat_admin::accept::{Accepted, Acceptor};
 use chat_admin::{Health, Readiness};
+use chat_dbproxy::client::{BearerToken, ClientOptions, Probe};
 use chat_dbproxy::DbClient;
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -55,6 +56,10 @@ const STORAGE_PROBE_EVERY: Duration = Duration::from_secs(1);
 const STORAGE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const STORAGE_UNREADY_AFTER: Duration = Duration::from_secs(2);
 
+/// How often the certificate files of the dbproxy client are checked for a
+/// rotation.
+const TLS_RELOAD_EVERY: Duration = Duration::from_secs(10);
+
 /// Receipts waiting to be written; when full, a DM simply stays pending and is
 /// delivered again at the next login (delivery is at-least-once).
 const RECEIPT_QUEUE: usize = 16_384;
@@ -71,7 +76,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     config.validate()?;
     let metrics = Metrics::new(&registry)?;
-    let db = DbClient::with_pool(&config.dbproxy_url, config.dbproxy_pool());
+    let (db, dbproxy_tls) = dbproxy_client(&config)?;
     let tasks = TaskTracker::new();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let health = Health::default();
@@ -113,6 +118,13 @@ pub async fn run(
     tasks.spawn(receipts_loop(db.clone(), receipts_rx, background.clone()));
     tasks.spawn(touch_loop(hub.clone(), background.clone()));
     tasks.spawn(cluster::run(hub.clone(), background.clone()));
+    if let Some(connector) = dbproxy_tls {
+        tasks.spawn(chat_tls::watch(
+            vec![Arc::new(connector)],
+            TLS_RELOAD_EVERY,
+            background.clone(),
+        ));
+    }
 
     // Ready while some dbproxy is (see `follow_storage`).
     let ready_task = tokio::spawn(follow_storage(db.clone(), health.clone(), shutdown.clone()));
@@ -164,6 +176,33 @@ pub async fn run(
     Ok(())
 }
 
+/// The storage client: pooled as configured, over mutual TLS for an
+/// `https://` `dbproxy_url` (the connector is returned so its certificates
+/// can be watched), with the bearer token of `dbproxy_token_file` or
+/// `dbproxy_token`.
+fn dbproxy_client(config: &Config) -> Result<(DbClient, Option<chat_tls::Connector>), Error> {
+    let tls = match &config.tls {
+        Some(identity) if config.dbproxy_url.contains("https://") => Some(
+            chat_tls::Connector::new(identity)
+                .map_err(|e| Error::Config(format!("server.tls: {e}")))?,
+        ),
+        _ => None,
+    };
+    let token = if config.dbproxy_token_file.is_empty() {
+        BearerToken::fixed(&config.dbproxy_token)
+            .map_err(|e| Error::Config(format!("server.dbproxy_token: {e}")))?
+    } else {
+        BearerToken::file(&config.dbproxy_token_file)
+            .map_err(|e| Error::Config(format!("server.dbproxy_token_file: {e}")))?
+    };
+    let options = ClientOptions {
+        pool: config.dbproxy_pool(),
+        tls: tls.clone(),
+        token,
+    };
+    Ok((DbClient::with_options(&config.dbproxy_url, options), tls))
+}
+
 /// Sets readiness from the dbproxies' until `stop`: ready as soon as one
 /// answers ready, not ready once none has for [`STORAGE_UNREADY_AFTER`]. A
 /// server that cannot store anything should leave the proxies' rings and
@@ -177,24 +216,33 @@ async fn follow_storage(db: DbClient, health: Health, stop: CancellationToken) {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let ok = tokio::select! {
-            ok = db.ready(STORAGE_PROBE_TIMEOUT) => ok,
+        let probe = tokio::select! {
+            p = db.probe(STORAGE_PROBE_TIMEOUT) => p,
             _ = stop.cancelled() => return,
         };
         let now = tokio::time::Instant::now();
-        let was_ready = health.is_ready();
-        if ok {
+        let state = health.state();
+        if probe == Probe::Ready {
             last_ready = Some(now);
-            if !was_ready {
+            if state != Readiness::Ready {
                 tracing::info!("storage ready: serving");
             }
             health.set_ready(true);
-        } else if was_ready
+        } else if probe == Probe::TokenRefused && state == Readiness::Starting {
+            // Never ready yet: say why instead of "starting" (the client
+            // logs the refusal itself).
+            health.set(Readiness::StorageUnavailable);
+        } else if state == Readiness::Ready
             && last_ready.is_none_or(|t| now.duration_since(t) >= STORAGE_UNREADY_AFTER)
         {
+            let why = if probe == Probe::TokenRefused {
+                "the dbproxy refuses this server's token"
+            } else {
+                "no dbproxy ready"
+            };
             tracing::warn!(
                 dbproxies = ?db.bases(),
-                "no dbproxy ready for {STORAGE_UNREADY_AFTER:?}: not ready"
+                "{why} for {STORAGE_UNREADY_AFTER:?}: not ready"
             );
             health.set(Readiness::StorageUnavailable);
         }
