@@ -49,6 +49,19 @@ fn client(p: &Proxy, identity: &TlsIdentity) -> DbClient {
     DbClient::with_options(&base, options)
 }
 
+/// A dbproxy on `config` and a chat server's client, once it is ready.
+async fn start(dir: &Path, config: Config, server: &TlsIdentity) -> (Proxy, DbClient) {
+    let p = Proxy::spawn(dir, config).await;
+    let server = client(&p, server);
+    wait_until(
+        "dbproxy ready over TLS",
+        Duration::from_secs(10),
+        || async { server.probe(PROBE).await == Probe::Ready },
+    )
+    .await;
+    (p, server)
+}
+
 fn refused(p: &Proxy, reason: &str) -> f64 {
     p.metric("chat_dbproxy_tls_refused_total", &[("reason", reason)])
 }
@@ -77,14 +90,7 @@ async fn only_chat_servers_get_in_and_rotated_certificates_are_used() {
         reload_interval_ms: 100,
         ..Config::default()
     };
-    let p = Proxy::spawn(dir.path(), config).await;
-    let server = client(&p, &ids["server"]);
-    wait_until(
-        "dbproxy ready over TLS",
-        Duration::from_secs(10),
-        || async { server.probe(PROBE).await == Probe::Ready },
-    )
-    .await;
+    let (p, server) = start(dir.path(), config, &ids["server"]).await;
     // A write and a read through the TLS hop.
     server.guest("tlsguest").await.unwrap();
     server.join("tlsroom", "tlsguest").await.unwrap();
@@ -159,14 +165,7 @@ async fn a_stalled_handshake_is_closed_within_the_header_timeout() {
         header_timeout_ms: 300,
         ..Config::default()
     };
-    let p = Proxy::spawn(dir.path(), config).await;
-    let server = client(&p, &ids["server"]);
-    wait_until(
-        "dbproxy ready over TLS",
-        Duration::from_secs(10),
-        || async { server.probe(PROBE).await == Probe::Ready },
-    )
-    .await;
+    let (p, _server) = start(dir.path(), config, &ids["server"]).await;
     let addr = p.base.trim_start_matches("http://");
     let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
     // The first byte of a TLS record, then nothing.
