@@ -2,9 +2,9 @@
 //! and dbproxy, and the dbproxy API): hyper http1 connections accepted by
 //! [`Acceptor::next_or_full`], each bounded in time and all of them in number.
 //!
-//! accept → [`Wrap::wrap`] (plain TCP today; TLS plugs in here) → one tracked
-//! task per connection: hyper `serve_connection` raced against the
-//! connection's deadline, an eviction signal and shutdown.
+//! accept → [`Wrap::wrap`] (plain TCP, or a TLS handshake: the dbproxy API)
+//! → one tracked task per connection: hyper `serve_connection` raced against
+//! the connection's deadline, an eviction signal and shutdown.
 //!
 //! Each connection is always in one phase, with one deadline:
 //! - *head*: accepted, or bytes arrived after an idle spell, and no complete
@@ -104,10 +104,21 @@ impl HttpLimits {
 
 /// Turns an accepted TCP stream into the byte stream HTTP is spoken over.
 /// [`Plain`] uses it as it is; a TLS acceptor implements this with its
-/// handshake (bounded by `header_timeout_ms`, like a request head).
+/// handshake and whatever check of the peer it needs. `serve` bounds it by
+/// `header_timeout_ms`, like a request head, and it holds the connection's
+/// slot meanwhile, so an eviction or shutdown can end it too.
 pub trait Wrap: Clone + Send + Sync + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn wrap(&self, stream: TcpStream) -> impl Future<Output = io::Result<Self::Io>> + Send;
+    /// An error refuses the connection; the implementation logs or counts
+    /// it as it sees fit (`serve` logs it at debug).
+    fn wrap(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = io::Result<Self::Io>> + Send;
+    /// Called when `wrap` did not finish within `header_timeout_ms` (a slow
+    /// or stalled handshake) and the connection was closed.
+    fn timed_out(&self, _peer: SocketAddr) {}
 }
 
 /// Plain TCP.
@@ -116,7 +127,7 @@ pub struct Plain;
 
 impl Wrap for Plain {
     type Io = TcpStream;
-    async fn wrap(&self, stream: TcpStream) -> io::Result<TcpStream> {
+    async fn wrap(&self, stream: TcpStream, _peer: SocketAddr) -> io::Result<TcpStream> {
         Ok(stream)
     }
 }
@@ -212,7 +223,7 @@ async fn connection<W, H, Fut>(
     Fut: Future<Output = HttpResponse> + Send + 'static,
 {
     let io = tokio::select! {
-        r = tokio::time::timeout(state.times.header, wrap.wrap(stream)) => match r {
+        r = tokio::time::timeout(state.times.header, wrap.wrap(stream, peer)) => match r {
             Ok(Ok(io)) => io,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "connection setup failed");
@@ -220,6 +231,7 @@ async fn connection<W, H, Fut>(
             }
             Err(_) => {
                 tracing::debug!(%peer, "connection setup timed out");
+                wrap.timed_out(peer);
                 return;
             }
         },

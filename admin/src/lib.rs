@@ -7,11 +7,13 @@
 //! connection bounds) → [`respond`] → registry gather / health flag. The
 //! dbproxy serves its API through [`http::serve`] too, and this endpoint on
 //! a port of its own. [`shutdown::on_signal`] is the Ctrl-C / SIGTERM token
-//! of every binary (`chat`, `chat-bench`).
+//! of every binary (`chat`, `chat-bench`); [`throttle::LogThrottle`] keeps
+//! events a peer can repeat at will to one log line a second.
 
 pub mod accept;
 pub mod http;
 pub mod shutdown;
+pub mod throttle;
 
 pub use crate::http::HttpLimits;
 

@@ -53,6 +53,10 @@ pub enum ErrorKind {
     RateLimited,
     Unavailable,
     Internal,
+    /// The caller's bearer token is missing or not one the dbproxy accepts
+    /// (`api_tokens`); nothing was done. A chat server's `DbClient` reports
+    /// it to its own callers as `Unavailable`.
+    Unauthorized,
 }
 
 impl ErrorKind {
@@ -68,12 +72,13 @@ impl ErrorKind {
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Internal => "internal",
+            ErrorKind::Unauthorized => "unauthorized",
         }
     }
 
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorKind::AuthFailed | ErrorKind::TokenInvalid => 401,
+            ErrorKind::AuthFailed | ErrorKind::TokenInvalid | ErrorKind::Unauthorized => 401,
             ErrorKind::NameTaken | ErrorKind::TooManyRooms => 409,
             ErrorKind::RateLimited => 429,
             ErrorKind::NoSuchRoom | ErrorKind::NoSuchUser => 404,

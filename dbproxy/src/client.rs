@@ -9,6 +9,14 @@
 //! dedups by (sender, client id), so a resend returns the original). Anything
 //! else moves on only when the connect itself failed, i.e. the first dbproxy
 //! never saw the request.
+//!
+//! Every request carries the server's bearer token ([`BearerToken`]); a
+//! dbproxy that refuses it (401 `unauthorized`) did nothing, so the request
+//! moves on like one never sent, and callers see `Unavailable`. The refusal
+//! is logged at most once a second and `ready` reports it
+//! ([`Probe::TokenRefused`]), so the server leaves the rings instead of
+//! failing every client. `https://` URLs are dialed over mutual TLS
+//! (`pool`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -25,9 +33,11 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::api::*;
+pub use crate::bearer::{BearerToken, TokenError};
 use crate::coalesce::{self, Coalescer, SendFn};
 use crate::pool::CappedConnector;
 pub use crate::pool::PoolOptions;
+use chat_admin::throttle::LogThrottle;
 
 /// A request that takes longer has a stuck dbproxy behind it; the caller
 /// retries (Unavailable) rather than waiting forever.
@@ -56,6 +66,29 @@ struct Inner {
     /// [`coalesce`]).
     appends: Coalescer<AppendItem, Result<Appended, ApiError>>,
     dms: Coalescer<DmItem, Result<DmSent, ApiError>>,
+    token: BearerToken,
+    /// 401s from a dbproxy are logged at most once a second.
+    refusals: LogThrottle,
+}
+
+/// How a [`DbClient`] reaches the dbproxies besides their URLs.
+#[derive(Default)]
+pub struct ClientOptions {
+    pub pool: PoolOptions,
+    /// The chat server's identity, for `https://` URLs.
+    pub tls: Option<chat_tls::Connector>,
+    pub token: BearerToken,
+}
+
+/// What a readiness probe of the dbproxies found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// Some dbproxy is ready and takes this server's token.
+    Ready,
+    /// No dbproxy answered ready.
+    NotReady,
+    /// A dbproxy answered but refuses this server's token (and none took it).
+    TokenRefused,
 }
 
 impl coalesce::Item for AppendItem {
@@ -123,10 +156,13 @@ enum Retry {
     ConnectOnly,
 }
 
-/// How one attempt failed: whether the request surely never left.
+/// How one attempt failed: whether the request surely never left (or was
+/// refused before anything was done), and whether it was refused for the
+/// token.
 struct Failure {
     error: ApiError,
     not_sent: bool,
+    refused: bool,
 }
 
 impl From<ApiError> for Failure {
@@ -134,6 +170,7 @@ impl From<ApiError> for Failure {
         Failure {
             error,
             not_sent: false,
+            refused: false,
         }
     }
 }
@@ -160,6 +197,19 @@ impl DbClient {
     /// in flight (a request past it waits for one to finish), idle ones
     /// closed after `pool.idle_timeout`.
     pub fn with_pool(base_url: &str, pool: PoolOptions) -> DbClient {
+        DbClient::with_options(
+            base_url,
+            ClientOptions {
+                pool,
+                ..ClientOptions::default()
+            },
+        )
+    }
+
+    /// [`DbClient::with_pool`] with TLS for `https://` URLs and a bearer
+    /// token on every request.
+    pub fn with_options(base_url: &str, options: ClientOptions) -> DbClient {
+        let ClientOptions { pool, tls, token } = options;
         let max = pool.max_per_host.max(1);
         let mut bases = parse_bases(base_url);
         if bases.is_empty() {
@@ -173,7 +223,7 @@ impl DbClient {
             .pool_idle_timeout(pool.idle_timeout)
             .pool_max_idle_per_host(max)
             .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(CappedConnector::new(connector, max, CONNECT_TIMEOUT));
+            .build(CappedConnector::new(connector, tls, max, CONNECT_TIMEOUT));
         let inner = Arc::new_cyclic(|weak| Inner {
             bases,
             current: AtomicUsize::new(0),
@@ -187,31 +237,61 @@ impl DbClient {
                 let r: SendDmsResp = c.post(PATH_SEND_DMS, &SendDmsReq { items }, retry).await?;
                 Ok((r.results, r.pos))
             })),
+            token,
+            refusals: LogThrottle::default(),
         });
         DbClient { inner }
     }
 
     /// Whether some dbproxy answers `GET /readyz` with 200 within `timeout`
-    /// (each is asked in turn until one does).
+    /// (each is asked in turn until one does) and takes this server's token.
     pub async fn ready(&self, timeout: Duration) -> bool {
+        self.probe(timeout).await == Probe::Ready
+    }
+
+    /// Asks each dbproxy's `/readyz` in turn, with the token (a dbproxy
+    /// refuses a wrong one there too), until one is ready.
+    pub async fn probe(&self, timeout: Duration) -> Probe {
+        let mut found = Probe::NotReady;
         for base in &self.inner.bases {
-            let Ok(request) = Request::get(format!("{base}/readyz")).body(Full::default()) else {
+            let mut request = Request::get(format!("{base}/readyz"));
+            if let Some(auth) = self.inner.token.header() {
+                request = request.header(header::AUTHORIZATION, auth);
+            }
+            let Ok(request) = request.body(Full::default()) else {
                 continue;
             };
             let exchange = async {
                 let resp = self.inner.http.request(request).await.ok()?;
-                let ok = resp.status() == StatusCode::OK;
+                let status = resp.status();
                 // Read the (short) body so the connection can be reused.
                 let _ = http_body_util::Limited::new(resp.into_body(), 4096)
                     .collect()
                     .await;
-                Some(ok)
+                Some(status)
             };
-            if let Ok(Some(true)) = tokio::time::timeout(timeout, exchange).await {
-                return true;
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(Some(StatusCode::OK)) => return Probe::Ready,
+                Ok(Some(StatusCode::UNAUTHORIZED)) => {
+                    self.token_refused(base);
+                    found = Probe::TokenRefused;
+                }
+                _ => {}
             }
         }
-        false
+        found
+    }
+
+    /// Logs (at most once a second) that `base` refused this server's token.
+    fn token_refused(&self, base: &str) {
+        if let Some(suppressed) = self.inner.refusals.admit() {
+            tracing::warn!(
+                dbproxy = %base,
+                suppressed,
+                "the dbproxy refused this server's bearer token (dbproxy_token / dbproxy_token_file \
+                 is not among its api_tokens): storage unavailable"
+            );
+        }
     }
 
     /// The dbproxy base URLs, in failover order.
@@ -265,10 +345,25 @@ impl DbClient {
         Err(last)
     }
 
-    /// One request to one dbproxy: the body of a 200 answer, or why not.
+    /// One request to one dbproxy: the body of a 200 answer, or why not. A
+    /// refused token is sent once more if the token file changed meanwhile
+    /// (a rotation the 10 s recheck has not seen yet).
     async fn attempt(&self, base: &str, path: &str, body: Bytes) -> Result<Bytes, Failure> {
-        let request = Request::post(format!("{base}{path}"))
-            .header(header::CONTENT_TYPE, "application/json")
+        match self.attempt_once(base, path, body.clone()).await {
+            Err(f) if f.refused && self.inner.token.refused() => {
+                self.attempt_once(base, path, body).await
+            }
+            r => r,
+        }
+    }
+
+    async fn attempt_once(&self, base: &str, path: &str, body: Bytes) -> Result<Bytes, Failure> {
+        let mut request =
+            Request::post(format!("{base}{path}")).header(header::CONTENT_TYPE, "application/json");
+        if let Some(auth) = self.inner.token.header() {
+            request = request.header(header::AUTHORIZATION, auth);
+        }
+        let request = request
             .body(Full::new(body))
             .map_err(|e| ApiError::new(ErrorKind::Internal, format!("bad dbproxy url: {e}")))?;
         let exchange = async {
@@ -279,6 +374,7 @@ impl DbClient {
                 .await
                 .map_err(|e| Failure {
                     not_sent: e.is_connect(),
+                    refused: false,
                     error: unavailable(format!("dbproxy request failed: {e}")),
                 })?;
             let status = resp.status();
@@ -296,6 +392,16 @@ impl DbClient {
             return Ok(bytes);
         }
         Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) if body.error.kind == ErrorKind::Unauthorized => {
+                self.token_refused(base);
+                // Nothing was done: another dbproxy (one that already
+                // accepts a rotated token) may take it.
+                return Err(Failure {
+                    error: unavailable("the dbproxy refused this server's bearer token"),
+                    not_sent: true,
+                    refused: true,
+                });
+            }
             Ok(body) => body.error,
             Err(_) if status.is_server_error() => unavailable(format!("dbproxy answered {status}")),
             Err(_) if status == StatusCode::PAYLOAD_TOO_LARGE => {

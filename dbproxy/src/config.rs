@@ -179,7 +179,11 @@ impl Config {
                 }
             }
         }
-        if self.api_tokens.iter().any(|t| t.expose().trim().len() < 16) {
+        if self
+            .api_tokens
+            .iter()
+            .any(|t| t.expose().trim().chars().count() < crate::credential::MIN_TOKEN_CHARS)
+        {
             return bad("api_tokens", "every token must have at least 16 characters");
         }
         if !(100..=3_600_000).contains(&self.reload_interval_ms) {

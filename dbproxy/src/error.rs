@@ -21,6 +21,9 @@ pub enum DbProxyError {
     /// Metric registration failed (e.g. registered twice on one registry).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The API's TLS certificates could not be loaded.
+    #[error("tls: {0}")]
+    Tls(#[from] chat_tls::TlsError),
     /// A MySQL/MariaDB server could not be used at start (no primary, migration).
     #[error("mysql {addr}: {message}")]
     Mysql { addr: String, message: String },

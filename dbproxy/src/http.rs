@@ -1,8 +1,11 @@
 //! The API over HTTP: served by `chat_admin::http::serve` (accept, time and
-//! connection bounds), and the router from API paths to [`Backend`] calls.
-//! Besides the API this port answers `/readyz` and `/healthz` (the chat
-//! servers probe it, and may reach no other dbproxy port); `/metrics` is on
-//! the admin port only.
+//! connection bounds; with `tls`, mutual TLS from chat servers only, see
+//! `tls`), the bearer-token check (`credential`) and the router from API
+//! paths to [`Backend`] calls. Besides the API this port answers `/readyz`
+//! and `/healthz` (the chat servers probe it, and may reach no other dbproxy
+//! port) without a token; a wrong token is refused there too, so that a
+//! chat server's probe tells it that its token is not accepted. `/metrics`
+//! is on the admin port only.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chat_admin::accept::Acceptor;
 use chat_admin::http::Plain;
+use chat_admin::throttle::LogThrottle;
 use chat_admin::{Health, HttpLimits};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -22,22 +26,28 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiError, ErrorBody, ErrorKind};
 use crate::backend::Backend;
+use crate::credential::{Tokens, Verdict};
 use crate::metrics::Metrics;
+use crate::tls::ApiTls;
 
 pub(crate) struct Shared {
     pub backend: Arc<dyn Backend>,
     pub metrics: Arc<Metrics>,
     pub health: Health,
     pub max_body_bytes: usize,
+    pub tokens: Arc<Tokens>,
+    /// Refused tokens are logged at most once a second.
+    pub unauthorized_log: LogThrottle,
 }
 
 /// Serves the API on `listener` (bounded as `limits` says, through the one
-/// HTTP mechanism every tier uses) until `shutdown`, then gives open
-/// connections `grace` to finish.
+/// HTTP mechanism every tier uses; over mutual TLS when `tls` is given)
+/// until `shutdown`, then gives open connections `grace` to finish.
 pub(crate) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     limits: HttpLimits,
+    tls: Option<ApiTls>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
@@ -46,7 +56,45 @@ pub(crate) async fn serve(
         let shared = shared.clone();
         async move { handle(&shared, req).await }
     };
-    chat_admin::http::serve(acceptor, limits, Plain, handler, shutdown, grace).await;
+    match tls {
+        Some(tls) => chat_admin::http::serve(acceptor, limits, tls, handler, shutdown, grace).await,
+        None => chat_admin::http::serve(acceptor, limits, Plain, handler, shutdown, grace).await,
+    }
+}
+
+/// The 401 of a request whose token is missing or not accepted: counted,
+/// logged at most once a second (never the token), the API's error body.
+fn unauthorized(shared: &Shared, verdict: Verdict, path: &'static str) -> Response<Full<Bytes>> {
+    let reason = if verdict == Verdict::Missing {
+        "missing"
+    } else {
+        "wrong"
+    };
+    shared
+        .metrics
+        .unauthorized
+        .with_label_values(&[reason])
+        .inc();
+    if let Some(suppressed) = shared.unauthorized_log.admit() {
+        tracing::warn!(
+            path,
+            reason,
+            suppressed,
+            "refused an API request: bearer token missing or not accepted"
+        );
+    }
+    let mut resp = error_response(
+        StatusCode::UNAUTHORIZED,
+        ApiError::new(
+            ErrorKind::Unauthorized,
+            "bearer token missing or not accepted",
+        ),
+    );
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    resp
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
@@ -106,9 +154,21 @@ fn path_label(path: &str) -> &'static str {
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
+    let verdict = shared
+        .tokens
+        .check(req.headers().get(header::AUTHORIZATION));
     // Never `/metrics` here: that is for whoever may reach the admin port.
+    // Health is open to probes without a token; a token that is presented
+    // is checked, which is how a chat server learns that its token is
+    // refused before a client's request fails on it.
     if let Some(resp) = chat_admin::respond_health(&path, &shared.health) {
+        if verdict == Verdict::Wrong {
+            return unauthorized(shared, verdict, "health");
+        }
         return resp;
+    }
+    if !verdict.allowed() {
+        return unauthorized(shared, verdict, path_label(&path));
     }
     let label = path_label(&path);
     if label == "other" {

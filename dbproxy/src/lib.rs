@@ -7,14 +7,16 @@
 //! `sqlite` (the SQLite backend), `mysql` (the MySQL/MariaDB backend:
 //! primary + replicas, routing, heartbeat, GTID read-your-writes), `writer`
 //! (group commit), `schema` (connections and migrations), `auth` (argon2id,
-//! tokens), `hashing` (the argon2 threads), `fuzzing` (the harness of the `dbproxy_request` fuzz target), `front` (every request's checks:
+//! tokens), `credential` (the bearer tokens callers must present, re-read
+//! from their file), `tls` (mutual TLS on the API listener, chat servers
+//! only), `hashing` (the argon2 threads), `fuzzing` (the harness of the `dbproxy_request` fuzz target), `front` (every request's checks:
 //! `validate`, the protocol's rules for what is stored, and `limiter`, the
 //! failed-login limits), `metrics`. `config.backend` picks `sqlite` or
 //! `mysql`. `/readyz` follows a probe of the backend every second.
 //!
 //! Data path of a write: accept → `http::serve` (`chat_admin::http::serve`:
-//! one task per connection, time and connection bounds) →
-//! `http::handle` → `front::Checked` → `Backend` method → `writer` queue → one batch per
+//! one task per connection, time and connection bounds; the TLS handshake
+//! and the caller's role in `tls`) → `http::handle` (bearer token) → `front::Checked` → `Backend` method → `writer` queue → one batch per
 //! transaction → SQLite commit (or, for mysql, a transaction on the current
 //! primary) → each request answered. Reads skip the writer and run on a pool
 //! of read-only connections (mysql: a replica within the lag budget that has
@@ -23,9 +25,11 @@
 pub mod api;
 mod auth;
 mod backend;
+mod bearer;
 pub mod client;
 mod coalesce;
 pub mod config;
+mod credential;
 pub mod error;
 mod front;
 #[doc(hidden)]
@@ -38,6 +42,7 @@ mod mysql;
 mod pool;
 mod schema;
 mod sqlite;
+mod tls;
 mod validate;
 mod writer;
 
@@ -91,7 +96,37 @@ pub async fn run(
 ) -> Result<(), DbProxyError> {
     config.validate()?;
     let metrics = Arc::new(metrics::Metrics::register(&registry)?);
+    let tokens = Arc::new(credential::Tokens::load(&config)?);
+    if !tokens.required() {
+        tracing::warn!(
+            "no api_tokens or api_tokens_file: the API serves whoever reaches it (set a token)"
+        );
+    }
+    let acceptor = config
+        .tls
+        .as_ref()
+        .map(chat_tls::Acceptor::new)
+        .transpose()?;
     let backend = open_backend(&config, metrics.clone(), &registry).await?;
+    // Certificates and the token file are re-read while serving; these
+    // tasks stop last, once the API has drained.
+    let reload_stop = CancellationToken::new();
+    let reload_every = Duration::from_millis(config.reload_interval_ms);
+    let reloads = tokio_util::task::TaskTracker::new();
+    reloads.spawn(credential::watch(
+        tokens.clone(),
+        reload_every,
+        reload_stop.clone(),
+    ));
+    if let Some(acceptor) = &acceptor {
+        reloads.spawn(chat_tls::watch(
+            vec![Arc::new(acceptor.clone())],
+            reload_every,
+            reload_stop.clone(),
+        ));
+    }
+    reloads.close();
+    let tls = acceptor.map(|a| tls::ApiTls::new(a, metrics.tls_refused.clone()));
     let health = chat_admin::Health::default();
     let probe_stop = CancellationToken::new();
     let probe = tokio::spawn(follow_storage(
@@ -116,6 +151,8 @@ pub async fn run(
         admin = ?listeners.admin.local_addr().ok(),
         backend = %config.backend,
         %db,
+        tls = tls.is_some(),
+        tokens = tokens.required(),
         "dbproxy serving"
     );
     let shared = Arc::new(http::Shared {
@@ -123,6 +160,8 @@ pub async fn run(
         metrics,
         health: health.clone(),
         max_body_bytes: config.max_body_bytes,
+        tokens,
+        unauthorized_log: Default::default(),
     });
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let serve_shutdown = CancellationToken::new();
@@ -140,6 +179,7 @@ pub async fn run(
         listeners.api,
         shared,
         config.api_http(),
+        tls,
         serve_shutdown.clone(),
         grace,
     );
@@ -160,6 +200,8 @@ pub async fn run(
                 tracing::warn!("writer did not drain within the grace period");
             }
             let _ = admin.await;
+            reload_stop.cancel();
+            reloads.wait().await;
             tracing::info!("dbproxy stopped");
             return Ok(());
         }
@@ -167,6 +209,8 @@ pub async fn run(
     probe_stop.cancel();
     serve_shutdown.cancel();
     let _ = admin.await;
+    reload_stop.cancel();
+    reloads.wait().await;
     backend.close().await;
     Ok(())
 }

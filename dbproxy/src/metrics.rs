@@ -16,6 +16,8 @@ pub(crate) struct Metrics {
     pub login_rate_limited: IntCounterVec,
     pub password_hashes: IntCounter,
     pub storage_ready: IntGauge,
+    pub tls_refused: IntCounterVec,
+    pub unauthorized: IntCounterVec,
 }
 
 impl Metrics {
@@ -80,6 +82,20 @@ impl Metrics {
                 "chat_dbproxy_storage_ready",
                 "1 while the last readiness probe of storage passed (what /readyz answers)",
             )?,
+            tls_refused: IntCounterVec::new(
+                Opts::new(
+                    "chat_dbproxy_tls_refused_total",
+                    "API connections refused by TLS, by reason (plain|handshake|role|timeout)",
+                ),
+                &["reason"],
+            )?,
+            unauthorized: IntCounterVec::new(
+                Opts::new(
+                    "chat_dbproxy_unauthorized_total",
+                    "API requests answered 401 for their bearer token, by reason (missing|wrong)",
+                ),
+                &["reason"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_duration.clone()))?;
@@ -95,6 +111,14 @@ impl Metrics {
         registry.register(Box::new(m.login_rate_limited.clone()))?;
         registry.register(Box::new(m.password_hashes.clone()))?;
         registry.register(Box::new(m.storage_ready.clone()))?;
+        for reason in crate::tls::REASONS {
+            m.tls_refused.with_label_values(&[reason]);
+        }
+        registry.register(Box::new(m.tls_refused.clone()))?;
+        for reason in ["missing", "wrong"] {
+            m.unauthorized.with_label_values(&[reason]);
+        }
+        registry.register(Box::new(m.unauthorized.clone()))?;
         Ok(m)
     }
 }

@@ -3,6 +3,10 @@
 //! connection's life. With the pool's idle timeout this bounds what one chat
 //! server holds open at a dbproxy, so that the servers' pools together fit
 //! the dbproxy's `max_connections` (docs/OPERATIONS.md states the rule).
+//!
+//! `https://` dbproxies are dialed over mutual TLS with the chat server's
+//! identity; their certificate must carry `chat-dbproxy` (the role, not the
+//! address: pod addresses come and go, the Secret's certificate stays).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,11 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use chat_tls::Stream;
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How the chat server pools its connections to dbproxy.
@@ -37,10 +41,11 @@ impl Default for PoolOptions {
     }
 }
 
-/// [`HttpConnector`] with a cap per `host:port`.
+/// [`HttpConnector`] with a cap per `host:port`, and TLS for `https://`.
 #[derive(Clone)]
 pub(crate) struct CappedConnector {
     inner: HttpConnector,
+    tls: Option<chat_tls::Connector>,
     max_per_host: usize,
     /// How long a connect waits for a permit: a request whose host is at its
     /// cap usually gets a pooled connection back meanwhile.
@@ -50,9 +55,18 @@ pub(crate) struct CappedConnector {
 }
 
 impl CappedConnector {
-    pub(crate) fn new(inner: HttpConnector, max_per_host: usize, wait: Duration) -> Self {
+    /// `wait` bounds both the wait for a permit and the TLS handshake.
+    pub(crate) fn new(
+        mut inner: HttpConnector,
+        tls: Option<chat_tls::Connector>,
+        max_per_host: usize,
+        wait: Duration,
+    ) -> Self {
+        // `https://` is ours to handle (below), not a refusal.
+        inner.enforce_http(false);
         CappedConnector {
             inner,
+            tls,
             max_per_host,
             wait,
             hosts: Arc::default(),
@@ -87,6 +101,24 @@ impl tower_service::Service<Uri> for CappedConnector {
         let permits = self.permits(&uri);
         let wait = self.wait;
         let mut inner = self.inner.clone();
+        let tls = match uri.scheme_str() {
+            Some("http") => None,
+            Some("https") => match &self.tls {
+                Some(tls) => Some(tls.clone()),
+                None => {
+                    return Box::pin(std::future::ready(Err(io::Error::other(
+                        "an https:// dbproxy needs this server's [server.tls] identity",
+                    )
+                    .into())))
+                }
+            },
+            _ => {
+                return Box::pin(std::future::ready(Err(io::Error::other(
+                    "a dbproxy URL must be http:// or https://",
+                )
+                .into())))
+            }
+        };
         Box::pin(async move {
             let permit = tokio::time::timeout(wait, permits.acquire_owned())
                 .await
@@ -97,9 +129,17 @@ impl tower_service::Service<Uri> for CappedConnector {
                     )
                 })?
                 .map_err(io::Error::other)?;
-            let io = inner.call(uri).await?;
+            let tcp = inner.call(uri).await?.into_inner();
+            let io = match tls {
+                None => Stream::Plain(tcp),
+                Some(tls) => tokio::time::timeout(wait, tls.connect(chat_tls::names::DBPROXY, tcp))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                    })??,
+            };
             Ok(Capped {
-                io,
+                io: TokioIo::new(io),
                 _permit: permit,
             })
         })
@@ -108,13 +148,13 @@ impl tower_service::Service<Uri> for CappedConnector {
 
 /// A connection holding its host's permit until it is closed.
 pub(crate) struct Capped {
-    io: TokioIo<TcpStream>,
+    io: TokioIo<Stream>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Connection for Capped {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        Connected::new()
     }
 }
 

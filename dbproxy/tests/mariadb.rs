@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use chat_dbproxy::api::{AppendItem, ErrorKind};
 use chat_dbproxy::config::MysqlConfig;
 use chat_dbproxy::{Config, DbClient};
-use mariadb_harness::Pair;
+use mariadb_harness::{Pair, Server, ServerTls};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +30,11 @@ impl Proxy {
 
     /// `config` with its `mysql` section pointed at `pair`.
     async fn start_with(pair: &Pair, config: Config) -> Proxy {
+        Proxy::start_on(pair.mysql_config(), config).await
+    }
+
+    /// `config` with `mysql` as its `mysql` section (short timeouts).
+    async fn start_on(mysql: MysqlConfig, config: Config) -> Proxy {
         let listeners = chat_dbproxy::Listeners::bind("127.0.0.1:0", "127.0.0.1:0")
             .await
             .unwrap();
@@ -42,7 +47,7 @@ impl Proxy {
                 pool_max: 8,
                 acquire_timeout_ms: 1000,
                 connect_timeout_ms: 500,
-                ..pair.mysql_config()
+                ..mysql
             },
             ..config
         };
@@ -633,4 +638,117 @@ async fn limits_and_checks_hold_on_mysql() {
     assert_eq!(e.kind, ErrorKind::RateLimited);
     proxy.stop().await;
     drop(pair);
+}
+
+/// The dbproxy's verdict on a TLS-only MariaDB under `mysql`: the start
+/// error, if any.
+async fn start_error(mysql: MysqlConfig) -> Option<String> {
+    let listeners = chat_dbproxy::Listeners::bind("127.0.0.1:0", "127.0.0.1:0")
+        .await
+        .unwrap();
+    let config = Config {
+        backend: "mysql".into(),
+        mysql: MysqlConfig {
+            acquire_timeout_ms: 1000,
+            connect_timeout_ms: 500,
+            ..mysql
+        },
+        ..Config::default()
+    };
+    let shutdown = CancellationToken::new();
+    let run = chat_dbproxy::run(
+        listeners,
+        config,
+        prometheus::Registry::new(),
+        shutdown.clone(),
+    );
+    tokio::pin!(run);
+    // A start that works serves until told to stop.
+    match tokio::time::timeout(Duration::from_secs(10), &mut run).await {
+        Ok(r) => r.err().map(|e| e.to_string()),
+        Err(_) => {
+            shutdown.cancel();
+            let _ = run.await;
+            None
+        }
+    }
+}
+
+/// A MariaDB that requires TLS (`require_secure_transport`, certificates
+/// from a throwaway CA, valid for 127.0.0.1): `disabled` is refused with
+/// the server's reason, `verify_ca` and `verify_identity` with its CA store
+/// and read, `required` works without a CA, a foreign CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_over_tls() {
+    use chat_tls::dev::{ensure, Leaf};
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = [Leaf {
+        stem: "mariadb",
+        names: &["127.0.0.1"],
+    }];
+    let (ids, _) = ensure(&dir.path().join("ca"), &leaf).unwrap();
+    let (foreign, _) = ensure(&dir.path().join("other"), &leaf).unwrap();
+    let id = ids["mariadb"].clone();
+    let server = tokio::task::spawn_blocking(move || {
+        let tls = ServerTls {
+            cert: &id.cert,
+            key: &id.key,
+            ca: &id.ca,
+        };
+        let server = Server::start_tls(1, &tls);
+        server.create_app_account();
+        server
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        server.sql("SELECT @@require_secure_transport"),
+        "1",
+        "the server must refuse plain connections for this test to mean anything"
+    );
+    let (_pw_dir, password_file) = mariadb_harness::password_file();
+    let mysql = |ssl_mode: &str, ssl_ca: &std::path::Path| MysqlConfig {
+        primary: server.addr(),
+        user: mariadb_harness::APP_USER.into(),
+        password_file: password_file.to_string_lossy().into_owned(),
+        database: mariadb_harness::DATABASE.into(),
+        ssl_mode: ssl_mode.into(),
+        ssl_ca: ssl_ca.to_string_lossy().into_owned(),
+        ..MysqlConfig::default()
+    };
+    let no_ca = std::path::Path::new("");
+
+    let e = start_error(mysql("disabled", no_ca))
+        .await
+        .expect("a plain connection to a TLS-only server fails");
+    // MariaDB answers a plain login to a TLS-only server "access denied";
+    // the dbproxy says what to look at.
+    assert!(e.contains("1045") && e.contains("ssl_mode"), "{e}");
+
+    let e = start_error(mysql("verify_ca", &foreign["mariadb"].ca))
+        .await
+        .expect("a certificate from another CA is refused");
+    assert!(
+        e.to_lowercase().contains("certificate") || e.contains("UnknownIssuer"),
+        "{e}"
+    );
+
+    for mode in ["verify_ca", "verify_identity"] {
+        let proxy = Proxy::start_on(mysql(mode, &ids["mariadb"].ca), Config::default()).await;
+        let c = &proxy.client;
+        let user = format!("tls_{mode}");
+        c.guest(&user).await.unwrap();
+        c.join("tlsroom", &user).await.unwrap();
+        let stored = c
+            .append(vec![item("tlsroom", &user, Some(mode), "over TLS")])
+            .await
+            .unwrap();
+        let seq = stored.results[0].as_ref().unwrap().seq;
+        let history = c.history("tlsroom", seq - 1, 10, stored.pos).await.unwrap();
+        assert_eq!(history.messages.len(), 1, "{mode}");
+        assert_eq!(history.messages[0].body, "over TLS");
+        proxy.stop().await;
+    }
+
+    assert_eq!(start_error(mysql("required", no_ca)).await, None);
 }

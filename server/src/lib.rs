@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use chat_admin::accept::{Accepted, Acceptor};
 use chat_admin::{Health, Readiness};
+use chat_dbproxy::client::{BearerToken, ClientOptions, Probe};
 use chat_dbproxy::DbClient;
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -76,11 +77,11 @@ pub async fn run(
 ) -> Result<(), Error> {
     config.validate()?;
     let metrics = Metrics::new(&registry)?;
-    let db = DbClient::with_pool(&config.dbproxy_url, config.dbproxy_pool());
     let tls = match &config.tls {
         Some(identity) => Some(tls::ServerTls::new(identity, config.tls_allow_plain)?),
         None => None,
     };
+    let db = dbproxy_client(&config, tls.as_ref().map(|t| &t.connector))?;
     let tasks = TaskTracker::new();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let health = Health::default();
@@ -119,6 +120,8 @@ pub async fn run(
         cluster.clone(),
         tls,
     );
+    // The certificates of the client port, the links and the dbproxy
+    // client: a rotated Secret is read at the next check.
     if let Some(tls) = &hub.tls {
         tasks.spawn(chat_tls::watch(
             tls.reloaders(),
@@ -181,6 +184,32 @@ pub async fn run(
     Ok(())
 }
 
+/// The storage client: pooled as configured, over mutual TLS for an
+/// `https://` `dbproxy_url` with the server's own connector (the one its
+/// links use: one identity, one watched set of files), with the bearer
+/// token of `dbproxy_token_file` or `dbproxy_token`.
+fn dbproxy_client(
+    config: &Config,
+    connector: Option<&chat_tls::Connector>,
+) -> Result<DbClient, Error> {
+    let tls = connector
+        .filter(|_| config.dbproxy_url.contains("https://"))
+        .cloned();
+    let token = if config.dbproxy_token_file.is_empty() {
+        BearerToken::fixed(&config.dbproxy_token)
+            .map_err(|e| Error::Config(format!("server.dbproxy_token: {e}")))?
+    } else {
+        BearerToken::file(&config.dbproxy_token_file)
+            .map_err(|e| Error::Config(format!("server.dbproxy_token_file: {e}")))?
+    };
+    let options = ClientOptions {
+        pool: config.dbproxy_pool(),
+        tls,
+        token,
+    };
+    Ok(DbClient::with_options(&config.dbproxy_url, options))
+}
+
 /// Sets readiness from the dbproxies' until `stop`: ready as soon as one
 /// answers ready, not ready once none has for [`STORAGE_UNREADY_AFTER`]. A
 /// server that cannot store anything should leave the proxies' rings and
@@ -194,24 +223,33 @@ async fn follow_storage(db: DbClient, health: Health, stop: CancellationToken) {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let ok = tokio::select! {
-            ok = db.ready(STORAGE_PROBE_TIMEOUT) => ok,
+        let probe = tokio::select! {
+            p = db.probe(STORAGE_PROBE_TIMEOUT) => p,
             _ = stop.cancelled() => return,
         };
         let now = tokio::time::Instant::now();
-        let was_ready = health.is_ready();
-        if ok {
+        let state = health.state();
+        if probe == Probe::Ready {
             last_ready = Some(now);
-            if !was_ready {
+            if state != Readiness::Ready {
                 tracing::info!("storage ready: serving");
             }
             health.set_ready(true);
-        } else if was_ready
+        } else if probe == Probe::TokenRefused && state == Readiness::Starting {
+            // Never ready yet: say why instead of "starting" (the client
+            // logs the refusal itself).
+            health.set(Readiness::StorageUnavailable);
+        } else if state == Readiness::Ready
             && last_ready.is_none_or(|t| now.duration_since(t) >= STORAGE_UNREADY_AFTER)
         {
+            let why = if probe == Probe::TokenRefused {
+                "the dbproxy refuses this server's token"
+            } else {
+                "no dbproxy ready"
+            };
             tracing::warn!(
                 dbproxies = ?db.bases(),
-                "no dbproxy ready for {STORAGE_UNREADY_AFTER:?}: not ready"
+                "{why} for {STORAGE_UNREADY_AFTER:?}: not ready"
             );
             health.set(Readiness::StorageUnavailable);
         }

@@ -47,11 +47,15 @@ pub fn storage_error(metrics: &Metrics, e: &ApiError, cid: &Option<String>) -> S
         ErrorKind::BadRequest => ErrorCode::BadArgs,
         ErrorKind::TooManyRooms => ErrorCode::TooManyRooms,
         ErrorKind::RateLimited => ErrorCode::RateLimited,
-        ErrorKind::Unavailable => ErrorCode::Unavailable,
+        // Nothing was stored, and the client can retry once the operator
+        // fixed this server's token.
+        ErrorKind::Unavailable | ErrorKind::Unauthorized => ErrorCode::Unavailable,
         ErrorKind::Internal => ErrorCode::Internal,
     };
     let detail = match e.kind {
-        ErrorKind::Unavailable => "storage unavailable, nothing stored; retry".to_string(),
+        ErrorKind::Unavailable | ErrorKind::Unauthorized => {
+            "storage unavailable, nothing stored; retry".to_string()
+        }
         ErrorKind::Internal => "storage failed".to_string(),
         _ => e.message.clone(),
     };

@@ -15,7 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use crate::cluster::link::{quote, RefusalLog};
+use chat_admin::throttle::LogThrottle;
+
+use crate::cluster::link::quote;
 use crate::hub::Hub;
 
 /// The line a plain connection to a TLS-only port gets before it is closed.
@@ -36,7 +38,7 @@ pub struct ServerTls {
     pub allow_plain: bool,
     /// Refusals are logged through this (at most one line a second): whoever
     /// reaches the port can cause one per connection.
-    refusals: RefusalLog,
+    refusals: LogThrottle,
 }
 
 impl ServerTls {
@@ -45,7 +47,7 @@ impl ServerTls {
             acceptor: Acceptor::new(identity)?,
             connector: Connector::new(identity)?,
             allow_plain,
-            refusals: RefusalLog::default(),
+            refusals: LogThrottle::default(),
         })
     }
 
@@ -112,7 +114,7 @@ pub(crate) fn refused(hub: &Hub, reason: Refusal, peer: SocketAddr, why: &str) {
         .with_label_values(&[reason.as_str()])
         .inc();
     let Some(tls) = &hub.tls else { return };
-    if let Some(suppressed) = tls.refusals.admit(std::time::Instant::now()) {
+    if let Some(suppressed) = tls.refusals.admit() {
         tracing::warn!(
             reason = reason.as_str(),
             %peer,

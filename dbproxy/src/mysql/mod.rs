@@ -265,7 +265,7 @@ impl MysqlBackend {
     ) -> Result<Self, DbProxyError> {
         let cfg = &config.mysql;
         let password = cfg.password()?;
-        let topo = Arc::new(Topology::new(cfg, &password, registry)?);
+        let topo = Arc::new(Topology::new(cfg, &password, cfg.ssl_opts()?, registry)?);
         let startup_err = |message: String| DbProxyError::Mysql {
             addr: cfg.primary.clone(),
             message,
@@ -278,7 +278,22 @@ impl MysqlBackend {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(startup_err("no writable server found".into()));
+                // Say why the primary is out of reach (a refused login, TLS
+                // the server requires or the certificate not trusted), not
+                // only that it is.
+                let why = match topo.connect_error(0).await {
+                    // MariaDB refuses a plain login to a server with
+                    // require_secure_transport as "access denied" (1045),
+                    // which reads like a wrong password.
+                    Some(e) if cfg.ssl_mode == "disabled" && e.contains("1045") => format!(
+                        "no writable server found; {}: {e} (mysql.ssl_mode = disabled: \
+                         if the server requires TLS, set ssl_mode)",
+                        cfg.primary
+                    ),
+                    Some(e) => format!("no writable server found; {}: {e}", cfg.primary),
+                    None => "no writable server found".into(),
+                };
+                return Err(startup_err(why));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

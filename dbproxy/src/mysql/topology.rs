@@ -163,6 +163,7 @@ impl Topology {
     pub(crate) fn new(
         cfg: &MysqlConfig,
         password: &Password,
+        ssl: Option<mysql_async::SslOpts>,
         registry: &Registry,
     ) -> Result<Self, prometheus::Error> {
         let constraints = PoolConstraints::new(cfg.pool_min, cfg.pool_max)
@@ -178,6 +179,7 @@ impl Topology {
                     .pass(password.0.clone())
                     .db_name(Some(cfg.database.clone()))
                     .prefer_socket(false)
+                    .ssl_opts(ssl.clone())
                     .pool_opts(PoolOpts::default().with_constraints(constraints));
                 Node {
                     addr: addr.clone(),
@@ -371,6 +373,14 @@ impl Topology {
             }
         }
         self.metrics.replicas_unhealthy.set(unhealthy);
+    }
+
+    /// Why a connection to server `i` cannot be had now, if it cannot.
+    pub(crate) async fn connect_error(&self, i: usize) -> Option<String> {
+        self.acquire(i, self.connect_timeout)
+            .await
+            .err()
+            .map(|e| e.message)
     }
 
     async fn probe(&self, i: usize) -> NodeState {

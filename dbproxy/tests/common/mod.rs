@@ -26,6 +26,17 @@ pub struct Proxy {
 impl Proxy {
     /// `config` with its SQLite file in `dir`; returns once `/readyz` is 200.
     pub async fn start(dir: &Path, config: Config) -> Proxy {
+        let proxy = Proxy::spawn(dir, config).await;
+        wait_until("dbproxy ready", Duration::from_secs(10), || async {
+            proxy.status("/readyz").await == Some(200)
+        })
+        .await;
+        proxy
+    }
+
+    /// [`Proxy::start`] without waiting for readiness (for listeners a
+    /// plain request cannot probe).
+    pub async fn spawn(dir: &Path, config: Config) -> Proxy {
         let listeners = chat_dbproxy::Listeners::bind("127.0.0.1:0", "127.0.0.1:0")
             .await
             .unwrap();
@@ -45,7 +56,7 @@ impl Proxy {
             registry.clone(),
             shutdown.clone(),
         ));
-        let proxy = Proxy {
+        Proxy {
             client: DbClient::new(&base),
             base,
             admin,
@@ -53,12 +64,7 @@ impl Proxy {
             sqlite_path,
             shutdown,
             task,
-        };
-        wait_until("dbproxy ready", Duration::from_secs(10), || async {
-            proxy.status("/readyz").await == Some(200)
-        })
-        .await;
-        proxy
+        }
     }
 
     /// The status of `GET path`, `None` if the exchange failed.
@@ -111,10 +117,21 @@ pub async fn raw_request(
     path: &str,
     body: &[u8],
 ) -> std::io::Result<(u16, String)> {
+    raw_request_with(base, method, path, "", body).await
+}
+
+/// [`raw_request`] with extra header lines (each ending in `\r\n`).
+pub async fn raw_request_with(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
     let addr = base.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{headers}connection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).await?;

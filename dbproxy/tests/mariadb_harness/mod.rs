@@ -88,11 +88,34 @@ pub struct Server {
 /// by another test process before mariadbd binds it.
 const START_ATTEMPTS: u32 = 5;
 
+/// PEM files a server presents for TLS and the CA it is issued by.
+pub struct ServerTls<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub ca: &'a Path,
+}
+
 impl Server {
     pub fn start(server_id: u32, read_only: bool) -> Server {
+        Self::start_with(server_id, read_only, &[])
+    }
+
+    /// A writable server that takes TCP clients over TLS only
+    /// (`require_secure_transport`; root's socket stays open for `sql`).
+    pub fn start_tls(server_id: u32, tls: &ServerTls<'_>) -> Server {
+        let args = [
+            format!("--ssl-cert={}", tls.cert.display()),
+            format!("--ssl-key={}", tls.key.display()),
+            format!("--ssl-ca={}", tls.ca.display()),
+            "--require-secure-transport=ON".to_string(),
+        ];
+        Self::start_with(server_id, false, &args)
+    }
+
+    fn start_with(server_id: u32, read_only: bool, extra: &[String]) -> Server {
         let mut attempt = 1;
         loop {
-            match Self::try_start(server_id, read_only) {
+            match Self::try_start(server_id, read_only, extra) {
                 Ok(server) => return server,
                 Err(log) if attempt < START_ATTEMPTS && log.contains("Address already in use") => {
                     attempt += 1;
@@ -103,7 +126,7 @@ impl Server {
     }
 
     /// One start on one free port; the error log when mariadbd exits early.
-    fn try_start(server_id: u32, read_only: bool) -> Result<Server, String> {
+    fn try_start(server_id: u32, read_only: bool, extra: &[String]) -> Result<Server, String> {
         let mariadbd = binary(MARIADBD);
         let dir = tempfile::Builder::new()
             .prefix("mdb")
@@ -141,6 +164,7 @@ impl Server {
             .arg("--performance-schema=OFF")
             .arg("--max-connections=200")
             .arg(format!("--read-only={}", u8::from(read_only)))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -209,6 +233,17 @@ impl Server {
             .unwrap_or_else(|e| panic!("server {}: {sql}: {e}", self.server_id))
     }
 
+    /// Creates the database and the application account (which must not
+    /// bypass read_only: no SUPER / READ ONLY ADMIN).
+    pub fn create_app_account(&self) {
+        self.sql(&format!(
+            "CREATE DATABASE {DATABASE};
+             CREATE USER '{APP_USER}'@'127.0.0.1' IDENTIFIED BY '{APP_PASSWORD}';
+             GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, INDEX, ALTER, REFERENCES
+                ON {DATABASE}.* TO '{APP_USER}'@'127.0.0.1';"
+        ));
+    }
+
     /// SIGKILL: the server vanishes as in a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -252,15 +287,11 @@ impl Pair {
             let r = s.spawn(|| Server::start(2, true));
             (p.join().expect("primary"), r.join().expect("replica"))
         });
-        // The app account must not bypass read_only (no SUPER / READ ONLY ADMIN).
-        primary.sql(&format!(
-            "CREATE DATABASE {DATABASE};
-             CREATE USER '{APP_USER}'@'127.0.0.1' IDENTIFIED BY '{APP_PASSWORD}';
-             GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, INDEX, ALTER, REFERENCES
-                ON {DATABASE}.* TO '{APP_USER}'@'127.0.0.1';
-             CREATE USER 'repl'@'127.0.0.1' IDENTIFIED BY 'repl';
-             GRANT REPLICATION SLAVE ON *.* TO 'repl'@'127.0.0.1';"
-        ));
+        primary.create_app_account();
+        primary.sql(
+            "CREATE USER 'repl'@'127.0.0.1' IDENTIFIED BY 'repl';
+             GRANT REPLICATION SLAVE ON *.* TO 'repl'@'127.0.0.1';",
+        );
         replica.sql(&format!(
             "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={},
                 MASTER_USER='repl', MASTER_PASSWORD='repl', MASTER_USE_GTID=slave_pos,
@@ -273,9 +304,7 @@ impl Pair {
             assert!(Instant::now() < deadline, "replication never started");
             std::thread::sleep(Duration::from_millis(50));
         }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let password_file = dir.path().join("mysql-password");
-        std::fs::write(&password_file, format!("{APP_PASSWORD}\n")).expect("password file");
+        let (dir, password_file) = password_file();
         Pair {
             primary,
             replica,
@@ -283,4 +312,13 @@ impl Pair {
             _dir: dir,
         }
     }
+}
+
+/// A temp dir holding the application password in a file, as the dbproxy's
+/// `password_file` reads it.
+pub fn password_file() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mysql-password");
+    std::fs::write(&path, format!("{APP_PASSWORD}\n")).expect("password file");
+    (dir, path)
 }

@@ -379,32 +379,6 @@ async fn dispatch(
 /// Longest part of an attacker's bytes quoted in a log line.
 const QUOTE_MAX: usize = 64;
 
-/// Logs refused PEER handshakes at most once a second: whoever can reach the
-/// client port can send them as fast as it connects, and each would otherwise
-/// be a WARN line. The metric counts every one.
-#[derive(Default)]
-pub(crate) struct RefusalLog {
-    /// When a line was last written; a `std` mutex held only to compare and
-    /// set it.
-    last: std::sync::Mutex<Option<std::time::Instant>>,
-    /// Refusals not logged since the last line.
-    suppressed: std::sync::atomic::AtomicU64,
-}
-
-impl RefusalLog {
-    /// Whether to log now, and how many refusals went unlogged before.
-    pub(crate) fn admit(&self, now: std::time::Instant) -> Option<u64> {
-        use std::sync::atomic::Ordering;
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *last = Some(now);
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
-    }
-}
-
 /// `s` for a log line: control characters escaped (no raw ESC or CR reaches
 /// the log), at most [`QUOTE_MAX`] characters.
 pub(crate) fn quote(s: &str) -> String {
@@ -420,7 +394,7 @@ fn refused(hub: &Hub, reason: &'static str, what: &str) {
         .handshake_failures_total
         .with_label_values(&[reason])
         .inc();
-    if let Some(suppressed) = hub.cluster.refusals.admit(std::time::Instant::now()) {
+    if let Some(suppressed) = hub.cluster.refusals.admit() {
         let claimed = if reason == "malformed" {
             // The line may hold a secret in an unexpected place: show its
             // first word only.
@@ -448,17 +422,5 @@ mod tests {
         assert_eq!(q, "\\u{001B}[2Jfake\\u{000D}OK");
         let long = quote(&"x".repeat(500));
         assert!(long.chars().count() <= QUOTE_MAX + 1);
-    }
-
-    #[test]
-    fn at_most_one_line_a_second() {
-        let log = RefusalLog::default();
-        let t = std::time::Instant::now();
-        assert_eq!(log.admit(t), Some(0));
-        for ms in [1, 10, 500, 999] {
-            assert_eq!(log.admit(t + Duration::from_millis(ms)), None);
-        }
-        assert_eq!(log.admit(t + Duration::from_millis(1000)), Some(4));
-        assert_eq!(log.admit(t + Duration::from_millis(1500)), None);
     }
 }

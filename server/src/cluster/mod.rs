@@ -95,7 +95,7 @@ pub struct Cluster {
     /// so their last messages still reach (and hear from) the rooms' owners.
     stop: CancellationToken,
     /// Refused PEER handshakes are logged through this (at most one line a second).
-    pub(crate) refusals: link::RefusalLog,
+    pub(crate) refusals: chat_admin::throttle::LogThrottle,
 }
 
 impl Cluster {
@@ -116,7 +116,7 @@ impl Cluster {
             next_req: AtomicU64::new(1),
             leaving: AtomicBool::new(false),
             stop,
-            refusals: link::RefusalLog::default(),
+            refusals: Default::default(),
         })
     }
 
