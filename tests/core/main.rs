@@ -17,3 +17,4 @@ mod proxy;
 mod rooms;
 mod scale;
 mod slow_sockets;
+mod up;
