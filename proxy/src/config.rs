@@ -76,6 +76,10 @@ pub struct Config {
     /// Health checks stay on the servers' plain admin port. Files are
     /// re-read when they change.
     pub upstream_tls: Option<chat_tls::TlsIdentity>,
+    /// How often the `upstream_tls` files are checked for changes (a
+    /// rotated Secret is used from the next connection on; open ones keep
+    /// theirs).
+    pub reload_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -104,6 +108,7 @@ impl Default for Config {
             shutdown_grace_secs: 10,
             send_proxy_line: true,
             upstream_tls: None,
+            reload_interval_ms: 10_000,
         }
     }
 }
@@ -158,6 +163,12 @@ impl Config {
         }
         if !(64..=1 << 20).contains(&self.max_line_bytes) {
             return bad("max_line_bytes", "must be between 64 and 1048576");
+        }
+        if let Some(field) = self.upstream_tls.as_ref().and_then(|t| t.empty_field()) {
+            return bad(&format!("upstream_tls.{field}"), "must name a PEM file");
+        }
+        if !(100..=3_600_000).contains(&self.reload_interval_ms) {
+            return bad("reload_interval_ms", "must be 100..=3600000");
         }
         let positive = [
             ("dns_refresh_secs", self.dns_refresh_secs),

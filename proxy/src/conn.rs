@@ -6,14 +6,16 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use chat_protocol::first::{self, First};
 use chat_protocol::{Command, ErrorCode, Frame, LineCodec, ParseError, ServerLine};
 
+use chat_tls::Stream;
 use tokio::io::Interest;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -43,6 +45,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(crate) struct Ctx {
     pub config: Config,
+    /// Set with `upstream_tls`: chat servers are dialed over mutual TLS.
+    pub upstream_tls: Option<chat_tls::Connector>,
     pub upstreams: Arc<Upstreams>,
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
@@ -75,7 +79,7 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, client: TcpStream, peer: SocketAddr) {
 /// A client routed to its chat server, the first line not yet replayed.
 struct Link {
     client: TcpStream,
-    upstream: TcpStream,
+    upstream: Stream,
     first: FirstLine,
     server: String,
     ring_rx: watch::Receiver<Arc<Snapshot>>,
@@ -226,26 +230,36 @@ pub fn judge_first(frame: Frame, empty: &mut usize) -> Option<Result<Command, Pa
     }
 }
 
-/// Connects to the first server in `key`'s order that answers; each failure
-/// counts toward that server's ejection.
-async fn connect(ctx: &Ctx, snap: &Snapshot, key: &[u8]) -> Result<(TcpStream, String), ConnError> {
+/// Connects to the first server in `key`'s order that answers (within
+/// `connect_timeout_ms`, the TLS handshake included); each failure counts
+/// toward that server's ejection.
+async fn connect(ctx: &Ctx, snap: &Snapshot, key: &[u8]) -> Result<(Stream, String), ConnError> {
     let limit = Duration::from_millis(ctx.config.connect_timeout_ms);
     let order = ctx.upstreams.order(snap, key);
     if order.is_empty() {
         return Err(ConnError::Upstream("no healthy chat server".into()));
     }
     for id in order {
-        match timeout(limit, TcpStream::connect(id.as_str())).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Ok((stream, id));
-            }
+        match timeout(limit, dial(ctx, &id)).await {
+            Ok(Ok(stream)) => return Ok((stream, id)),
             Ok(Err(e)) => tracing::warn!(upstream = %id, error = %e, "connect failed"),
             Err(_) => tracing::warn!(upstream = %id, "connect timed out"),
         }
         ctx.upstreams.connect_failed(&id);
     }
     Err(ConnError::Upstream("every chat server refused".into()))
+}
+
+/// One chat server's client port: plain TCP, or mutual TLS with the
+/// server's certificate required to carry `chat-server` (its address is
+/// not what the certificate names: pods come and go).
+async fn dial(ctx: &Ctx, id: &str) -> std::io::Result<Stream> {
+    let tcp = TcpStream::connect(id).await?;
+    let _ = tcp.set_nodelay(true);
+    match &ctx.upstream_tls {
+        Some(connector) => connector.connect(chat_tls::names::SERVER, tcp).await,
+        None => Ok(Stream::Plain(tcp)),
+    }
 }
 
 /// One direction of the copy: bytes read but not yet written, and the
@@ -256,6 +270,13 @@ struct Pump {
     size: usize,
     /// The last byte written so far.
     last: Option<u8>,
+    /// TLS only: bytes taken by the session but not yet flushed to the
+    /// socket (still this direction's, so it reads no more meanwhile).
+    unflushed: bool,
+    /// TLS only: the buffer a pending read of a TLS stream waits with.
+    /// Unlike a socket, a TLS stream has no readiness to wait on without
+    /// a buffer; rustls holds buffers of its own on such a connection.
+    spare: Vec<u8>,
 }
 
 impl Pump {
@@ -265,11 +286,26 @@ impl Pump {
             written: 0,
             size: PUMP_BUF_MIN,
             last: None,
+            unflushed: false,
+            spare: Vec::new(),
         }
     }
 
     fn busy(&self) -> bool {
-        self.written < self.pending.len()
+        self.written < self.pending.len() || self.unflushed
+    }
+
+    /// A read of `n` bytes into `buf` is what is pending now; the next
+    /// read's size follows how full this one was.
+    fn filled(&mut self, mut buf: Vec<u8>, n: usize) {
+        if n == self.size {
+            self.size = (self.size * 4).min(PUMP_BUF_MAX);
+        } else if n < self.size / 8 {
+            self.size = (self.size / 2).max(PUMP_BUF_MIN);
+        }
+        buf.truncate(n);
+        self.pending = buf;
+        self.written = 0;
     }
 
     /// Reads what `from` has ready; `Ok(false)` at end of stream. The buffer
@@ -280,13 +316,7 @@ impl Pump {
         match read_drained(from, &mut buf) {
             Ok(0) => Ok(false),
             Ok(n) => {
-                if n == self.size {
-                    self.size = (self.size * 4).min(PUMP_BUF_MAX);
-                } else if n < self.size / 8 {
-                    self.size = (self.size / 2).max(PUMP_BUF_MIN);
-                }
-                self.pending = buf;
-                self.written = 0;
+                self.filled(buf, n);
                 Ok(true)
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(true),
@@ -309,6 +339,77 @@ impl Pump {
         self.pending = Vec::new();
         self.written = 0;
         Ok(())
+    }
+
+    /// Reads what a TLS stream has decrypted; `Ready(Ok(false))` at its end.
+    fn poll_read_tls(
+        &mut self,
+        from: &mut Stream,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<bool>> {
+        let mut buf = std::mem::take(&mut self.spare);
+        if buf.len() != self.size {
+            buf = vec![0; self.size];
+        }
+        let mut read = ReadBuf::new(&mut buf);
+        match Pin::new(from).poll_read(cx, &mut read) {
+            Poll::Pending => {
+                self.spare = buf;
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                let n = read.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Ok(false));
+                }
+                self.filled(buf, n);
+                Poll::Ready(Ok(true))
+            }
+        }
+    }
+
+    /// Writes what is pending into a TLS stream and flushes it to the
+    /// socket; `Ready(Ok)` once all of it is on the socket.
+    fn poll_write_tls(
+        &mut self,
+        to: &mut Stream,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while self.written < self.pending.len() {
+            let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.pending[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+            self.last = self.pending.get(self.written - 1).copied();
+            self.unflushed = true;
+        }
+        if self.unflushed {
+            ready!(Pin::new(&mut *to).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        self.pending = Vec::new();
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// After [`Event::UpstreamReadable`]: reads the plain socket, which is
+    /// ready; a TLS upstream's bytes were read by the poll that raised it.
+    fn read_upstream(&mut self, from: &Stream) -> std::io::Result<bool> {
+        match from {
+            Stream::Plain(s) => self.read(s),
+            Stream::Tls(_) => Ok(true),
+        }
+    }
+
+    /// Writes to the plain socket now; a TLS upstream is written (and
+    /// flushed) by the copy loop's poll, see [`Pump::poll_write_tls`].
+    fn write_upstream(&mut self, to: &Stream) -> std::io::Result<()> {
+        match to {
+            Stream::Plain(s) => self.write(s),
+            Stream::Tls(_) => Ok(()),
+        }
     }
 
     /// Whether what was written so far ends a line (or nothing was).
@@ -397,8 +498,11 @@ impl Link {
     /// drop lines it already wrote, DMs it counts as delivered among them.
     /// A server that does not close within `DRAIN_TIMEOUT` is cut off.
     async fn relay(&mut self, ctx: &Ctx) -> Result<(), ConnError> {
-        self.upstream
-            .write_all(&self.first.raw)
+        let replay = async {
+            self.upstream.write_all(&self.first.raw).await?;
+            self.upstream.flush().await
+        };
+        replay
             .await
             .map_err(|e| ConnError::Upstream(format!("replaying the first line: {e}")))?;
         self.first.raw = BytesMut::new();
@@ -432,13 +536,24 @@ impl Link {
                             r.map_or(Event::Failed(End::Client), |()| Event::ClientWritable),
                         );
                     }
-                } else if let Ready(r) = self.upstream.poll_read_ready(cx) {
-                    return Ready(
-                        r.map_or(Event::Failed(End::Upstream), |()| Event::UpstreamReadable),
-                    );
+                } else {
+                    let read = match &mut self.upstream {
+                        Stream::Plain(s) => s.poll_read_ready(cx).map(|r| r.map(|()| true)),
+                        tls => down.poll_read_tls(tls, cx),
+                    };
+                    if let Ready(r) = read {
+                        return Ready(match r {
+                            Ok(true) => Event::UpstreamReadable,
+                            Ok(false) | Err(_) => Event::Failed(End::Upstream),
+                        });
+                    }
                 }
                 if up.busy() {
-                    if let Ready(r) = self.upstream.poll_write_ready(cx) {
+                    let wrote = match &mut self.upstream {
+                        Stream::Plain(s) => s.poll_write_ready(cx),
+                        tls => up.poll_write_tls(tls, cx),
+                    };
+                    if let Ready(r) = wrote {
                         return Ready(
                             r.map_or(Event::Failed(End::Client), |()| Event::UpstreamWritable),
                         );
@@ -463,7 +578,7 @@ impl Link {
             .await;
             match event {
                 Event::Failed(end) => break end,
-                Event::UpstreamReadable => match down.read(&self.upstream) {
+                Event::UpstreamReadable => match down.read_upstream(&self.upstream) {
                     Ok(true) => {
                         if down.write(&self.client).is_err() {
                             break End::Client;
@@ -478,7 +593,7 @@ impl Link {
                 }
                 Event::ClientReadable => match up.read(&self.client) {
                     Ok(true) => {
-                        if up.write(&self.upstream).is_err() {
+                        if up.write_upstream(&self.upstream).is_err() {
                             break End::Client;
                         }
                     }
@@ -491,7 +606,7 @@ impl Link {
                     Err(_) => break End::Client,
                 },
                 Event::UpstreamWritable => {
-                    if up.write(&self.upstream).is_err() {
+                    if up.write_upstream(&self.upstream).is_err() {
                         break End::Client;
                     }
                     if !up_open && !up.busy() {

@@ -5,7 +5,7 @@
 //! accept ([`run`]) → `conn::serve` → first line through `LineCodec` (under a
 //! timeout) → routing key (user name; a RESUME's token) → `Upstreams::order`
 //! ([`ring::Ring`] over the healthy servers, bounded by open connections) →
-//! connect (next candidate on failure) → replay the bytes read → copy both ways
+//! connect (next candidate on failure; mutual TLS with `upstream_tls`) → replay the bytes read → copy both ways
 //! until a side closes, the ring moves the user (`RECONNECT moved`) or the
 //! proxy drains (`RECONNECT shutdown`).
 //!
@@ -58,6 +58,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     config.validate()?;
+    let upstream_tls = match &config.upstream_tls {
+        Some(identity) => Some(chat_tls::Connector::new(identity)?),
+        None => None,
+    };
     let metrics = Metrics::new(&registry)?;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let health = Health::default();
@@ -97,8 +101,16 @@ pub async fn run(
         background.clone(),
     ));
 
+    if let Some(connector) = &upstream_tls {
+        tasks.spawn(chat_tls::watch(
+            vec![Arc::new(connector.clone())],
+            Duration::from_millis(config.reload_interval_ms),
+            background.clone(),
+        ));
+    }
     let ctx = Arc::new(conn::Ctx {
         config: config.clone(),
+        upstream_tls,
         upstreams,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),

@@ -81,8 +81,12 @@ pub struct Config {
     /// only from a proxy's certificate. Files are re-read when they change.
     pub tls: Option<chat_tls::TlsIdentity>,
     /// With `tls` set, also take plain TCP connections on the client port
-    /// (clients only, never `PEER`): for a rolling migration to TLS.
+    /// (clients only, never `PEER` or a `PROXY` line): for a rolling
+    /// migration to TLS.
     pub tls_allow_plain: bool,
+    /// How often the `tls` files are checked for changes (a rotated Secret
+    /// is used from the next handshake on; open connections keep theirs).
+    pub reload_interval_ms: u64,
     /// The other chat servers: rooms and DMs across servers.
     pub cluster: ClusterConfig,
 }
@@ -193,6 +197,7 @@ impl Default for Config {
             trust_proxy_line: Vec::new(),
             tls: None,
             tls_allow_plain: false,
+            reload_interval_ms: 10_000,
             cluster: ClusterConfig::default(),
         }
     }
@@ -231,20 +236,17 @@ impl Config {
             return bad("dbproxy_url", "must be an http:// or https:// URL");
         }
         if let Some(tls) = &self.tls {
-            for (key, path) in [
-                ("tls.cert", &tls.cert),
-                ("tls.key", &tls.key),
-                ("tls.ca", &tls.ca),
-            ] {
-                if path.as_os_str().is_empty() {
-                    return bad(key, "must name a PEM file");
-                }
+            if let Some(field) = tls.empty_field() {
+                return bad(&format!("tls.{field}"), "must name a PEM file");
             }
         } else if self.tls_allow_plain {
             return bad(
                 "tls_allow_plain",
                 "only means something with [server.tls] set",
             );
+        }
+        if !(100..=3_600_000).contains(&self.reload_interval_ms) {
+            return bad("reload_interval_ms", "must be 100..=3600000");
         }
         if !(64..=1 << 20).contains(&self.max_line_bytes) {
             return bad("max_line_bytes", "must be between 64 and 1048576");

@@ -6,6 +6,8 @@ pub enum Error {
     Config(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] chat_tls::TlsError),
     #[error("metrics registration: {0}")]
     Metrics(#[from] prometheus::Error),
 }

@@ -47,6 +47,8 @@ pub struct Hub {
     pub cluster: Arc<Cluster>,
     /// `config.trust_proxy_line`, parsed once.
     pub trusted_proxies: crate::source::Trusted,
+    /// Set with `config.tls`: the client port and the links take TLS.
+    pub tls: Option<crate::tls::ServerTls>,
     online: RwLock<HashMap<Arc<str>, OnlineUser>>,
     local: Mutex<HashMap<String, Arc<LocalRoom>>>,
     owned: Mutex<HashMap<String, Arc<Room>>>,
@@ -62,9 +64,11 @@ impl Hub {
         tasks: TaskTracker,
         shutdown: CancellationToken,
         cluster: Arc<Cluster>,
+        tls: Option<crate::tls::ServerTls>,
     ) -> Arc<Hub> {
         Arc::new(Hub {
             trusted_proxies: crate::source::Trusted::new(&config.trust_proxy_line),
+            tls,
             config,
             db,
             metrics,

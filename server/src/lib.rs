@@ -9,6 +9,10 @@
 //! writer reports each DM it wrote to the session, which counts it received
 //! as written or once the client acknowledges it (`ACK`); `receipts` marks
 //! them received in storage.
+//!
+//! With `tls` set, `tls::accept` stands between accept and the first line
+//! (mutual TLS, the certificate's role decides what the connection may open
+//! with), and the links to the other servers are dialed over TLS.
 
 pub mod cluster;
 pub mod config;
@@ -19,6 +23,7 @@ mod outbound;
 mod room;
 mod session;
 pub mod source;
+pub mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -72,6 +77,10 @@ pub async fn run(
     config.validate()?;
     let metrics = Metrics::new(&registry)?;
     let db = DbClient::with_pool(&config.dbproxy_url, config.dbproxy_pool());
+    let tls = match &config.tls {
+        Some(identity) => Some(tls::ServerTls::new(identity, config.tls_allow_plain)?),
+        None => None,
+    };
     let tasks = TaskTracker::new();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let health = Health::default();
@@ -108,7 +117,15 @@ pub async fn run(
         tasks.clone(),
         shutdown.clone(),
         cluster.clone(),
+        tls,
     );
+    if let Some(tls) = &hub.tls {
+        tasks.spawn(chat_tls::watch(
+            tls.reloaders(),
+            Duration::from_millis(config.reload_interval_ms),
+            background.clone(),
+        ));
+    }
     let (receipts_tx, receipts_rx) = mpsc::channel(RECEIPT_QUEUE);
     tasks.spawn(receipts_loop(db.clone(), receipts_rx, background.clone()));
     tasks.spawn(touch_loop(hub.clone(), background.clone()));

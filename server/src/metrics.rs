@@ -22,6 +22,7 @@ pub struct Metrics {
     pub peer_queue_depth: IntGaugeVec,
     pub peer_link_drops_total: IntCounterVec,
     pub handshake_failures_total: IntCounterVec,
+    pub tls_refused_total: IntCounterVec,
     pub fanout_latency: Histogram,
 }
 
@@ -104,6 +105,13 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            tls_refused_total: IntCounterVec::new(
+                Opts::new(
+                    "chat_tls_refused_total",
+                    "Connections refused on the client port for TLS reasons (tls: handshake failed or timed out; plain_refused: plain TCP on a TLS-only port; role: PEER without a chat-server or PROXY line without a chat-proxy certificate)",
+                ),
+                &["reason"],
+            )?,
             peer_link_drops_total: IntCounterVec::new(
                 Opts::new(
                     "chat_cluster_link_drops_total",
@@ -139,6 +147,10 @@ impl Metrics {
             m.handshake_failures_total.with_label_values(&[reason]);
         }
         registry.register(Box::new(m.handshake_failures_total.clone()))?;
+        for reason in crate::tls::Refusal::ALL {
+            m.tls_refused_total.with_label_values(&[reason.as_str()]);
+        }
+        registry.register(Box::new(m.tls_refused_total.clone()))?;
         registry.register(Box::new(m.fanout_latency.clone()))?;
         Ok(m)
     }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chat_protocol::PartReason;
+use chat_tls::WriteHalf;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, Notify};
@@ -451,7 +452,7 @@ const MAX_IOV: usize = 64;
 pub async fn write_loop(
     handle: SessionHandle,
     mut rx: Rx,
-    mut w: OwnedWriteHalf,
+    mut w: WriteHalf,
     receipts: mpsc::Sender<i64>,
 ) {
     let mut written_dms = Vec::new();
@@ -495,7 +496,12 @@ pub async fn write_loop(
     handle.writer_done(&receipts);
     if handle.kick_reason() == Some(PartReason::Slow) {
         // The client does not read: skip its queue, say why (best effort), close.
-        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, w.write_all(b"BYE slow\n")).await;
+        let bye = async {
+            w.write_all(b"BYE slow\n").await?;
+            // TLS holds the line until flushed; plain TCP has nothing to flush.
+            w.flush().await
+        };
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, bye).await;
     }
 }
 
@@ -505,9 +511,75 @@ enum Written {
     Failed,
 }
 
+/// Writes every byte of `bufs`: on plain TCP without a wait unless the
+/// socket is full, on TLS through the session's encryption (boxed: only TLS
+/// sessions pay for its future).
+async fn write_bufs(handle: &SessionHandle, w: &mut WriteHalf, bufs: &[Bytes]) -> Written {
+    match w {
+        WriteHalf::Plain(w) => write_bufs_plain(handle, w, bufs).await,
+        WriteHalf::Tls(w) => Box::pin(write_bufs_tls(handle, w, bufs)).await,
+    }
+}
+
+/// TLS: one vectored write after another, then a flush that puts the
+/// records on the socket; a kick ends the wait for a full socket.
+async fn write_bufs_tls(
+    handle: &SessionHandle,
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    bufs: &[Bytes],
+) -> Written {
+    let write = async {
+        let (mut i, mut off) = (0, 0);
+        while i < bufs.len() {
+            if bufs[i].len() == off {
+                i += 1;
+                off = 0;
+                continue;
+            }
+            let n = {
+                let iov: Vec<std::io::IoSlice<'_>> = bufs[i..]
+                    .iter()
+                    .enumerate()
+                    .map(|(k, b)| std::io::IoSlice::new(if k == 0 { &b[off..] } else { b }))
+                    .collect();
+                w.write_vectored(&iov).await?
+            };
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            advance(bufs, &mut i, &mut off, n);
+        }
+        w.flush().await
+    };
+    tokio::select! {
+        r = write => if r.is_ok() { Written::All } else { Written::Failed },
+        _ = handle.kicked() => Written::Kicked,
+    }
+}
+
+/// Moves the position (buffer `i`, `off` bytes into it) past `n` written bytes.
+fn advance(bufs: &[Bytes], i: &mut usize, off: &mut usize, n: usize) {
+    let mut left = n;
+    while left > 0 {
+        let rest = bufs[*i].len() - *off;
+        if left >= rest {
+            left -= rest;
+            *i += 1;
+            *off = 0;
+        } else {
+            *off += left;
+            left = 0;
+        }
+    }
+}
+
 /// Writes every byte of `bufs`. Most writes go through at once; only one
 /// that would block waits, and only that wait also listens for a kick.
-async fn write_bufs(handle: &SessionHandle, w: &mut OwnedWriteHalf, bufs: &[Bytes]) -> Written {
+async fn write_bufs_plain(
+    handle: &SessionHandle,
+    w: &mut OwnedWriteHalf,
+    bufs: &[Bytes],
+) -> Written {
     // Position: buffer `i`, `off` bytes into it.
     let (mut i, mut off) = (0, 0);
     loop {
@@ -545,19 +617,7 @@ async fn write_bufs(handle: &SessionHandle, w: &mut OwnedWriteHalf, bufs: &[Byte
         if n == 0 {
             return Written::Failed;
         }
-        // Advance past what was written.
-        let mut left = n;
-        while left > 0 {
-            let rest = bufs[i].len() - off;
-            if left >= rest {
-                left -= rest;
-                i += 1;
-                off = 0;
-            } else {
-                off += left;
-                left = 0;
-            }
-        }
+        advance(bufs, &mut i, &mut off, n);
     }
 }
 
@@ -621,7 +681,7 @@ mod tests {
             got
         });
         assert!(matches!(
-            write_bufs(&handle, &mut w, &bufs).await,
+            write_bufs_plain(&handle, &mut w, &bufs).await,
             Written::All
         ));
         drop(w);
@@ -643,7 +703,7 @@ mod tests {
         let (_rd, w) = client.into_split();
         let (handle, rx) = channel(1, "u".into(), 16);
         let (receipts, _receipts_rx) = mpsc::channel(1);
-        let writer = write_loop(handle, rx, w, receipts);
+        let writer = write_loop(handle, rx, WriteHalf::Plain(w), receipts);
         let size = std::mem::size_of_val(&writer);
         assert!(size <= 512, "write_loop's future is {size} bytes");
     }

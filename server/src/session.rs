@@ -13,9 +13,9 @@ use chat_dbproxy::api::{ApiError, DmItem, ErrorKind, Identity};
 use chat_protocol::first::{self, First};
 use chat_protocol::{proxy_line, ParseError};
 use chat_protocol::{Command, ErrorCode, Frame, LineCodec, PartReason, ServerLine};
+use chat_tls::WriteHalf;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{sleep_until, timeout};
@@ -25,6 +25,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbound::{self, Out, SessionHandle};
 use crate::room::{with_cid, Origin, Publish};
+use crate::tls::{Accepted, Refusal, Roles};
 
 /// Pending DMs handed over at login, at most (the rest come at the next login).
 const PENDING_DM_LIMIT: u32 = 1000;
@@ -66,7 +67,7 @@ enum Flow {
     Quit,
 }
 
-type Frames = FramedRead<tokio::net::tcp::OwnedReadHalf, LineCodec>;
+type Frames = FramedRead<chat_tls::ReadHalf, LineCodec>;
 
 /// Serves one connection to the end.
 ///
@@ -164,18 +165,30 @@ async fn start(
 /// (refused, gone, or a peer link handed to the cluster).
 async fn open(
     hub: &Arc<Hub>,
-    stream: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
-) -> Option<(Identity, Option<String>, bool, Frames, OwnedWriteHalf)> {
-    let _ = stream.set_nodelay(true);
-    let (rd, mut wr) = stream.into_split();
+) -> Option<(Identity, Option<String>, bool, Frames, WriteHalf)> {
+    let _ = tcp.set_nodelay(true);
+    // One time limit for the TLS handshake (if any) and the first line.
+    let limit = Duration::from_secs(hub.config.first_line_timeout_secs);
+    let deadline = tokio::time::Instant::now() + limit;
+    let (stream, roles) = match crate::tls::accept(hub, tcp, peer, deadline).await {
+        Accepted::Ready(stream, roles) => (stream, roles),
+        Accepted::Done => return None,
+        Accepted::Late(tcp) => {
+            let (_, wr) = tcp.into_split();
+            let late = first_line_error(hub, ErrorCode::BadFirstLine, "no first line in time");
+            farewell(WriteHalf::Plain(wr), &late).await;
+            return None;
+        }
+    };
+    let (rd, wr) = stream.into_split();
     // A small read buffer that grows for long lines: idle connections are
     // most connections.
     let mut frames =
         FramedRead::with_capacity(rd, LineCodec::new(hub.config.max_line_bytes), READ_BUF);
-    let limit = Duration::from_secs(hub.config.first_line_timeout_secs);
     let first = tokio::select! {
-        f = timeout(limit, read_first(hub, &mut frames, peer)) => f,
+        f = tokio::time::timeout_at(deadline, read_first(hub, &mut frames, peer, roles)) => f,
         _ = hub.shutdown.cancelled() => return None,
     };
     let refused = match first {
@@ -201,12 +214,17 @@ async fn open(
         },
     };
     tracing::debug!(%peer, "first line refused");
+    farewell(wr, &refused).await;
+    None
+}
+
+/// Writes the one line refusing a connection and closes it.
+async fn farewell(mut wr: WriteHalf, line: &ServerLine) {
     let _ = timeout(FAREWELL_TIMEOUT, async {
-        wr.write_all(&refused.to_bytes()).await?;
+        wr.write_all(&line.to_bytes()).await?;
         wr.shutdown().await
     })
     .await;
-    None
 }
 
 /// How a connection's first line turned out.
@@ -222,7 +240,8 @@ enum Opened {
 
 /// Reads the optional PROXY line of a trusted proxy, skips empty lines and
 /// classifies the first line (`chat_protocol::first`, the proxy's rules too).
-async fn read_first(hub: &Hub, frames: &mut Frames, peer: SocketAddr) -> Opened {
+/// With TLS, `roles` (the certificate) decides who may send PEER or PROXY.
+async fn read_first(hub: &Hub, frames: &mut Frames, peer: SocketAddr, roles: Roles) -> Opened {
     let mut source = peer.ip().to_canonical();
     let mut proxied = false;
     let mut empty = 0;
@@ -244,7 +263,7 @@ async fn read_first(hub: &Hub, frames: &mut Frames, peer: SocketAddr) -> Opened 
             None | Some(Err(_)) => return Opened::Gone,
         };
         if !proxied && empty == 0 && proxy_line::is_proxy_line(line.as_bytes()) {
-            match client_source(&hub.trusted_proxies, peer, line.as_bytes()) {
+            match client_source(hub, peer, roles, line.as_bytes()) {
                 Ok(ip) => source = ip,
                 Err(e) => return Opened::Refused(e),
             }
@@ -258,20 +277,49 @@ async fn read_first(hub: &Hub, frames: &mut Frames, peer: SocketAddr) -> Opened 
             Ok(First::Peer(_)) if proxied => {
                 return Opened::Refused(ParseError::new(ErrorCode::BadFirstLine, first::USAGE))
             }
+            Ok(First::Peer(_)) if hub.tls.is_some() && !roles.server => {
+                crate::tls::refused(
+                    hub,
+                    Refusal::Role,
+                    peer,
+                    "PEER without a chat-server certificate",
+                );
+                return Opened::Refused(ParseError::new(
+                    ErrorCode::AuthFailed,
+                    "peer links need a chat-server certificate",
+                ));
+            }
             Ok(First::Peer(p)) => return Opened::Peer(p.to_string()),
             Err(e) => return Opened::Refused(e),
         }
     }
 }
 
-/// The client's address from a PROXY line sent by `peer`: only a proxy in
-/// `trust_proxy_line` may name another address than its own.
+/// The client's address from a PROXY line sent by `peer`: only a proxy may
+/// name another address than its own. Without TLS a proxy is an address in
+/// `trust_proxy_line`; with TLS it is a `chat-proxy` certificate, and also
+/// such an address when `trust_proxy_line` lists any.
 fn client_source(
-    trusted: &crate::source::Trusted,
+    hub: &Hub,
     peer: SocketAddr,
+    roles: Roles,
     line: &[u8],
 ) -> Result<IpAddr, ParseError> {
-    if !trusted.contains(peer.ip()) {
+    let trusted = &hub.trusted_proxies;
+    if hub.tls.is_some() && !roles.proxy {
+        crate::tls::refused(
+            hub,
+            Refusal::Role,
+            peer,
+            "PROXY line without a chat-proxy certificate",
+        );
+        return Err(ParseError::new(
+            ErrorCode::BadFirstLine,
+            "a PROXY line needs a chat-proxy certificate",
+        ));
+    }
+    let by_address = hub.tls.is_none() || !trusted.is_empty();
+    if by_address && !trusted.contains(peer.ip()) {
         return Err(ParseError::new(
             ErrorCode::BadFirstLine,
             "PROXY line from an address not in server.trust_proxy_line",

@@ -17,4 +17,5 @@ mod proxy;
 mod rooms;
 mod scale;
 mod slow_sockets;
+mod tls;
 mod up;

@@ -51,6 +51,15 @@ impl TlsIdentity {
         })
     }
 
+    /// The first of `cert`, `key` and `ca` left empty, for config validation
+    /// to name.
+    pub fn empty_field(&self) -> Option<&'static str> {
+        [("cert", &self.cert), ("key", &self.key), ("ca", &self.ca)]
+            .into_iter()
+            .find(|(_, path)| path.as_os_str().is_empty())
+            .map(|(field, _)| field)
+    }
+
     /// Checks that the files exist and parse, for config validation at start.
     pub fn check(&self) -> Result<(), TlsError> {
         self.load().map(|_| ())

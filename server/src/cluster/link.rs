@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chat_protocol::PartReason;
+use chat_tls::{ReadHalf, Stream, WriteHalf};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -30,7 +30,7 @@ pub async fn dial_loop(hub: Arc<Hub>, node: NodeId, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = tokio::select! {
-            r = tokio::time::timeout(timeout, handshake(&node, &cluster.me, &cfg.secret)) => r,
+            r = tokio::time::timeout(timeout, handshake(&hub, &node, &cluster.me, &cfg.secret)) => r,
             _ = stop.cancelled() => return,
         };
         match attempt {
@@ -54,16 +54,25 @@ pub async fn dial_loop(hub: Arc<Hub>, node: NodeId, stop: CancellationToken) {
     }
 }
 
+/// Connects to `node` (over TLS with this server's identity when `tls` is
+/// set: the peer must present a `chat-server` certificate, whatever its
+/// address) and says `PEER`.
 async fn handshake(
+    hub: &Hub,
     node: &str,
     me: &str,
     secret: &str,
-) -> std::io::Result<(OwnedReadHalf, OwnedWriteHalf)> {
-    let stream = TcpStream::connect(node).await?;
-    stream.set_nodelay(true)?;
+) -> std::io::Result<(ReadHalf, WriteHalf)> {
+    let tcp = TcpStream::connect(node).await?;
+    tcp.set_nodelay(true)?;
+    let stream = match &hub.tls {
+        Some(tls) => tls.connector.connect(chat_tls::names::SERVER, tcp).await?,
+        None => Stream::Plain(tcp),
+    };
     let (rd, mut wr) = stream.into_split();
     wr.write_all(format!("{HELLO} {me} {secret}\n").as_bytes())
         .await?;
+    wr.flush().await?;
     let mut rd = BufReader::with_capacity(HELLO_MAX, rd);
     let mut answer = String::new();
     tokio::io::AsyncReadExt::take(&mut rd, HELLO_MAX as u64)
@@ -87,8 +96,8 @@ async fn handshake(
 async fn run_link(
     hub: &Arc<Hub>,
     node: &NodeId,
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: ReadHalf,
+    wr: WriteHalf,
     mut rx: mpsc::Receiver<Queued>,
     conn: CancellationToken,
 ) {
@@ -157,31 +166,31 @@ async fn run_link(
 
 /// Serves a link a peer opened with `PEER <id> <secret>` (the first line,
 /// already read). Refuses a wrong secret or our own id.
-pub async fn serve(hub: Arc<Hub>, hello: &str, rd: OwnedReadHalf, mut wr: OwnedWriteHalf) {
+pub async fn serve(hub: Arc<Hub>, hello: &str, rd: ReadHalf, mut wr: WriteHalf) {
     let cluster = hub.cluster.clone();
+    let silence = Duration::from_millis(cluster.config.peer_timeout_ms);
     let mut words = hello.split(' ');
     let (Some(HELLO), Some(id), Some(secret), None) =
         (words.next(), words.next(), words.next(), words.next())
     else {
         refused(&hub, "malformed", hello);
-        let _ = wr.write_all(b"ERR BAD_ARGS PEER <id> <secret>\n").await;
+        let _ = answer(&mut wr, b"ERR BAD_ARGS PEER <id> <secret>\n", true, silence).await;
         return;
     };
     if !cluster.config.is_clustered() || !wire::same_secret(secret, &cluster.config.secret) {
         refused(&hub, "auth", id);
-        let _ = wr
-            .write_all(b"ERR AUTH_FAILED peer links need the cluster secret\n")
-            .await;
+        let line = b"ERR AUTH_FAILED peer links need the cluster secret\n";
+        let _ = answer(&mut wr, line, true, silence).await;
         return;
     }
     if *id == *cluster.me {
         refused(&hub, "self", id);
-        let _ = wr.write_all(b"ERR BAD_ARGS that is my own id\n").await;
+        let _ = answer(&mut wr, b"ERR BAD_ARGS that is my own id\n", true, silence).await;
         return;
     }
     let node: NodeId = Arc::from(id);
-    if wr
-        .write_all(format!("OK {HELLO} {}\n", cluster.me).as_bytes())
+    let ok = format!("OK {HELLO} {}\n", cluster.me);
+    if answer(&mut wr, ok.as_bytes(), false, silence)
         .await
         .is_err()
     {
@@ -194,7 +203,6 @@ pub async fn serve(hub: Arc<Hub>, hello: &str, rd: OwnedReadHalf, mut wr: OwnedW
     // Answers to requests and heartbeats; as deep as the requests' queue.
     let (tx, mut rx) = mpsc::channel::<PeerMsg>(cluster.config.peer_queue);
     let mut sink = FramedWrite::new(wr, wire::codec());
-    let silence = Duration::from_millis(cluster.config.peer_timeout_ms);
     // Heartbeats go out on a timer, not in reply to pings: a reader held up
     // by a full room queue (backpressure) must not look like a dead server.
     let heartbeat = Duration::from_millis(cluster.config.heartbeat_ms);
@@ -233,10 +241,31 @@ pub async fn serve(hub: Arc<Hub>, hello: &str, rd: OwnedReadHalf, mut wr: OwnedW
     cluster.peer_gone(&hub, &node);
 }
 
+/// Writes a handshake answer within `limit` and puts it on the wire (TLS
+/// holds bytes until flushed); `close` ends the connection after it.
+async fn answer(
+    wr: &mut WriteHalf,
+    line: &[u8],
+    close: bool,
+    limit: Duration,
+) -> std::io::Result<()> {
+    let write = async {
+        wr.write_all(line).await?;
+        if close {
+            wr.shutdown().await
+        } else {
+            wr.flush().await
+        }
+    };
+    tokio::time::timeout(limit, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
 async fn read_incoming(
     hub: &Arc<Hub>,
     node: &NodeId,
-    mut frames: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    mut frames: FramedRead<ReadHalf, LengthDelimitedCodec>,
     reply: mpsc::Sender<PeerMsg>,
 ) {
     let silence = Duration::from_millis(hub.cluster.config.peer_timeout_ms);
@@ -250,7 +279,7 @@ async fn read_incoming(
 /// The next frame of a link; `None` (logged) when it closed, broke, stayed
 /// silent for `silence` or sent something undecodable.
 async fn next_frame(
-    frames: &mut FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    frames: &mut FramedRead<ReadHalf, LengthDelimitedCodec>,
     silence: Duration,
     node: &NodeId,
 ) -> Option<PeerMsg> {
@@ -364,7 +393,7 @@ pub(crate) struct RefusalLog {
 
 impl RefusalLog {
     /// Whether to log now, and how many refusals went unlogged before.
-    fn admit(&self, now: std::time::Instant) -> Option<u64> {
+    pub(crate) fn admit(&self, now: std::time::Instant) -> Option<u64> {
         use std::sync::atomic::Ordering;
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {

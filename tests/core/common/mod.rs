@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 use chat_protocol::ServerLine;
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub mod cluster;
+pub mod tls;
 
 // The MariaDB harness lives with the dbproxy's own tests; both suites include it.
 #[path = "../../../dbproxy/tests/mariadb_harness/mod.rs"]
@@ -128,6 +128,30 @@ impl Tier {
             }
         }
     }
+}
+
+/// A tier's `run`, given its shutdown token, as a task.
+fn spawn_tier<F, E>(run: impl FnOnce(CancellationToken) -> F) -> Tier
+where
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    let cancel = CancellationToken::new();
+    let running = run(cancel.clone());
+    let task = tokio::spawn(async move { running.await.map_err(|e| e.to_string()) });
+    Tier { cancel, task }
+}
+
+/// `chat_server::run` on bound listeners, as a task.
+fn spawn_server(client: TcpListener, admin: TcpListener, config: chat_server::Config) -> Tier {
+    let listeners = chat_server::Listeners { client, admin };
+    spawn_tier(|token| chat_server::run(listeners, config, prometheus::Registry::new(), token))
+}
+
+/// `chat_proxy::run` on bound listeners, as a task.
+fn spawn_proxy(client: TcpListener, admin: TcpListener, config: chat_proxy::Config) -> Tier {
+    let listeners = chat_proxy::Listeners { client, admin };
+    spawn_tier(|token| chat_proxy::run(listeners, config, prometheus::Registry::new(), token))
 }
 
 /// dbproxy + chat server in this process. Dropping it cancels both.
@@ -303,20 +327,7 @@ impl Stack {
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         self.addr = client.local_addr().unwrap();
         self.admin_addr = admin.local_addr().unwrap();
-        let cancel = CancellationToken::new();
-        let token = cancel.clone();
-        let config = self.server_config.clone();
-        let task = tokio::spawn(async move {
-            chat_server::run(
-                chat_server::Listeners { client, admin },
-                config,
-                prometheus::Registry::new(),
-                token,
-            )
-            .await
-            .map_err(|e| e.to_string())
-        });
-        self.server = Some(Tier { cancel, task });
+        self.server = Some(spawn_server(client, admin, self.server_config.clone()));
         let admin_addr = self.admin_addr;
         self.wait_ready("server", admin_addr, |s| s.server.as_ref())
             .await;
@@ -441,11 +452,11 @@ pub enum Next {
     Timeout,
 }
 
-/// A line-protocol client over a real TCP connection.
+/// A line-protocol client over a real TCP connection (plain or TLS).
 pub struct Client {
     pub label: String,
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: BufReader<chat_tls::ReadHalf>,
+    writer: chat_tls::WriteHalf,
     /// Bytes of a line not yet complete (kept across timeouts: read_until is cancel safe).
     partial: Vec<u8>,
     /// The last lines received, shown when an expectation fails.
@@ -467,6 +478,11 @@ impl Client {
 
     pub fn from_stream(stream: TcpStream, label: &str) -> Client {
         stream.set_nodelay(true).ok();
+        Client::from_any(chat_tls::Stream::Plain(stream), label)
+    }
+
+    /// A client over a stream that may be TLS (see [`tls::connect`]).
+    pub fn from_any(stream: chat_tls::Stream, label: &str) -> Client {
         let (r, w) = stream.into_split();
         Client {
             label: label.to_string(),
@@ -524,7 +540,7 @@ impl Client {
         within(
             RECV_TIMEOUT,
             &format!("{label}: write {} bytes", bytes.len()),
-            self.writer.write_all(bytes),
+            self.try_send_raw(bytes),
         )
         .await
         .unwrap_or_else(|e| panic!("{label}: write failed: {e}"));
@@ -532,7 +548,9 @@ impl Client {
 
     /// Like [`Client::send_raw`] but returns the error (the server may have closed).
     pub async fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.writer.write_all(bytes).await
+        self.writer.write_all(bytes).await?;
+        // TLS holds what it encrypted until flushed; plain TCP has nothing to flush.
+        self.writer.flush().await
     }
 
     /// Reads the next line, waiting at most `timeout`.
@@ -545,7 +563,11 @@ impl Client {
             Ok(Err(e))
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        // TLS: closed without close_notify, or by an alert.
+                        | std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::InvalidData
                 ) =>
             {
                 Next::Closed
