@@ -73,6 +73,12 @@ pub struct UpConfig {
     /// Number of chat servers to start (1 to 8). Server `i` listens on the
     /// `[server]` ports plus `10 · i` (7000, 7010, 7020 …; admin 9101, 9111 …).
     pub servers: u32,
+    /// Mutual TLS on the internal hops (proxy → servers, server ↔ server,
+    /// servers → dbproxy) with certificates made under `<data_dir>/tls`, and a
+    /// fresh bearer token between the servers and the dbproxy. The servers
+    /// then take TLS only: clients connect through the proxy. `false` runs
+    /// every hop in plain TCP (to compare the cost, or to `nc` a server).
+    pub tls: bool,
 }
 
 impl Default for UpConfig {
@@ -80,6 +86,7 @@ impl Default for UpConfig {
         UpConfig {
             data_dir: PathBuf::from("data"),
             servers: 3,
+            tls: true,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! `chat-bench` binary ([`bench`]).
 
 mod bench;
+mod certs;
 mod client;
 mod config;
 mod telemetry;
@@ -63,6 +64,14 @@ enum Command {
         #[arg(value_name = "ADDR", default_value = "127.0.0.1:7001")]
         addrs: Vec<String>,
     },
+    /// Make a throwaway CA and a certificate per tier (server, proxy,
+    /// dbproxy, each with its role's name) for a development cluster; kept
+    /// if they already exist.
+    Certs {
+        /// Directory for ca.pem, server.pem/.key, proxy.pem/.key, dbproxy.pem/.key.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Load generator: connections, fan-out, durable writes, DMs (see
     /// docs/BENCHMARKS.md). Runs `chat-bench` with the arguments that follow;
     /// `chat bench --help` lists them.
@@ -81,6 +90,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Bench { args } = &cli.command {
         return bench::forward(args);
+    }
+    if let Command::Certs { out } = &cli.command {
+        return match certs::run(out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("chat: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
 
     let config = match config::Config::load(cli.config.as_deref()).and_then(|c| {
@@ -129,6 +147,8 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<()> {
         }
         Command::Client { addrs } => client::run(addrs, shutdown).await,
         Command::Proxy => tiers::proxy(config.proxy, shutdown).await,
-        Command::Bench { .. } => unreachable!("forwarded before the configuration is loaded"),
+        Command::Bench { .. } | Command::Certs { .. } => {
+            unreachable!("run before the configuration is loaded")
+        }
     }
 }

@@ -37,6 +37,11 @@ pub async fn run(
             .validate()
             .context("--mysql: invalid [dbproxy] settings")?;
     }
+    let data_dir = options
+        .data_dir
+        .unwrap_or_else(|| config.up.data_dir.clone());
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("up.data_dir: cannot create {}", data_dir.display()))?;
     let storage = if config.dbproxy.backend == "mysql" {
         let m = &config.dbproxy.mysql;
         let replicas = if m.replicas.is_empty() {
@@ -49,17 +54,17 @@ pub async fn run(
             m.primary, m.database
         )
     } else {
-        let data_dir = options
-            .data_dir
-            .unwrap_or_else(|| config.up.data_dir.clone());
-        std::fs::create_dir_all(&data_dir)
-            .with_context(|| format!("up.data_dir: cannot create {}", data_dir.display()))?;
         let db_path = data_dir.join("chat.db");
         config.dbproxy.sqlite_path = db_path
             .to_str()
             .with_context(|| format!("up.data_dir: {} is not UTF-8", data_dir.display()))?
             .to_string();
         format!("SQLite at {}", db_path.display())
+    };
+    let hops = if config.up.tls {
+        secure_hops(&mut config, &data_dir.join("tls"))?
+    } else {
+        "plain TCP (up.tls = false)".to_string()
     };
 
     // Every server's dbproxy pool must fit what the one dbproxy accepts.
@@ -77,7 +82,12 @@ pub async fn run(
     // command at once instead of leaving half a stack running.
     let bound_db = tiers::bind_dbproxy(&config.dbproxy).await?;
     let (db_addr, db_admin) = (bound_db.api_addr, bound_db.admin_addr);
-    config.server.dbproxy_url = format!("http://{db_addr}");
+    let scheme = if config.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    config.server.dbproxy_url = format!("{scheme}://{db_addr}");
     // N chat servers, ports 10 apart, one cluster with a fresh secret.
     let n = config.up.servers;
     let mut servers = Vec::new();
@@ -174,6 +184,7 @@ pub async fn run(
          \n  talk to it:   nc {} {}          (the proxy)\
          \n                cargo run -- client {proxy_addr}\
          \n  servers:{listing}\
+         \n  internal hops: {hops}\
          \n  metrics:      http://{proxy_admin}/metrics (proxy)\
          \n                http://{db_admin}/metrics (dbproxy)\
          \n\nCtrl-C to stop.",
@@ -190,6 +201,30 @@ pub async fn run(
     dbproxy_result?;
     println!("chat stopped");
     Ok(())
+}
+
+/// Turns on mutual TLS for every internal hop, with the certificates under
+/// `dir` (made at first start), and a fresh bearer token from the servers to
+/// the dbproxy; returns the banner's description.
+fn secure_hops(config: &mut Config, dir: &std::path::Path) -> anyhow::Result<String> {
+    let ids = crate::certs::ensure(dir)?;
+    let token = chat_tls::Secret::new(chat_server::cluster::new_secret());
+    config.dbproxy.tls = Some(ids.dbproxy);
+    config.dbproxy.api_tokens = vec![token.clone()];
+    config.server.tls = Some(ids.server.clone());
+    config.server.dbproxy_token = token;
+    config.proxy.upstream_tls = Some(ids.proxy);
+    let fingerprint = chat_tls::fingerprint(&ids.server.ca)?;
+    Ok(format!(
+        "mutual TLS, CA {} ({}; SHA-256 {fingerprint})\
+         \n                the servers take TLS only: clients use the proxy",
+        ids.server.ca.display(),
+        if ids.made {
+            "made now"
+        } else {
+            "kept from before"
+        },
+    ))
 }
 
 /// `addr` with its port raised by `10 · i` (port 0 stays 0: any free port).

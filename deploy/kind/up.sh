@@ -33,6 +33,23 @@ DOCKER_BUILDKIT=1 docker build -f deploy/Dockerfile -t "$IMAGE" .
 step "loading $IMAGE into kind"
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 
+step "TLS certificates for the internal hops"
+kubectl apply -f deploy/k8s/base/namespace.yaml
+# Made once per cluster by the image's own `chat certs` (a throwaway CA whose
+# key is not kept); delete the three Secrets to make a new set.
+if ! kubectl -n "$NS" get secret chat-tls-server chat-tls-proxy chat-tls-dbproxy >/dev/null 2>&1; then
+    certs=$(mktemp -d)
+    trap 'rm -rf "$certs"' EXIT
+    docker run --rm --user "$(id -u):$(id -g)" -v "$certs:/certs" "$IMAGE" certs --out /certs
+    for tier in server proxy dbproxy; do
+        kubectl -n "$NS" create secret generic "chat-tls-$tier" \
+            --from-file=tls.crt="$certs/$tier.pem" \
+            --from-file=tls.key="$certs/$tier.key" \
+            --from-file=ca.crt="$certs/ca.pem" \
+            --dry-run=client -o yaml | kubectl apply -f -
+    done
+fi
+
 step "applying deploy/k8s/overlays/kind"
 kubectl apply -k deploy/k8s/overlays/kind
 # A rebuilt image has the same tag: restart the tiers so they run it.

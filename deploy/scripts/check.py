@@ -24,7 +24,13 @@ Usage: check.py KUBECTL KUBERNETES_VALIDATE PROMTOOL CHAT_BINARY OUT_DIR
    ≤ dbproxy.max_connections: the servers reach the dbproxies through one
    Service, and kube-proxy may put every connection on one pod), and pools
    close idle connections before the dbproxy would; mutated copies of each
-   rendered target must fail it, so the check itself is tested.
+   rendered target must fail it, so the check itself is tested;
+9. checks that the kind and production targets run every internal hop over
+   mutual TLS with the bearer token (tls_problems): each tier's certificate,
+   key and CA, the servers' https dbproxy_url and token file, the dbproxies'
+   accepted-token file, each from a mounted Secret, the servers' token and
+   the dbproxies' accepted list from the same Secret; mutated copies
+   missing one piece must fail it.
 """
 
 import json
@@ -46,6 +52,8 @@ TARGETS = {"base": "k8s/base", "kind": "k8s/overlays/kind", "production": "k8s/o
 ADMIN_KEY = {"proxy": "admin_listen", "server": "admin_listen", "dbproxy": "admin_listen"}
 # The binaries' defaults for the connection caps (server/src/config.rs,
 # dbproxy/src/config.rs), used when a ConfigMap leaves a key out.
+# Targets whose internal hops must be mutual TLS with a bearer token.
+TLS_REQUIRED = {"kind", "production"}
 SERVER_POOL_MAX = 256
 SERVER_POOL_IDLE_MS = 30000
 DBPROXY_MAX_CONNECTIONS = 1024
@@ -143,6 +151,110 @@ def check_configs(chat, out, rendered):
                 print(f"ok: chat {tier} --check-config: {name} ConfigMap + container env")
             else:
                 fail(f"{name}: chat {tier} --check-config on its ConfigMap: {r.stdout}{r.stderr}")
+
+
+def effective(tier, sec, env):
+    """The tier's section as the binary sees it: the TOML with its
+    CHAT_<TIER>__KEY__SUB environment overrides applied (values as strings)."""
+    out = json.loads(json.dumps(sec))
+    prefix = f"CHAT_{tier.upper()}__"
+    for k, v in env.items():
+        if not k.startswith(prefix):
+            continue
+        path = k[len(prefix):].lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = v
+    return out
+
+
+def secret_of(spec, container, path):
+    """The Secret mounted where `path` lives (the deepest mount holding
+    it), or None when that mount is not a Secret."""
+    mounts = [m for m in container.get("volumeMounts", []) if str(path).startswith(m["mountPath"] + "/")]
+    mount = max(mounts, key=lambda m: len(m["mountPath"]), default=None)
+    vol = mount and next((v for v in spec.get("volumes", []) if v["name"] == mount["name"]), None)
+    if not vol or "secret" not in vol:
+        return None
+    return vol["secret"]["secretName"]
+
+
+def tls_problems(tiers):
+    """What keeps one rendered target's internal hops from being mutual TLS
+    with a bearer token. `tiers` maps a tier to (spec, container, section)."""
+    problems = []
+    keys = {"server": "tls", "proxy": "upstream_tls", "dbproxy": "tls"}
+    for tier, key in keys.items():
+        spec, c, sec = tiers[tier]
+        ident = sec.get(key)
+        if not isinstance(ident, dict):
+            problems.append(f"{tier}.{key} is not set: that hop is plain TCP")
+            continue
+        for part in ("cert", "key", "ca"):
+            path = ident.get(part)
+            if not path:
+                problems.append(f"{tier}.{key}.{part} is not set")
+            elif secret_of(spec, c, path) is None:
+                problems.append(f"{tier}.{key}.{part} = {path} is not in a mounted Secret")
+    sspec, sc, ssec = tiers["server"]
+    dspec, dc, dsec = tiers["dbproxy"]
+    if not str(ssec.get("dbproxy_url", "")).startswith("https://"):
+        problems.append(f"server.dbproxy_url {ssec.get('dbproxy_url')} is not https://")
+    token = ssec.get("dbproxy_token_file")
+    accepted = dsec.get("api_tokens_file")
+    if ssec.get("dbproxy_token"):
+        problems.append("server.dbproxy_token is written in the config: use dbproxy_token_file from a Secret")
+    if dsec.get("api_tokens"):
+        problems.append("dbproxy.api_tokens are written in the config: use api_tokens_file from a Secret")
+    token_secret = token and secret_of(sspec, sc, token)
+    accepted_secret = accepted and secret_of(dspec, dc, accepted)
+    if not token_secret:
+        problems.append(f"server.dbproxy_token_file {token!r} is not a file in a mounted Secret")
+    if not accepted_secret:
+        problems.append(f"dbproxy.api_tokens_file {accepted!r} is not a file in a mounted Secret")
+    if token_secret and accepted_secret and token_secret != accepted_secret:
+        problems.append(f"the servers' token (Secret {token_secret}) and the dbproxies' accepted "
+                        f"tokens (Secret {accepted_secret}) come from different Secrets")
+    return problems
+
+
+def check_tls(rendered):
+    for name, docs in rendered.items():
+        if name not in TLS_REQUIRED:
+            continue
+        objs = index(docs)
+        tiers = {}
+        for d, spec, c in chat_workloads(docs):
+            tier = c["args"][0]
+            sec = tomllib.loads(config_of(objs, spec, c)).get(tier, {})
+            tiers[tier] = (spec, c, effective(tier, sec, container_env(c)))
+        if set(tiers) != set(ADMIN_KEY):
+            fail(f"{name}: expected workloads for {sorted(ADMIN_KEY)} to check TLS of")
+            continue
+        problems = tls_problems(tiers)
+        for p in problems:
+            fail(f"{name}: internal hops: {p}")
+        # The check must refuse each way a hop can fall back to plain text.
+        def without(tier, key):
+            spec, c, sec = tiers[tier]
+            return {**tiers, tier: (spec, c, {k: v for k, v in sec.items() if k != key})}
+        sspec, sc, ssec = tiers["server"]
+        mutants = {
+            "server without tls": without("server", "tls"),
+            "proxy without upstream_tls": without("proxy", "upstream_tls"),
+            "dbproxy without tls": without("dbproxy", "tls"),
+            "plain dbproxy_url": {**tiers, "server": (sspec, sc, {**ssec, "dbproxy_url": "http://chat-dbproxy:7100"})},
+            "no server token": without("server", "dbproxy_token_file"),
+            "no accepted tokens": without("dbproxy", "api_tokens_file"),
+            "key outside a Secret": {**tiers, "server": (
+                sspec, sc, {**ssec, "tls": {**ssec.get("tls", {}), "key": "/tmp/tls.key"}})},
+        }
+        for what, m in mutants.items():
+            if not tls_problems(m):
+                fail(f"{name}: the TLS check passes a mutant it must refuse: {what}")
+        if not problems:
+            print(f"ok: internal hops are mutual TLS with a bearer token: {name} ({len(mutants)} mutants refused)")
 
 
 def container_env(container):
@@ -258,11 +370,11 @@ def check_consistency(rendered):
             fail(f"{name}: CHAT_SERVER__CLUSTER__ADVERTISE {adv!r} is not the pod IP at the client port")
         # server.dbproxy_url reaches the dbproxy Service.
         dd, _, _, dsec = tiers["dbproxy"]
-        url = ssec.get("dbproxy_url", "")
-        m = re.fullmatch(r"http://([^:/]+)(?::(\d+))?/?", url)
+        url = effective("server", ssec, senv).get("dbproxy_url", "")
+        m = re.fullmatch(r"https?://([^:/]+)(?::(\d+))?/?", url)
         dsvc = [s for s in services if selects(s["spec"].get("selector", {}), dd["spec"]["template"]["metadata"]["labels"])]
         ok = m and any(m.group(1) in (s["metadata"]["name"], f"{s['metadata']['name']}.{ns}.svc.cluster.local")
-                       and int(m.group(2) or 80) in [p["port"] for p in s["spec"]["ports"]] for s in dsvc)
+                       and int(m.group(2) or (443 if url.startswith("https") else 80)) in [p["port"] for p in s["spec"]["ports"]] for s in dsvc)
         if not ok:
             fail(f"{name}: server.dbproxy_url {url} is not a dbproxy Service")
         # The password file lives in the mounted Secret.
@@ -270,10 +382,7 @@ def check_consistency(rendered):
         if dsec.get("backend") == "mysql" and pw:
             dspec = dd["spec"]["template"]["spec"]
             dc = dspec["containers"][0]
-            mounts = [m for m in dc["volumeMounts"] if pw.startswith(m["mountPath"] + "/")]
-            mount = max(mounts, key=lambda m: len(m["mountPath"]), default=None)
-            vol = mount and next(v for v in dspec["volumes"] if v["name"] == mount["name"])
-            if not vol or "secret" not in vol:
+            if secret_of(dspec, dc, pw) is None:
                 fail(f"{name}: dbproxy.mysql.password_file {pw} is not in a mounted Secret")
         # ServiceMonitors select a Service that has the endpoint's port.
         for sm in (d for d in docs if d["kind"] == "ServiceMonitor"):
@@ -487,6 +596,7 @@ def main():
     check_metric_names()
     check_network_policies(rendered)
     check_caps(rendered)
+    check_tls(rendered)
     if failures:
         print(f"\ncheck-deploy: {len(failures)} check(s) failed")
         sys.exit(1)

@@ -18,3 +18,4 @@ mod rooms;
 mod scale;
 mod slow_sockets;
 mod tls;
+mod up;

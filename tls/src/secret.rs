@@ -24,14 +24,8 @@ impl Secret {
     /// Whether `candidate` equals this secret; the time taken depends on the
     /// lengths only, not on where the first differing byte is.
     pub fn matches(&self, candidate: &[u8]) -> bool {
-        let own = self.0.as_bytes();
-        if own.len() != candidate.len() {
-            return false;
-        }
-        own.iter()
-            .zip(candidate)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(candidate).into()
     }
 
     /// Reads a secret file: the first line, surrounding whitespace removed
