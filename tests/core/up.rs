@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use chat_protocol::{ErrorCode, ServerLine};
@@ -123,7 +124,11 @@ async fn three_users_chat(up: &Up, tag: &str) {
     }
     let (sender, c) = &mut clients[0];
     let sender = sender.clone();
-    c.msg("lobby", "m1", "hello over tls").await;
+    // A fresh client id each time: a repeated one is a resend, acked with
+    // the original and not delivered again.
+    static SENT: AtomicU32 = AtomicU32::new(0);
+    let cid = format!("m{}", SENT.fetch_add(1, Ordering::Relaxed));
+    c.msg("lobby", &cid, "hello over tls").await;
     for (_, c) in &mut clients[1..] {
         c.expect("the message", |l| {
             matches!(l, ServerLine::Msg { sender: s, text, .. } if *s == sender && text == "hello over tls")
@@ -136,19 +141,23 @@ async fn three_users_chat(up: &Up, tag: &str) {
 /// before they are ready; until a later round finds one it answers
 /// `ERR UNAVAILABLE`.
 async fn wait_for_a_server(proxy: SocketAddr) {
-    let mut attempt = 0;
+    // Guest names outlive their connections (the token keeps them), so
+    // every probe of the test binary takes a name no earlier one held.
+    static PROBES: AtomicU32 = AtomicU32::new(0);
     wait_until(
         Duration::from_secs(10),
         "the proxy finds a chat server",
         || {
-            attempt += 1;
-            let guest = format!("prober{attempt}");
+            let guest = format!("prober{}", PROBES.fetch_add(1, Ordering::Relaxed));
             async move {
                 let mut c = Client::connect(proxy, "probe").await;
                 c.send(&format!("JOIN probes {guest}")).await;
                 match c.recv().await {
                     ServerLine::OkLogin { .. } => true,
-                    ServerLine::Err { code, .. } if code == ErrorCode::Unavailable => false,
+                    ServerLine::Err {
+                        code: ErrorCode::Unavailable,
+                        ..
+                    } => false,
                     other => panic!("a guest JOIN through the proxy answered {other}"),
                 }
             }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use chat_protocol::PartReason;
 use chat_tls::{ReadHalf, Stream, WriteHalf};
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -62,7 +62,7 @@ async fn handshake(
     node: &str,
     me: &str,
     secret: &str,
-) -> std::io::Result<(ReadHalf, WriteHalf)> {
+) -> std::io::Result<(BufReader<ReadHalf>, WriteHalf)> {
     let tcp = TcpStream::connect(node).await?;
     tcp.set_nodelay(true)?;
     let stream = match &hub.tls {
@@ -84,10 +84,9 @@ async fn handshake(
             answer.trim_end()
         )));
     }
-    if !rd.buffer().is_empty() {
-        return Err(std::io::Error::other("handshake: unexpected bytes"));
-    }
-    Ok((rd.into_inner(), wr))
+    // The peer's first frames may follow its answer in the same read (a
+    // heartbeat does at once): the buffer goes on into the link.
+    Ok((rd, wr))
 }
 
 /// Writes queued frames (and a heartbeat every `heartbeat_ms`) and reads the
@@ -96,7 +95,7 @@ async fn handshake(
 async fn run_link(
     hub: &Arc<Hub>,
     node: &NodeId,
-    rd: ReadHalf,
+    rd: BufReader<ReadHalf>,
     wr: WriteHalf,
     mut rx: mpsc::Receiver<Queued>,
     conn: CancellationToken,
@@ -265,7 +264,7 @@ async fn answer(
 async fn read_incoming(
     hub: &Arc<Hub>,
     node: &NodeId,
-    mut frames: FramedRead<ReadHalf, LengthDelimitedCodec>,
+    mut frames: FramedRead<impl AsyncRead + Unpin, LengthDelimitedCodec>,
     reply: mpsc::Sender<PeerMsg>,
 ) {
     let silence = Duration::from_millis(hub.cluster.config.peer_timeout_ms);
@@ -279,12 +278,15 @@ async fn read_incoming(
 /// The next frame of a link; `None` (logged) when it closed, broke, stayed
 /// silent for `silence` or sent something undecodable.
 async fn next_frame(
-    frames: &mut FramedRead<ReadHalf, LengthDelimitedCodec>,
+    frames: &mut FramedRead<impl AsyncRead + Unpin, LengthDelimitedCodec>,
     silence: Duration,
     node: &NodeId,
 ) -> Option<PeerMsg> {
     let frame = match tokio::time::timeout(silence, frames.next()).await {
         Ok(Some(Ok(f))) => f,
+        // A peer that stops or restarts closes its links without a TLS
+        // close_notify: a closed link, not a bad frame.
+        Ok(Some(Err(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
         Ok(Some(Err(e))) => {
             tracing::warn!(peer = %node, error = %e, "bad frame from chat server");
             return None;
