@@ -2,6 +2,7 @@
 """Writes docs/BENCHMARKS.md from the JSON reports of one scripts/bench run.
 
 usage: bench-report.py RESULTS_DIR REPORT_FILE FD_LIMIT ROUNDS MARIADB_SETTINGS
+       bench-report.py --tls RESULTS_DIR   (prints the TLS comparison only)
 
 The hand-written analysis below the marker line of an existing report is kept.
 """
@@ -11,8 +12,12 @@ import statistics
 import subprocess
 import sys
 
-results, out, fd_limit, rounds, mariadb = sys.argv[1:6]
-rounds = int(rounds)
+TLS_ONLY = sys.argv[1] == "--tls"
+if TLS_ONLY:
+    results = sys.argv[2]
+else:
+    results, out, fd_limit, rounds, mariadb = sys.argv[1:6]
+    rounds = int(rounds)
 
 
 def load(name):
@@ -36,6 +41,50 @@ runs = {}
 for f in sorted(os.listdir(results)):
     if f.endswith(".json"):
         runs[f[:-5]] = load(f[:-5])
+
+
+def tls_section():
+    """Plain vs mutual-TLS internal hops, from part 5 of scripts/bench."""
+    def idle_bytes(r):
+        # --server-pids order: srv0 srv1 px0 db
+        g = [a - b for a, b in zip(r["rss_after_kib"], r["rss_before_kib"])]
+        n = max(r["connected"], 1)
+        return [sum(g[0:2]) * 1024 / n, g[2] * 1024 / n]
+
+    p, t = runs["tls-plain-idle"], runs["tls-tls-idle"]
+    (ps, pp), (ts, tp) = idle_bytes(p), idle_bytes(t)
+    rows = [
+        ("idle memory per connection, chat servers (B)", ps, ts, 0),
+        ("idle memory per connection, proxy (B)", pp, tp, 0),
+        ("idle memory per connection, proxy + servers (B)", ps + pp, ts + tp, 0),
+        ("fan-out deliveries/s", runs["tls-plain-fanout"]["delivered_per_sec"],
+         runs["tls-tls-fanout"]["delivered_per_sec"], 0),
+        ("fan-out deliver p99 ms", runs["tls-plain-fanout"]["deliver_latency"]["p99_ms"],
+         runs["tls-tls-fanout"]["deliver_latency"]["p99_ms"], 2),
+        ("durable acked msgs/s", runs["tls-plain-durable"]["acked_per_sec"],
+         runs["tls-tls-durable"]["acked_per_sec"], 0),
+        ("durable ack p99 ms", runs["tls-plain-durable"]["ack_latency"]["p99_ms"],
+         runs["tls-tls-durable"]["ack_latency"]["p99_ms"], 2),
+    ]
+    out = [
+        "## Mutual TLS on the internal hops",
+        "",
+        f"One proxy, 2 chat servers in one cluster, the dbproxy on SQLite, run twice back to back:",
+        "plain TCP, then every internal hop (proxy → server, server ↔ server, server → dbproxy)",
+        f"mutual TLS with a bearer token. Idle: {num(p['connected'])} connections measured on top of",
+        "as many already open; fan-out and durable as above.",
+        "",
+        "| | plain | TLS | TLS / plain |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, a, b, d in rows:
+        out.append(f"| {name} | {num(a, d)} | {num(b, d)} | {b / a if a else 0:.2f} |")
+    return out + [""]
+
+
+if TLS_ONLY:
+    print("\n".join(tls_section()))
+    sys.exit(0)
 
 # ---- idle: growth per tier ---------------------------------------------------
 idle = runs["idle"]
@@ -183,6 +232,7 @@ lines += [
     f"| **proxy + chat server** | **{num(idle_total)}** |",
     f"| dbproxy | {num(db_b)} |",
     "",
+] + (tls_section() if "tls-tls-idle" in runs else []) + [
     "## All runs",
     "",
     "CPU is % of one core while the senders ran, per process.",
@@ -191,7 +241,8 @@ lines += [
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 order = ["idle"] + [f"{p}-{r}" for r in range(1, rounds + 1) for p in ("fanout", "inspircd", "ngircd")] + [
-    "fanout-direct", "durable"] + sweep + ["ack5k", "dm", "durable-mariadb", "ack5k-mariadb"]
+    "fanout-direct", "durable"] + sweep + ["ack5k", "dm", "durable-mariadb", "ack5k-mariadb"] + [
+    f"tls-{h}-{k}" for h in ("plain", "tls") for k in ("idle", "fanout", "durable") if f"tls-{h}-{k}" in runs]
 for n in order:
     x = runs[n]
     d, a = x["deliver_latency"], x["ack_latency"]
