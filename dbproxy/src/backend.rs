@@ -1,11 +1,11 @@
 //! The storage interface the HTTP layer calls, implemented by SQLite
-//! (`sqlite.rs`) and MySQL/MariaDB (`mysql/`). The HTTP layer calls them
+//! (`sqlite/`) and MySQL/MariaDB (`mysql/`). The HTTP layer calls them
 //! through `front::Checked`, which checks every request first, so a backend
 //! sees only names, ids and text that pass the protocol's rules.
 
 use async_trait::async_trait;
 
-use crate::api::*;
+use chat_storage_api::*;
 
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {

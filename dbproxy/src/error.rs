@@ -1,7 +1,7 @@
 //! Errors at the crate boundary: [`DbProxyError`] for starting and running the
 //! service; request failures travel as [`ApiError`] (see `api.rs`).
 
-use crate::api::{ApiError, ErrorKind};
+use chat_storage_api::{ApiError, ErrorKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbProxyError {

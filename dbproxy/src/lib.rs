@@ -1,33 +1,31 @@
 //! dbproxy: the storage tier, the only code that knows SQL. The chat servers
-//! call it over HTTP/JSON ([`api`], through [`client::DbClient`]).
+//! call it over HTTP/JSON: the contract is `chat_storage_api`, their client
+//! `chat_storage_client::DbClient`; this crate is the serving side only.
 //!
-//! Modules: [`api`] (the contract), [`client`] (typed client; `coalesce`
-//! gathers concurrent appends and DMs into few requests), [`config`],
-//! [`error`], `http` (accept loop and router), `backend` (the storage trait),
-//! `sqlite` (the SQLite backend), `mysql` (the MySQL/MariaDB backend:
-//! primary + replicas, routing, heartbeat, GTID read-your-writes), `writer`
-//! (group commit), `schema` (connections and migrations), `auth` (argon2id,
-//! tokens), `credential` (the bearer tokens callers must present, re-read
-//! from their file), `tls` (mutual TLS on the API listener, chat servers
-//! only), `hashing` (the argon2 threads), `fuzzing` (the harness of the `dbproxy_request` fuzz target), `front` (every request's checks:
-//! `validate`, the protocol's rules for what is stored, and `limiter`, the
-//! failed-login limits), `metrics`. `config.backend` picks `sqlite` or
-//! `mysql`. `/readyz` follows a probe of the backend every second.
+//! Modules: [`config`], [`error`], `http` (the router, served by
+//! `chat_admin::http::serve`), `backend` (the storage trait), `front` (every
+//! request's checks: `validate`, the protocol's rules for what is stored,
+//! and `limiter`, the failed-login limits), `sqlite` (the SQLite backend), `mysql` (the MySQL/MariaDB backend: primary + replicas,
+//! routing, heartbeat, GTID read-your-writes), `writer` (group commit),
+//! `schema` (connections and migrations), `auth` (argon2id, tokens),
+//! `credential` (the bearer tokens callers must present, re-read from their
+//! file), `tls` (mutual TLS on the API listener, chat servers only),
+//! `hashing` (the argon2 threads), `fuzzing` (the harness of the
+//! `dbproxy_request` fuzz target), `metrics`. `config.backend` picks
+//! `sqlite` or `mysql`. `/readyz` follows a probe of the backend every
+//! second.
 //!
 //! Data path of a write: accept → `http::serve` (`chat_admin::http::serve`:
 //! one task per connection, time and connection bounds; the TLS handshake
-//! and the caller's role in `tls`) → `http::handle` (bearer token) → `front::Checked` → `Backend` method → `writer` queue → one batch per
+//! and the caller's role in `tls`) → `http::handle` (bearer token) →
+//! `front::Checked` → `Backend` method → `writer` queue → one batch per
 //! transaction → SQLite commit (or, for mysql, a transaction on the current
 //! primary) → each request answered. Reads skip the writer and run on a pool
 //! of read-only connections (mysql: a replica within the lag budget that has
 //! reached the request's `min_pos`, else the primary).
 
-pub mod api;
 mod auth;
 mod backend;
-mod bearer;
-pub mod client;
-mod coalesce;
 pub mod config;
 mod credential;
 pub mod error;
@@ -39,7 +37,6 @@ mod http;
 mod limiter;
 mod metrics;
 mod mysql;
-mod pool;
 mod schema;
 mod sqlite;
 mod tls;
@@ -52,7 +49,6 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use client::DbClient;
 pub use config::Config;
 pub use error::DbProxyError;
 

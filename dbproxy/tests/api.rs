@@ -4,8 +4,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use chat_dbproxy::api::{AppendItem, DmItem, ErrorKind};
-use chat_dbproxy::{Config, DbClient};
+use chat_dbproxy::Config;
+use chat_storage_api::{AppendItem, DmItem, ErrorKind};
+use chat_storage_client::DbClient;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -8,9 +8,10 @@ mod mariadb_harness;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use chat_dbproxy::api::{AppendItem, ErrorKind};
 use chat_dbproxy::config::MysqlConfig;
-use chat_dbproxy::{Config, DbClient};
+use chat_dbproxy::Config;
+use chat_storage_api::{AppendItem, ErrorKind};
+use chat_storage_client::DbClient;
 use mariadb_harness::{Pair, Server, ServerTls};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -477,7 +478,7 @@ async fn multi_room_appends_stay_dense_and_exact() {
     items.extend((0..400).map(|i| item("mr1", "bob", Some(&format!("big{i}")), &big)));
     // A client id a DM already took is refused, in the fast path's INSERT
     // (a lone item) as in a batch that is looked up first (the big one).
-    let dm = chat_dbproxy::api::DmItem {
+    let dm = chat_storage_api::DmItem {
         sender: "bob".into(),
         recipient: "zoe.2".into(),
         client_id: Some("dm-1".into()),

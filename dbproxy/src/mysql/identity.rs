@@ -7,8 +7,8 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
 use super::{name_taken, Tx};
-use crate::api::{ApiError, ErrorKind};
 use crate::auth;
+use chat_storage_api::{ApiError, ErrorKind};
 
 pub(super) struct UserRow {
     pub(super) id: i64,

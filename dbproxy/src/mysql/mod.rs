@@ -22,7 +22,6 @@ use mysql_async::Conn;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::*;
 use crate::auth;
 use crate::backend::Backend;
 use crate::config::Config;
@@ -30,6 +29,7 @@ use crate::error::{internal, too_many_rooms, unavailable, DbProxyError};
 use crate::hashing::HashPool;
 use crate::metrics::Metrics;
 use crate::writer::now_ms;
+use chat_storage_api::*;
 use identity::{insert_token, load_user, register, resume_tx, take_guest, Registered, UserRow};
 use topology::{Routed, Topology};
 

@@ -28,10 +28,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::topology::Topology;
 use super::{db_err, last_gtid, no_such_room, no_such_user};
-use crate::api::{ApiError, AppendItem, Appended, ErrorKind};
 use crate::error::unavailable;
 use crate::metrics::Metrics;
 use crate::writer::now_ms;
+use chat_storage_api::{ApiError, AppendItem, Appended, ErrorKind};
 
 /// Largest JSON document sent as one statement's parameter; a larger batch
 /// takes more statements. Well under MariaDB's default `max_allowed_packet`

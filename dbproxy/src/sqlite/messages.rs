@@ -5,9 +5,9 @@ use std::collections::{HashMap, HashSet};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{no_such_room, no_such_user, user_id};
-use crate::api::*;
 use crate::error::from_sqlite;
 use crate::writer::{Batch, JobResult};
+use chat_storage_api::*;
 
 fn append_one(c: &Connection, b: &mut Batch, item: &AppendItem) -> JobResult<Appended> {
     let Some(sender) = user_id(c, &item.sender)? else {

@@ -13,7 +13,6 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::*;
 use crate::auth;
 use crate::backend::Backend;
 use crate::config::Config;
@@ -22,6 +21,7 @@ use crate::hashing::HashPool;
 use crate::metrics::Metrics;
 use crate::schema;
 use crate::writer::{self, now_ms, WriterHandle};
+use chat_storage_api::*;
 
 mod identity;
 mod messages;

@@ -7,7 +7,8 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use chat_dbproxy::{Config, DbClient};
+use chat_dbproxy::Config;
+use chat_storage_client::DbClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
