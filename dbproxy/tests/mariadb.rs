@@ -1,18 +1,17 @@
 //! The MySQL backend against real MariaDB servers (a primary and a GTID
-//! replica per test, see `mariadb_harness`), driven through `run` and the real
+//! replica per test, see `chat_mariadb_harness`), driven through `run` and the real
 //! `DbClient`. Routing is observed through `chat_dbproxy_route_total`.
 
 mod common;
-mod mariadb_harness;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use chat_dbproxy::config::MysqlConfig;
 use chat_dbproxy::Config;
+use chat_mariadb_harness::{Pair, Server, ServerTls};
 use chat_storage_api::{AppendItem, ErrorKind};
 use chat_storage_client::DbClient;
-use mariadb_harness::{Pair, Server, ServerTls};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -707,12 +706,12 @@ async fn mysql_over_tls() {
         "1",
         "the server must refuse plain connections for this test to mean anything"
     );
-    let (_pw_dir, password_file) = mariadb_harness::password_file();
+    let (_pw_dir, password_file) = chat_mariadb_harness::password_file();
     let mysql = |ssl_mode: &str, ssl_ca: &std::path::Path| MysqlConfig {
         primary: server.addr(),
-        user: mariadb_harness::APP_USER.into(),
+        user: chat_mariadb_harness::APP_USER.into(),
         password_file: password_file.to_string_lossy().into_owned(),
-        database: mariadb_harness::DATABASE.into(),
+        database: chat_mariadb_harness::DATABASE.into(),
         ssl_mode: ssl_mode.into(),
         ssl_ca: ssl_ca.to_string_lossy().into_owned(),
         ..MysqlConfig::default()
