@@ -76,20 +76,7 @@ impl Proxy {
 
     /// Sum of a counter's samples whose labels include all of `labels`.
     fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| {
-                labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                })
-            })
-            .map(|m| m.get_counter().get_value())
-            .sum()
+        common::metric(&self.registry, name, labels)
     }
 
     async fn readyz(&self) -> u16 {
