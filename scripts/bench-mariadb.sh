@@ -11,7 +11,7 @@
 # The server runs from WORKDIR/mariadb on a free loopback port (never 3306: a
 # MariaDB of the machine may listen there and is left alone), socket in
 # WORKDIR. Durability is a production primary's, not the tests' relaxed one
-# (dbproxy/tests/mariadb_harness): every commit is fsynced in the InnoDB redo
+# (testkit/mariadb): every commit is fsynced in the InnoDB redo
 # log and in the binlog, and the binlog (GTID, as replicas need) is on.
 # mariadb-server and mariadb-client are installed with apt-get when mariadbd is
 # missing.

@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-#[path = "../dbproxy/tests/mariadb_harness/mod.rs"]
-#[allow(dead_code)]
-mod mariadb;
+use chat_mariadb_harness as mariadb;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;

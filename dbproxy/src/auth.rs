@@ -9,8 +9,8 @@ use argon2::password_hash::{Output, PasswordHash, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use sha2::{Digest, Sha256};
 
-use crate::api::ApiError;
 use crate::error::internal;
+use chat_storage_api::ApiError;
 
 /// The parameters of every new hash: argon2id v0x13 with the argon2 crate's
 /// defaults (OWASP's first recommendation): m = 19 MiB, t = 2, p = 1, 32

@@ -1,11 +1,26 @@
 //! The storage interface the HTTP layer calls, implemented by SQLite
-//! (`sqlite.rs`) and MySQL/MariaDB (`mysql/`). The HTTP layer calls them
-//! through `front::Checked`, which checks every request first, so a backend
-//! sees only names, ids and text that pass the protocol's rules.
+//! (`sqlite/`) and MySQL/MariaDB (`mysql/`), and what both backends share
+//! besides the identity rules (`identity`): the page bound and the columns of
+//! a room listing. The HTTP layer calls them through `front::Checked`, which
+//! checks every request first, so a backend sees only names, ids and text
+//! that pass the protocol's rules.
 
 use async_trait::async_trait;
 
-use crate::api::*;
+use chat_storage_api::*;
+
+/// Largest page of history, rooms or pending DMs in one answer.
+const MAX_PAGE: u32 = 1000;
+
+/// A caller's page size within 1..=[`MAX_PAGE`], as an SQL parameter.
+pub(crate) fn clamp_page(limit: u32) -> i64 {
+    i64::from(limit.clamp(1, MAX_PAGE))
+}
+
+/// The columns of a [`RoomInfo`] (name, last seq, stored members) for a
+/// query over `rooms r`; the same SQL in both dialects.
+pub(crate) const ROOM_INFO_COLUMNS: &str =
+    "r.name, r.last_seq, (SELECT COUNT(*) FROM memberships m WHERE m.room_id = r.id)";
 
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {

@@ -1,7 +1,9 @@
 //! Errors at the crate boundary: [`DbProxyError`] for starting and running the
-//! service; request failures travel as [`ApiError`] (see `api.rs`).
+//! service; request failures travel as [`ApiError`] (the contract's, in
+//! `chat_storage_api`), built by the constructors here so that both backends
+//! word them alike.
 
-use crate::api::{ApiError, ErrorKind};
+use chat_storage_api::{ApiError, ErrorKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbProxyError {
@@ -35,6 +37,18 @@ pub(crate) fn unavailable(message: impl Into<String>) -> ApiError {
 
 pub(crate) fn internal(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::Internal, message)
+}
+
+pub(crate) fn no_such_user(name: &str) -> ApiError {
+    ApiError::new(ErrorKind::NoSuchUser, format!("no such user {name}"))
+}
+
+pub(crate) fn no_such_room(name: &str) -> ApiError {
+    ApiError::new(ErrorKind::NoSuchRoom, format!("no such room {name}"))
+}
+
+pub(crate) fn name_taken(name: &str) -> ApiError {
+    ApiError::new(ErrorKind::NameTaken, format!("name {name} is taken"))
 }
 
 pub(crate) fn too_many_rooms(max: i64) -> ApiError {

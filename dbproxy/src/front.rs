@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::api::*;
 use crate::backend::Backend;
 use crate::error::internal;
 use crate::limiter::LoginLimiter;
 use crate::validate;
+use chat_storage_api::*;
 
 pub(crate) struct Checked {
     inner: Arc<dyn Backend>,

@@ -22,11 +22,11 @@ use async_trait::async_trait;
 use chat_protocol::{names, text};
 use prometheus::{IntCounterVec, Opts};
 
-use crate::api::*;
 use crate::backend::Backend;
 use crate::front::Checked;
 use crate::http::{route, API_PATHS};
 use crate::limiter::{Limits, LoginLimiter};
+use chat_storage_api::*;
 
 /// Small, so that the length limit is reached by short inputs.
 const MAX_TEXT_BYTES: usize = 64;

@@ -21,9 +21,9 @@ use argon2::Block;
 use prometheus::IntCounter;
 use tokio::sync::oneshot;
 
-use crate::api::ApiError;
 use crate::auth;
 use crate::error::{internal, unavailable};
+use chat_storage_api::ApiError;
 
 type Job = Box<dyn FnOnce(&mut Vec<Block>) + Send>;
 
@@ -145,7 +145,7 @@ mod tests {
             match t.await.unwrap() {
                 Ok(ok) => assert!(!ok),
                 Err(e) => {
-                    assert_eq!(e.kind, crate::api::ErrorKind::Unavailable, "{e:?}");
+                    assert_eq!(e.kind, chat_storage_api::ErrorKind::Unavailable, "{e:?}");
                     refused += 1;
                 }
             }
@@ -160,7 +160,7 @@ mod tests {
             .run(|_| -> Result<(), ApiError> { panic!("boom") })
             .await
             .unwrap_err();
-        assert_eq!(e.kind, crate::api::ErrorKind::Internal);
+        assert_eq!(e.kind, chat_storage_api::ErrorKind::Internal);
         let phc = pool.hash(Arc::new("pw".into())).await.unwrap();
         assert!(pool.verify(Arc::new("pw".into()), phc).await.unwrap());
     }

@@ -24,11 +24,11 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, ApiError, ErrorBody, ErrorKind};
 use crate::backend::Backend;
 use crate::credential::{Tokens, Verdict};
 use crate::metrics::Metrics;
 use crate::tls::ApiTls;
+use chat_storage_api::{self as api, ApiError, ErrorBody, ErrorKind};
 
 pub(crate) struct Shared {
     pub backend: Arc<dyn Backend>,

@@ -1,33 +1,33 @@
 //! dbproxy: the storage tier, the only code that knows SQL. The chat servers
-//! call it over HTTP/JSON ([`api`], through [`client::DbClient`]).
+//! call it over HTTP/JSON: the contract is `chat_storage_api`, their client
+//! `chat_storage_client::DbClient`; this crate is the serving side only.
 //!
-//! Modules: [`api`] (the contract), [`client`] (typed client; `coalesce`
-//! gathers concurrent appends and DMs into few requests), [`config`],
-//! [`error`], `http` (accept loop and router), `backend` (the storage trait),
-//! `sqlite` (the SQLite backend), `mysql` (the MySQL/MariaDB backend:
-//! primary + replicas, routing, heartbeat, GTID read-your-writes), `writer`
-//! (group commit), `schema` (connections and migrations), `auth` (argon2id,
-//! tokens), `credential` (the bearer tokens callers must present, re-read
-//! from their file), `tls` (mutual TLS on the API listener, chat servers
-//! only), `hashing` (the argon2 threads), `fuzzing` (the harness of the `dbproxy_request` fuzz target), `front` (every request's checks:
-//! `validate`, the protocol's rules for what is stored, and `limiter`, the
-//! failed-login limits), `metrics`. `config.backend` picks `sqlite` or
-//! `mysql`. `/readyz` follows a probe of the backend every second.
+//! Modules: [`config`], [`error`], `http` (the router, served by
+//! `chat_admin::http::serve`), `backend` (the storage trait), `front` (every
+//! request's checks: `validate`, the protocol's rules for what is stored,
+//! and `limiter`, the failed-login limits), `identity` (the login,
+//! guest-name and resume rules both backends follow), `sqlite` (the SQLite
+//! backend), `mysql` (the MySQL/MariaDB backend: primary + replicas,
+//! routing, heartbeat, GTID read-your-writes), `writer` (group commit),
+//! `schema` (connections and migrations), `auth` (argon2id, tokens),
+//! `credential` (the bearer tokens callers must present, re-read from their
+//! file), `tls` (mutual TLS on the API listener, chat servers only),
+//! `hashing` (the argon2 threads), `fuzzing` (the harness of the
+//! `dbproxy_request` fuzz target), `metrics`. `config.backend` picks
+//! `sqlite` or `mysql`. `/readyz` follows a probe of the backend every
+//! second.
 //!
 //! Data path of a write: accept → `http::serve` (`chat_admin::http::serve`:
 //! one task per connection, time and connection bounds; the TLS handshake
-//! and the caller's role in `tls`) → `http::handle` (bearer token) → `front::Checked` → `Backend` method → `writer` queue → one batch per
+//! and the caller's role in `tls`) → `http::handle` (bearer token) →
+//! `front::Checked` → `Backend` method → `writer` queue → one batch per
 //! transaction → SQLite commit (or, for mysql, a transaction on the current
 //! primary) → each request answered. Reads skip the writer and run on a pool
 //! of read-only connections (mysql: a replica within the lag budget that has
 //! reached the request's `min_pos`, else the primary).
 
-pub mod api;
 mod auth;
 mod backend;
-mod bearer;
-pub mod client;
-mod coalesce;
 pub mod config;
 mod credential;
 pub mod error;
@@ -36,10 +36,10 @@ mod front;
 pub mod fuzzing;
 mod hashing;
 mod http;
+mod identity;
 mod limiter;
 mod metrics;
 mod mysql;
-mod pool;
 mod schema;
 mod sqlite;
 mod tls;
@@ -52,7 +52,6 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use client::DbClient;
 pub use config::Config;
 pub use error::DbProxyError;
 
@@ -96,65 +95,18 @@ pub async fn run(
 ) -> Result<(), DbProxyError> {
     config.validate()?;
     let metrics = Arc::new(metrics::Metrics::register(&registry)?);
-    let tokens = Arc::new(credential::Tokens::load(&config)?);
-    if !tokens.required() {
-        tracing::warn!(
-            "no api_tokens or api_tokens_file: the API serves whoever reaches it (set a token)"
-        );
-    }
+    let tokens = load_tokens(&config)?;
     let acceptor = config
         .tls
         .as_ref()
         .map(chat_tls::Acceptor::new)
         .transpose()?;
     let backend = open_backend(&config, metrics.clone(), &registry).await?;
-    // Certificates and the token file are re-read while serving; these
-    // tasks stop last, once the API has drained.
-    let reload_stop = CancellationToken::new();
-    let reload_every = Duration::from_millis(config.reload_interval_ms);
-    let reloads = tokio_util::task::TaskTracker::new();
-    reloads.spawn(credential::watch(
-        tokens.clone(),
-        reload_every,
-        reload_stop.clone(),
-    ));
-    if let Some(acceptor) = &acceptor {
-        reloads.spawn(chat_tls::watch(
-            vec![Arc::new(acceptor.clone())],
-            reload_every,
-            reload_stop.clone(),
-        ));
-    }
-    reloads.close();
+    let reloads = Reloads::start(&config, &tokens, acceptor.as_ref());
     let tls = acceptor.map(|a| tls::ApiTls::new(a, metrics.tls_refused.clone()));
     let health = chat_admin::Health::default();
-    let probe_stop = CancellationToken::new();
-    let probe = tokio::spawn(follow_storage(
-        backend.clone(),
-        health.clone(),
-        metrics.clone(),
-        probe_stop.clone(),
-    ));
-    // The password never appears here: only where the servers are.
-    let db = if config.backend == "mysql" {
-        format!(
-            "mysql://{}/{} (replicas: [{}])",
-            config.mysql.primary,
-            config.mysql.database,
-            config.mysql.replicas.join(",")
-        )
-    } else {
-        config.sqlite_path.clone()
-    };
-    tracing::info!(
-        addr = ?listeners.api.local_addr().ok(),
-        admin = ?listeners.admin.local_addr().ok(),
-        backend = %config.backend,
-        %db,
-        tls = tls.is_some(),
-        tokens = tokens.required(),
-        "dbproxy serving"
-    );
+    let probe = StorageProbe::start(&backend, &health, &metrics);
+    log_serving(&listeners, &config, tls.is_some(), tokens.required());
     let shared = Arc::new(http::Shared {
         backend: backend.clone(),
         metrics,
@@ -175,10 +127,11 @@ pub async fn run(
         serve_shutdown.clone(),
         grace,
     ));
+    let api_http = config.api_http();
     let server = http::serve(
         listeners.api,
         shared,
-        config.api_http(),
+        api_http,
         tls,
         serve_shutdown.clone(),
         grace,
@@ -188,8 +141,7 @@ pub async fn run(
         _ = &mut server => {}
         _ = shutdown.cancelled() => {
             // The probe must not turn readiness back on while we drain.
-            probe_stop.cancel();
-            let _ = probe.await;
+            probe.stop().await;
             health.set(Readiness::Draining);
             let started = Instant::now();
             serve_shutdown.cancel();
@@ -200,19 +152,114 @@ pub async fn run(
                 tracing::warn!("writer did not drain within the grace period");
             }
             let _ = admin.await;
-            reload_stop.cancel();
-            reloads.wait().await;
+            reloads.stop().await;
             tracing::info!("dbproxy stopped");
             return Ok(());
         }
     }
-    probe_stop.cancel();
+    probe.stop().await;
     serve_shutdown.cancel();
     let _ = admin.await;
-    reload_stop.cancel();
-    reloads.wait().await;
+    reloads.stop().await;
     backend.close().await;
     Ok(())
+}
+
+/// The tokens the API accepts (a warning when it accepts anyone).
+fn load_tokens(config: &Config) -> Result<Arc<credential::Tokens>, DbProxyError> {
+    let tokens = Arc::new(credential::Tokens::load(config)?);
+    if !tokens.required() {
+        tracing::warn!(
+            "no api_tokens or api_tokens_file: the API serves whoever reaches it (set a token)"
+        );
+    }
+    Ok(tokens)
+}
+
+/// The task that keeps `/readyz` following storage ([`follow_storage`]).
+struct StorageProbe {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StorageProbe {
+    fn start(
+        backend: &Arc<dyn Backend>,
+        health: &chat_admin::Health,
+        metrics: &Arc<Metrics>,
+    ) -> StorageProbe {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(follow_storage(
+            backend.clone(),
+            health.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        StorageProbe { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// The tasks that re-read certificates and the token file while serving;
+/// they stop last, once the API has drained.
+struct Reloads {
+    stop: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Reloads {
+    fn start(
+        config: &Config,
+        tokens: &Arc<credential::Tokens>,
+        tls: Option<&chat_tls::Acceptor>,
+    ) -> Reloads {
+        let stop = CancellationToken::new();
+        let every = Duration::from_millis(config.reload_interval_ms);
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(credential::watch(tokens.clone(), every, stop.clone()));
+        if let Some(acceptor) = tls {
+            tasks.spawn(chat_tls::watch(
+                vec![Arc::new(acceptor.clone())],
+                every,
+                stop.clone(),
+            ));
+        }
+        tasks.close();
+        Reloads { stop, tasks }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.tasks.wait().await;
+    }
+}
+
+/// One line saying what is served from what (never the password: only
+/// where the servers are).
+fn log_serving(listeners: &Listeners, config: &Config, tls: bool, tokens: bool) {
+    let db = if config.backend == "mysql" {
+        format!(
+            "mysql://{}/{} (replicas: [{}])",
+            config.mysql.primary,
+            config.mysql.database,
+            config.mysql.replicas.join(",")
+        )
+    } else {
+        config.sqlite_path.clone()
+    };
+    tracing::info!(
+        addr = ?listeners.api.local_addr().ok(),
+        admin = ?listeners.admin.local_addr().ok(),
+        backend = %config.backend,
+        %db,
+        tls,
+        tokens,
+        "dbproxy serving"
+    );
 }
 
 /// The configured backend behind the checks of [`front::Checked`].

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::IntCounterVec;
 
-use crate::api::{ApiError, ErrorKind};
+use chat_storage_api::{ApiError, ErrorKind};
 
 #[derive(Clone, Copy, Default)]
 struct Entry {

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use chat_protocol::{names, text};
 
-use crate::api::*;
+use chat_storage_api::*;
 
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::BadRequest, message)

@@ -15,9 +15,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::ApiError;
 use crate::error::{from_sqlite, unavailable};
 use crate::metrics::Metrics;
+use chat_storage_api::ApiError;
 
 /// State shared by the jobs of one transaction.
 pub(crate) struct Batch {
@@ -293,7 +293,7 @@ mod tests {
         });
         let (j3, a3) = job(1, |_: &Connection, _: &mut Batch| {
             Ok(Err::<i64, _>(ApiError::new(
-                crate::api::ErrorKind::NoSuchRoom,
+                chat_storage_api::ErrorKind::NoSuchRoom,
                 "x",
             )))
         });
@@ -302,11 +302,11 @@ mod tests {
         assert_eq!(a1.blocking_recv().unwrap().unwrap(), 1);
         assert_eq!(
             a2.blocking_recv().unwrap().unwrap_err().kind,
-            crate::api::ErrorKind::Internal
+            chat_storage_api::ErrorKind::Internal
         );
         assert_eq!(
             a3.blocking_recv().unwrap().unwrap_err().kind,
-            crate::api::ErrorKind::NoSuchRoom
+            chat_storage_api::ErrorKind::NoSuchRoom
         );
         assert_eq!(a4.blocking_recv().unwrap().unwrap(), 4);
         assert_eq!(count(&c), 2);
@@ -344,7 +344,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let e = handle.submit(1, insert(3)).await.unwrap_err();
-        assert_eq!(e.kind, crate::api::ErrorKind::Unavailable);
+        assert_eq!(e.kind, chat_storage_api::ErrorKind::Unavailable);
         // Stopped before it starts, the writer still commits both queued jobs.
         stop.cancel();
         run(conn(), rx, 512, m.clone(), stop).await;

@@ -1,106 +1,16 @@
 //! End to end: `run` on 127.0.0.1:0 with a temp SQLite file, driven by the
 //! real `DbClient`.
 
-use std::path::Path;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use chat_dbproxy::api::{AppendItem, DmItem, ErrorKind};
-use chat_dbproxy::{Config, DbClient};
+use chat_dbproxy::Config;
+use chat_storage_api::{AppendItem, DmItem, ErrorKind};
+use chat_storage_client::DbClient;
+use common::{raw_request, Proxy};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-struct Proxy {
-    client: DbClient,
-    base: String,
-    admin: String,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), chat_dbproxy::DbProxyError>>,
-}
-
-impl Proxy {
-    async fn start(dir: &Path) -> Proxy {
-        Self::start_with(dir, Config::default()).await
-    }
-
-    async fn start_with(dir: &Path, config: Config) -> Proxy {
-        let listeners = chat_dbproxy::Listeners::bind("127.0.0.1:0", "127.0.0.1:0")
-            .await
-            .unwrap();
-        let base = format!("http://{}", listeners.api.local_addr().unwrap());
-        let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
-        let config = Config {
-            sqlite_path: dir.join("db/chat.db").to_string_lossy().into_owned(),
-            shutdown_grace_secs: 2,
-            ..config
-        };
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(chat_dbproxy::run(
-            listeners,
-            config,
-            prometheus::Registry::new(),
-            shutdown.clone(),
-        ));
-        let client = DbClient::new(&base);
-        let proxy = Proxy {
-            client,
-            base,
-            admin,
-            shutdown,
-            task,
-        };
-        proxy.wait_ready().await;
-        proxy
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Ok((200, _)) = raw_get(&self.base, "/readyz").await {
-                return;
-            }
-            assert!(Instant::now() < deadline, "dbproxy never became ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(5), self.task)
-            .await
-            .expect("run returns after shutdown")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-/// Minimal HTTP/1.1 exchange, independent of the client under test.
-async fn raw_request(
-    base: &str,
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> std::io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = base.trim_start_matches("http://");
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await?;
-    // The server may answer (and close) before taking the whole body.
-    let _ = s.write_all(body).await;
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, text))
-}
 
 async fn raw_get(base: &str, path: &str) -> std::io::Result<(u16, String)> {
     raw_request(base, "GET", path, b"").await
@@ -118,7 +28,7 @@ fn item(room: &str, sender: &str, cid: Option<&str>, body: &str) -> AppendItem {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn login_registers_then_checks_password() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(dir.path()).await;
+    let p = Proxy::start(dir.path(), Config::default()).await;
     let c = &p.client;
     let id = c.login("alice", "s3cret", None).await.unwrap();
     assert_eq!(id.user, "alice");
@@ -154,7 +64,7 @@ async fn guest_names_and_expiry() {
         token_idle_ttl_secs: 1,
         ..Config::default()
     };
-    let p = Proxy::start_with(dir.path(), config).await;
+    let p = Proxy::start(dir.path(), config).await;
     let c = &p.client;
     let g = c.guest("dave").await.unwrap();
     assert!(g.guest);
@@ -223,7 +133,7 @@ async fn guest_names_and_expiry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rooms_join_part() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(dir.path()).await;
+    let p = Proxy::start(dir.path(), Config::default()).await;
     let c = &p.client;
     c.guest("bob").await.unwrap();
     c.guest("carol").await.unwrap();
@@ -268,7 +178,7 @@ async fn rooms_join_part() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_appends_get_dense_seqs() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(dir.path()).await;
+    let p = Proxy::start(dir.path(), Config::default()).await;
     let c = &p.client;
     c.guest("w").await.unwrap();
     c.join("busy", "w").await.unwrap();
@@ -343,7 +253,7 @@ async fn concurrent_appends_get_dense_seqs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn append_idempotency_and_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(dir.path()).await;
+    let p = Proxy::start(dir.path(), Config::default()).await;
     let c = &p.client;
     c.guest("a").await.unwrap();
     c.join("r1", "a").await.unwrap();
@@ -392,7 +302,7 @@ async fn append_idempotency_and_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn direct_messages() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(dir.path()).await;
+    let p = Proxy::start(dir.path(), Config::default()).await;
     let c = &p.client;
     c.guest("s").await.unwrap();
     c.guest("r").await.unwrap();
@@ -441,7 +351,7 @@ async fn direct_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_keeps_data() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(dir.path()).await;
+    let p = Proxy::start(dir.path(), Config::default()).await;
     let token = p.client.login("kim", "pw", None).await.unwrap().token;
     p.client.join("keep", "kim").await.unwrap();
     p.client
@@ -450,7 +360,7 @@ async fn restart_keeps_data() {
         .unwrap();
     p.stop().await;
 
-    let p = Proxy::start(dir.path()).await;
+    let p = Proxy::start(dir.path(), Config::default()).await;
     let c = &p.client;
     assert_eq!(c.resume(&token).await.unwrap().user, "kim");
     assert_eq!(
@@ -478,7 +388,7 @@ async fn http_edges() {
         max_body_bytes: 2048,
         ..Config::default()
     };
-    let p = Proxy::start_with(dir.path(), config).await;
+    let p = Proxy::start(dir.path(), config).await;
     let c = &p.client;
     c.guest("big").await.unwrap();
     let e = c
@@ -528,7 +438,7 @@ async fn invalid_config_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_first_logins_agree() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(dir.path()).await;
+    let p = Proxy::start(dir.path(), Config::default()).await;
     let (a, b) = tokio::join!(
         p.client.login("twin", "pw", None),
         p.client.login("twin", "pw", None)
@@ -550,7 +460,7 @@ async fn concurrent_first_logins_agree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_keeps_every_acked_write() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(dir.path()).await;
+    let p = Proxy::start(dir.path(), Config::default()).await;
     p.client.guest("w").await.unwrap();
     p.client.join("drain", "w").await.unwrap();
     let mut tasks = Vec::new();
@@ -583,7 +493,7 @@ async fn shutdown_keeps_every_acked_write() {
     }
     assert!(acked.len() >= 50);
 
-    let p = Proxy::start(dir.path()).await;
+    let p = Proxy::start(dir.path(), Config::default()).await;
     let stored = p
         .client
         .history("drain", 0, 1000, None)
@@ -643,7 +553,7 @@ fn dead_base() -> String {
 async fn several_dbproxies_fail_over() {
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(dir.path()).await;
+    let p = Proxy::start(dir.path(), Config::default()).await;
 
     // The first one refuses connections: everything, guest start included
     // (it was never sent), moves on to the live one.

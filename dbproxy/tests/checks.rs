@@ -5,8 +5,8 @@
 
 mod common;
 
-use chat_dbproxy::api::{AppendItem, DmItem, ErrorKind};
 use chat_dbproxy::Config;
+use chat_storage_api::{AppendItem, DmItem, ErrorKind};
 use common::Proxy;
 
 fn item(room: &str, sender: &str, cid: Option<&str>, body: &str) -> AppendItem {
@@ -35,7 +35,7 @@ async fn single_requests_follow_the_protocol_rules() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proxy::start(dir.path(), Config::default()).await;
     let c = &p.client;
-    let bad = |r: Result<_, chat_dbproxy::api::ApiError>| match r {
+    let bad = |r: Result<_, chat_storage_api::ApiError>| match r {
         Err(e) if e.kind == ErrorKind::BadRequest => e.message,
         Err(e) => panic!("expected BadRequest, got {e:?}"),
         Ok(_) => panic!("expected BadRequest, got a success"),

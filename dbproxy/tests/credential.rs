@@ -7,9 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use chat_dbproxy::api::{ErrorBody, ErrorKind, PATH_ROOMS};
-use chat_dbproxy::client::{BearerToken, ClientOptions, Probe};
-use chat_dbproxy::{Config, DbClient};
+use chat_dbproxy::Config;
+use chat_storage_api::{ErrorBody, ErrorKind, PATH_ROOMS};
+use chat_storage_client::DbClient;
+use chat_storage_client::{BearerToken, ClientOptions, Probe};
 use chat_tls::Secret;
 use common::{raw_request_with, wait_until, Proxy};
 

@@ -1,17 +1,17 @@
 //! The MySQL backend against real MariaDB servers (a primary and a GTID
-//! replica per test, see `mariadb_harness`), driven through `run` and the real
+//! replica per test, see `chat_mariadb_harness`), driven through `run` and the real
 //! `DbClient`. Routing is observed through `chat_dbproxy_route_total`.
 
 mod common;
-mod mariadb_harness;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use chat_dbproxy::api::{AppendItem, ErrorKind};
 use chat_dbproxy::config::MysqlConfig;
-use chat_dbproxy::{Config, DbClient};
-use mariadb_harness::{Pair, Server, ServerTls};
+use chat_dbproxy::Config;
+use chat_mariadb_harness::{Pair, Server, ServerTls};
+use chat_storage_api::{AppendItem, ErrorKind};
+use chat_storage_client::DbClient;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -76,20 +76,7 @@ impl Proxy {
 
     /// Sum of a counter's samples whose labels include all of `labels`.
     fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| {
-                labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                })
-            })
-            .map(|m| m.get_counter().get_value())
-            .sum()
+        common::metric(&self.registry, name, labels)
     }
 
     async fn readyz(&self) -> u16 {
@@ -477,7 +464,7 @@ async fn multi_room_appends_stay_dense_and_exact() {
     items.extend((0..400).map(|i| item("mr1", "bob", Some(&format!("big{i}")), &big)));
     // A client id a DM already took is refused, in the fast path's INSERT
     // (a lone item) as in a batch that is looked up first (the big one).
-    let dm = chat_dbproxy::api::DmItem {
+    let dm = chat_storage_api::DmItem {
         sender: "bob".into(),
         recipient: "zoe.2".into(),
         client_id: Some("dm-1".into()),
@@ -706,12 +693,12 @@ async fn mysql_over_tls() {
         "1",
         "the server must refuse plain connections for this test to mean anything"
     );
-    let (_pw_dir, password_file) = mariadb_harness::password_file();
+    let (_pw_dir, password_file) = chat_mariadb_harness::password_file();
     let mysql = |ssl_mode: &str, ssl_ca: &std::path::Path| MysqlConfig {
         primary: server.addr(),
-        user: mariadb_harness::APP_USER.into(),
+        user: chat_mariadb_harness::APP_USER.into(),
         password_file: password_file.to_string_lossy().into_owned(),
-        database: mariadb_harness::DATABASE.into(),
+        database: chat_mariadb_harness::DATABASE.into(),
         ssl_mode: ssl_mode.into(),
         ssl_ca: ssl_ca.to_string_lossy().into_owned(),
         ..MysqlConfig::default()

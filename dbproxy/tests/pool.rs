@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_dbproxy::client::PoolOptions;
-use chat_dbproxy::{Config, DbClient};
+use chat_dbproxy::Config;
+use chat_storage_client::DbClient;
+use chat_storage_client::PoolOptions;
 use common::{wait_until, Proxy};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;

@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use chat_dbproxy::api::AppendItem;
 use chat_dbproxy::Config;
+use chat_storage_api::AppendItem;
 use common::{wait_until, Proxy};
 use tokio::io::AsyncWriteExt;
 

@@ -8,8 +8,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use chat_dbproxy::client::{ClientOptions, Probe};
-use chat_dbproxy::{Config, DbClient};
+use chat_dbproxy::Config;
+use chat_storage_client::DbClient;
+use chat_storage_client::{ClientOptions, Probe};
 use chat_tls::dev::{ensure, Leaf};
 use chat_tls::{names, TlsIdentity};
 use common::{raw_request, wait_until, Proxy};

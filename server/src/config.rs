@@ -205,8 +205,8 @@ impl Default for Config {
 
 impl Config {
     /// How the server pools its dbproxy connections.
-    pub fn dbproxy_pool(&self) -> chat_dbproxy::client::PoolOptions {
-        chat_dbproxy::client::PoolOptions {
+    pub fn dbproxy_pool(&self) -> chat_storage_client::PoolOptions {
+        chat_storage_client::PoolOptions {
             max_per_host: self.dbproxy_pool_max,
             idle_timeout: std::time::Duration::from_millis(self.dbproxy_pool_idle_ms),
         }

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use chat_dbproxy::DbClient;
 use chat_protocol::{PartReason, ServerLine};
+use chat_storage_client::DbClient;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 

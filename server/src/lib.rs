@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use chat_admin::accept::{Accepted, Acceptor};
 use chat_admin::{Health, Readiness};
-use chat_dbproxy::client::{BearerToken, ClientOptions, Probe};
-use chat_dbproxy::DbClient;
+use chat_storage_client::DbClient;
+use chat_storage_client::{BearerToken, ClientOptions, Probe};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;

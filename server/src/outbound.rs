@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use chat_dbproxy::api::later_pos;
+use chat_storage_api::later_pos;
 use std::time::Duration;
 
 use bytes::Bytes;

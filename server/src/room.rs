@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use chat_dbproxy::api::{ApiError, Appended, ErrorKind};
 use chat_protocol::ServerLine;
+use chat_storage_api::{ApiError, Appended, ErrorKind};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::cluster::wire::PeerMsg;
@@ -260,7 +260,7 @@ pub(crate) struct Outgoing {
 async fn commit_and_fan_out(hub: &Hub, room: &RoomCore, batch: &mut Vec<Publish>) {
     let items = batch
         .iter()
-        .map(|p| chat_dbproxy::api::AppendItem {
+        .map(|p| chat_storage_api::AppendItem {
             room: room.name.clone(),
             sender: p.sender.to_string(),
             client_id: p.cid.clone(),

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chat_dbproxy::api::{ApiError, DmItem, ErrorKind, Identity};
 use chat_protocol::first::{self, First};
 use chat_protocol::{proxy_line, ParseError};
 use chat_protocol::{Command, ErrorCode, Frame, LineCodec, PartReason, ServerLine};
+use chat_storage_api::{ApiError, DmItem, ErrorKind, Identity};
 use chat_tls::WriteHalf;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chat_dbproxy::api::ErrorKind;
-use chat_dbproxy::DbClient;
+use chat_storage_api::ErrorKind;
+use chat_storage_client::DbClient;
 use futures::StreamExt;
 
 use crate::common::{try_http_get, within};

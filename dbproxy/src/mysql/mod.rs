@@ -5,10 +5,13 @@
 //! Every write answers `pos` = `@@last_gtid` of its commit.
 //!
 //! Semantics match the SQLite backend (`crate::sqlite`): same tables, tokens
-//! stored as SHA-256, argon2id passwords, guest name rules, per-item errors.
+//! stored as SHA-256, argon2id passwords, per-item errors, and the identity
+//! rules of `crate::identity` (their SQL in `identity`). `rooms` holds the
+//! join and DM transactions, `writer` the appends.
 
 pub mod config;
 mod identity;
+mod rooms;
 mod schema;
 mod topology;
 mod writer;
@@ -22,19 +25,16 @@ use mysql_async::Conn;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::*;
 use crate::auth;
-use crate::backend::Backend;
+use crate::backend::{clamp_page, Backend, ROOM_INFO_COLUMNS};
 use crate::config::Config;
-use crate::error::{internal, too_many_rooms, unavailable, DbProxyError};
+use crate::error::{internal, no_such_room, unavailable, DbProxyError};
 use crate::hashing::HashPool;
 use crate::metrics::Metrics;
 use crate::writer::now_ms;
-use identity::{insert_token, load_user, register, resume_tx, take_guest, Registered, UserRow};
+use chat_storage_api::*;
+use rooms::{join_tx, send_dms_tx};
 use topology::{Routed, Topology};
-
-/// Largest page of history, rooms or pending DMs in one answer.
-const MAX_PAGE: u32 = 1000;
 
 /// Server errors that mean "try again" (nothing was written): read-only
 /// server (a demoted primary), lock wait timeout, deadlock, too many
@@ -49,22 +49,6 @@ pub(crate) fn db_err(e: mysql_async::Error) -> ApiError {
         mysql_async::Error::Url(_) => internal(format!("storage: {e}")),
         _ => unavailable(format!("storage: {e}")),
     }
-}
-
-pub(crate) fn no_such_user(name: &str) -> ApiError {
-    ApiError::new(ErrorKind::NoSuchUser, format!("no such user {name}"))
-}
-
-pub(crate) fn no_such_room(name: &str) -> ApiError {
-    ApiError::new(ErrorKind::NoSuchRoom, format!("no such room {name}"))
-}
-
-fn name_taken(name: &str) -> ApiError {
-    ApiError::new(ErrorKind::NameTaken, format!("name {name} is taken"))
-}
-
-fn clamp_page(limit: u32) -> i64 {
-    i64::from(limit.clamp(1, MAX_PAGE))
 }
 
 /// `@@last_gtid` of the connection's last commit (`None` without binlog).
@@ -111,128 +95,6 @@ fn is_deadlock(e: &mysql_async::Error) -> bool {
 async fn begin(w: &mut Routed<'_>) -> Result<(), ApiError> {
     w.conn.query_drop("START TRANSACTION").await.map_err(db_err)
 }
-
-async fn user_id(c: &mut Conn, name: &str) -> mysql_async::Result<Option<i64>> {
-    c.exec_first("SELECT id FROM users WHERE name = ?", (name,))
-        .await
-}
-
-async fn join_tx(c: &mut Conn, room: &str, user: &str, now: i64, max_rooms: i64) -> Tx<u64> {
-    // The user's row lock orders the joins of one user, so two of them
-    // cannot both pass the count below at the limit; the reads after it see
-    // what the previous join committed.
-    let Some(uid): Option<i64> = c
-        .exec_first("SELECT id FROM users WHERE name = ? FOR UPDATE", (user,))
-        .await?
-    else {
-        return Ok(Err(no_such_user(user)));
-    };
-    let member: Option<i64> = c
-        .exec_first(
-            "SELECT EXISTS(SELECT 1 FROM memberships m JOIN rooms r ON r.id = m.room_id
-             WHERE r.name = ? AND m.user_id = ?)",
-            (room, uid),
-        )
-        .await?;
-    if member.unwrap_or(0) == 0 {
-        let rooms: Option<i64> = c
-            .exec_first("SELECT COUNT(*) FROM memberships WHERE user_id = ?", (uid,))
-            .await?;
-        if rooms.unwrap_or(0) >= max_rooms {
-            return Ok(Err(too_many_rooms(max_rooms)));
-        }
-    }
-    c.exec_drop(
-        "INSERT IGNORE INTO rooms (name, last_seq, created_at) VALUES (?, 0, ?)",
-        (room, now),
-    )
-    .await?;
-    // A locking read: it sees the room another join committed after this
-    // transaction's snapshot was taken (a plain SELECT would not, and the
-    // membership would then silently fail its foreign key), and the current
-    // `last_seq` rather than the snapshot's.
-    let Some((rid, last_seq)): Option<(i64, i64)> = c
-        .exec_first(
-            "SELECT id, last_seq FROM rooms WHERE name = ? LOCK IN SHARE MODE",
-            (room,),
-        )
-        .await?
-    else {
-        return Ok(Err(no_such_room(room)));
-    };
-    c.exec_drop(
-        "INSERT IGNORE INTO memberships (room_id, user_id, joined_at) VALUES (?, ?, ?)",
-        (rid, uid, now),
-    )
-    .await?;
-    Ok(Ok(last_seq as u64))
-}
-
-async fn send_dms_tx(
-    c: &mut Conn,
-    items: &[DmItem],
-    now: i64,
-) -> Tx<Vec<Result<DmSent, ApiError>>> {
-    let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        let Some(sender) = user_id(c, &item.sender).await? else {
-            out.push(Err(no_such_user(&item.sender)));
-            continue;
-        };
-        if let Some(cid) = &item.client_id {
-            let prior: Option<(i64, i64, Option<i64>)> = c
-                .exec_first(
-                    "SELECT id, sent_at_ms, recipient_id FROM messages
-                     WHERE sender_id = ? AND client_id = ?",
-                    (sender, cid.as_str()),
-                )
-                .await?;
-            match prior {
-                Some((id, ts, Some(_))) => {
-                    out.push(Ok(DmSent {
-                        id,
-                        ts,
-                        duplicate: true,
-                    }));
-                    continue;
-                }
-                Some((_, _, None)) => {
-                    out.push(Err(ApiError::new(
-                        ErrorKind::BadRequest,
-                        "client_id already used for a room message",
-                    )));
-                    continue;
-                }
-                None => {}
-            }
-        }
-        let Some(recipient) = user_id(c, &item.recipient).await? else {
-            out.push(Err(no_such_user(&item.recipient)));
-            continue;
-        };
-        c.exec_drop(
-            "INSERT INTO messages (sender_id, recipient_id, client_id, sent_at_ms, body)
-             VALUES (?, ?, ?, ?, ?)",
-            (
-                sender,
-                recipient,
-                item.client_id.as_deref(),
-                now,
-                item.body.as_str(),
-            ),
-        )
-        .await?;
-        out.push(Ok(DmSent {
-            id: c.last_insert_id().unwrap_or(0) as i64,
-            ts: now,
-            duplicate: false,
-        }));
-    }
-    Ok(Ok(out))
-}
-
-const ROOM_INFO_COLUMNS: &str =
-    "r.name, r.last_seq, (SELECT COUNT(*) FROM memberships m WHERE m.room_id = r.id)";
 
 fn room_info((room, last_seq, members): (String, i64, i64)) -> RoomInfo {
     RoomInfo {
@@ -358,68 +220,7 @@ impl MysqlBackend {
 #[async_trait]
 impl Backend for MysqlBackend {
     async fn login(&self, req: LoginReq) -> Result<Identity, ApiError> {
-        let ttl = self.ttl_ms;
-        let password = Arc::new(req.password);
-        // Argon2 runs between a read and a write, never inside a transaction.
-        for _ in 0..3 {
-            let user = {
-                let mut r = self.topo.primary().await?;
-                load_user(&mut r.conn, &req.user, now_ms(), ttl, false)
-                    .await
-                    .map_err(db_err)?
-            };
-            let token = auth::new_token(&req.user);
-            match user {
-                Some(UserRow {
-                    id,
-                    password_hash: Some(phc),
-                    guest: false,
-                    ..
-                }) => {
-                    if !self.hashing.verify(password.clone(), phc).await? {
-                        return Err(ApiError::new(ErrorKind::AuthFailed, "wrong password"));
-                    }
-                    let t = token.clone();
-                    let ((), pos) = self
-                        .write_tx(|c| {
-                            let t = t.clone();
-                            Box::pin(async move { insert_token(c, id, &t, now_ms()).await.map(Ok) })
-                        })
-                        .await?;
-                    return Ok(Identity {
-                        user: req.user,
-                        token,
-                        guest: false,
-                        pos,
-                    });
-                }
-                Some(UserRow { live: true, .. }) => return Err(name_taken(&req.user)),
-                _ => {
-                    let phc = self.hashing.hash(password.clone()).await?;
-                    let (name, t) = (req.user.clone(), token.clone());
-                    let (outcome, pos) = self
-                        .write_tx(|c| {
-                            let (name, phc, t) = (name.clone(), phc.clone(), t.clone());
-                            Box::pin(
-                                async move { register(c, &name, &phc, ttl, &t, now_ms()).await },
-                            )
-                        })
-                        .await?;
-                    if let Registered::Done = outcome {
-                        return Ok(Identity {
-                            user: req.user,
-                            token,
-                            guest: false,
-                            pos,
-                        });
-                    }
-                }
-            }
-        }
-        Err(ApiError::new(
-            ErrorKind::Unavailable,
-            "name changed hands repeatedly during login",
-        ))
+        crate::identity::login(self, &self.hashing, req).await
     }
 
     async fn guest(&self, req: GuestReq) -> Result<Identity, ApiError> {
@@ -429,7 +230,7 @@ impl Backend for MysqlBackend {
         let ((), pos) = self
             .write_tx(|c| {
                 let (name, t) = (name.clone(), t.clone());
-                Box::pin(async move { take_guest(c, &name, ttl, &t, now_ms()).await })
+                Box::pin(async move { identity::take_guest(c, &name, ttl, &t).await })
             })
             .await?;
         Ok(Identity {
@@ -446,7 +247,7 @@ impl Backend for MysqlBackend {
         let ((user, guest), pos) = self
             .write_tx(|c| {
                 let hash = hash.clone();
-                Box::pin(async move { resume_tx(c, &hash, ttl, now_ms()).await })
+                Box::pin(async move { identity::resume(c, &hash, ttl).await })
             })
             .await?;
         Ok(Identity {

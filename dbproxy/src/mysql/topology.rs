@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{MysqlConfig, Password};
 use super::db_err;
-use crate::api::ApiError;
 use crate::error::unavailable;
 use crate::writer::now_ms;
+use chat_storage_api::ApiError;
 
 const NONE: usize = usize::MAX;
 

@@ -27,11 +27,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::topology::Topology;
-use super::{db_err, last_gtid, no_such_room, no_such_user};
-use crate::api::{ApiError, AppendItem, Appended, ErrorKind};
+use super::{db_err, last_gtid};
 use crate::error::unavailable;
+use crate::error::{no_such_room, no_such_user};
 use crate::metrics::Metrics;
 use crate::writer::now_ms;
+use chat_storage_api::{ApiError, AppendItem, Appended, ErrorKind};
 
 /// Largest JSON document sent as one statement's parameter; a larger batch
 /// takes more statements. Well under MariaDB's default `max_allowed_packet`
@@ -356,29 +357,8 @@ async fn apply(
 ) -> mysql_async::Result<(Results, u64)> {
     // No START TRANSACTION: autocommit is off on the writer's session, so
     // the first statement opens the transaction (one round trip less).
-    // Sorted, so that every writer locks rooms in the same order.
-    let room_names: BTreeSet<&str> = items
-        .iter()
-        .map(|i| i.room.as_str())
-        .filter(|r| !too_long(r))
-        .collect();
-    let mut rooms: HashMap<String, Room> = HashMap::with_capacity(room_names.len());
-    for doc in json_chunks(&room_names)? {
-        let rows: Vec<(String, i64, i64)> = c.exec(LOCK_ROOMS, (doc,)).await?;
-        rooms.extend(
-            rows.into_iter()
-                .map(|(name, id, last_seq)| (name, Room { id, last_seq })),
-        );
-    }
-    let senders: BTreeSet<&str> = items
-        .iter()
-        .map(|i| i.sender.as_str())
-        .filter(|s| !too_long(s))
-        .collect();
-    let mut found: Vec<(String, i64)> = Vec::with_capacity(senders.len());
-    for doc in json_chunks(&senders)? {
-        found.extend(c.exec::<(String, i64), _, _>(USERS, (doc,)).await?);
-    }
+    let rooms = lock_rooms(c, items).await?;
+    let found = find_senders(c, items).await?;
     let users: HashMap<&str, i64> = found.iter().map(|(n, id)| (n.as_str(), *id)).collect();
     // Optimistically, no client id was used before: the UNIQUE key on
     // (sender, client id) says otherwise by failing the INSERT, which then
@@ -399,31 +379,7 @@ async fn apply(
     };
     let assigned = match done {
         Some(assigned) => assigned,
-        None => {
-            let keys: BTreeSet<(i64, &str)> = items
-                .iter()
-                .filter_map(|i| {
-                    let cid = i.client_id.as_deref().filter(|c| !too_long(c))?;
-                    Some((*users.get(i.sender.as_str())?, cid))
-                })
-                .collect();
-            let mut stored: Vec<(i64, String, Option<i64>, i64)> = Vec::new();
-            for doc in json_chunks(&keys)? {
-                stored.extend(
-                    c.exec::<(i64, String, Option<i64>, i64), _, _>(PRIOR, (doc,))
-                        .await?,
-                );
-            }
-            let prior: Prior = stored
-                .iter()
-                .map(|(sender, cid, seq, ts)| ((*sender, cid.as_str()), (*seq, *ts)))
-                .collect();
-            let assigned = assign(items, &users, &rooms, prior, now);
-            for doc in json_chunks(&assigned.rows)? {
-                c.exec_drop(INSERT, (now, doc)).await?;
-            }
-            assigned
-        }
+        None => assign_knowing_stored(c, items, &users, &rooms, now).await?,
     };
     let mut updated = 0;
     for doc in json_chunks(&assigned.last_seqs)? {
@@ -439,6 +395,79 @@ async fn apply(
         return Err(mysql_async::Error::Other(e.into()));
     }
     Ok((assigned.results, assigned.rows.len() as u64))
+}
+
+/// Locks the batch's rooms, in name order so that every writer locks rooms
+/// in the same order; their ids and last seqs by name.
+async fn lock_rooms(
+    c: &mut Conn,
+    items: &[&AppendItem],
+) -> mysql_async::Result<HashMap<String, Room>> {
+    let room_names: BTreeSet<&str> = items
+        .iter()
+        .map(|i| i.room.as_str())
+        .filter(|r| !too_long(r))
+        .collect();
+    let mut rooms: HashMap<String, Room> = HashMap::with_capacity(room_names.len());
+    for doc in json_chunks(&room_names)? {
+        let rows: Vec<(String, i64, i64)> = c.exec(LOCK_ROOMS, (doc,)).await?;
+        rooms.extend(
+            rows.into_iter()
+                .map(|(name, id, last_seq)| (name, Room { id, last_seq })),
+        );
+    }
+    Ok(rooms)
+}
+
+/// The ids of the batch's senders that exist, with their names.
+async fn find_senders(
+    c: &mut Conn,
+    items: &[&AppendItem],
+) -> mysql_async::Result<Vec<(String, i64)>> {
+    let senders: BTreeSet<&str> = items
+        .iter()
+        .map(|i| i.sender.as_str())
+        .filter(|s| !too_long(s))
+        .collect();
+    let mut found: Vec<(String, i64)> = Vec::with_capacity(senders.len());
+    for doc in json_chunks(&senders)? {
+        found.extend(c.exec::<(String, i64), _, _>(USERS, (doc,)).await?);
+    }
+    Ok(found)
+}
+
+/// The batch assigned again after reading what is stored under its client
+/// ids, and its rows inserted.
+async fn assign_knowing_stored<'a>(
+    c: &mut Conn,
+    items: &[&'a AppendItem],
+    users: &HashMap<&str, i64>,
+    rooms: &HashMap<String, Room>,
+    now: i64,
+) -> mysql_async::Result<Assigned<'a>> {
+    let keys: BTreeSet<(i64, &str)> = items
+        .iter()
+        .filter_map(|i| {
+            let cid = i.client_id.as_deref().filter(|c| !too_long(c))?;
+            Some((*users.get(i.sender.as_str())?, cid))
+        })
+        .collect();
+    let mut stored: Vec<(i64, String, Option<i64>, i64)> = Vec::new();
+    for doc in json_chunks(&keys)? {
+        stored.extend(
+            c.exec::<(i64, String, Option<i64>, i64), _, _>(PRIOR, (doc,))
+                .await?,
+        );
+    }
+    let prior: Prior = stored
+        .iter()
+        .map(|(sender, cid, seq, ts)| ((*sender, cid.as_str()), (*seq, *ts)))
+        .collect();
+    let assigned = assign(items, users, rooms, prior, now);
+    for doc in json_chunks(&assigned.rows)? {
+        c.exec_drop(INSERT, (now, doc)).await?;
+    }
+    Ok(assigned)
 }
 
 /// Seqs in request order per room, given what is stored under the client ids

@@ -4,10 +4,11 @@ use std::collections::{HashMap, HashSet};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{no_such_room, no_such_user, user_id};
-use crate::api::*;
+use super::user_id;
 use crate::error::from_sqlite;
+use crate::error::{no_such_room, no_such_user};
 use crate::writer::{Batch, JobResult};
+use chat_storage_api::*;
 
 fn append_one(c: &Connection, b: &mut Batch, item: &AppendItem) -> JobResult<Appended> {
     let Some(sender) = user_id(c, &item.sender)? else {
@@ -67,6 +68,12 @@ pub(super) fn append_all(
     per_item(c, b, items, append_one)
 }
 
+/// Answers per item, filled in as they are known.
+type Answers = Vec<Option<Result<Appended, ApiError>>>;
+
+/// Per room, in first-seen order: the new items (index, sender id).
+type ByRoom<'a> = Vec<(&'a str, Vec<(usize, i64)>)>;
+
 /// Same results as [`append_one`] on each item in turn, or `None` (before
 /// writing anything) when two items carry the same (sender, client id).
 fn append_grouped(
@@ -74,11 +81,31 @@ fn append_grouped(
     b: &mut Batch,
     items: &[AppendItem],
 ) -> rusqlite::Result<Option<Vec<Result<Appended, ApiError>>>> {
-    let mut results: Vec<Option<Result<Appended, ApiError>>> = vec![None; items.len()];
+    let mut results: Answers = vec![None; items.len()];
+    let Some(rooms) = group_new(c, items, &mut results)? else {
+        return Ok(None);
+    };
+    for (room, new) in rooms {
+        store_room(c, b, items, room, new, &mut results)?;
+    }
+    Ok(Some(
+        results
+            .into_iter()
+            .map(|r| r.expect("every item answered"))
+            .collect(),
+    ))
+}
+
+/// The items to store, by room; answers unknown senders and client ids
+/// stored before. `None` when two items carry the same (sender, client id).
+fn group_new<'a>(
+    c: &Connection,
+    items: &'a [AppendItem],
+    results: &mut Answers,
+) -> rusqlite::Result<Option<ByRoom<'a>>> {
     let mut users: HashMap<&str, Option<i64>> = HashMap::new();
     let mut ids: HashSet<(i64, &str)> = HashSet::new();
-    // Per room, in first-seen order: the new items and their senders.
-    let mut rooms: Vec<(&str, Vec<(usize, i64)>)> = Vec::new();
+    let mut rooms: ByRoom<'a> = Vec::new();
     let mut room_at: HashMap<&str, usize> = HashMap::new();
     for (i, item) in items.iter().enumerate() {
         let sender = match users.get(item.sender.as_str()) {
@@ -108,51 +135,56 @@ fn append_grouped(
         });
         rooms[k].1.push((i, sender));
     }
-    for (room, new) in rooms {
-        let next = c
-            .prepare_cached(
-                "UPDATE rooms SET last_seq = last_seq + ?2 WHERE name = ?1 RETURNING id, last_seq",
-            )?
-            .query_row(params![room, new.len() as i64], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-            })
-            .optional()?;
-        let Some((room_id, last)) = next else {
-            for (i, _) in new {
-                results[i] = Some(Err(no_such_room(room)));
-            }
-            continue;
-        };
-        let first = last - new.len() as i64 + 1;
-        let mut insert = c.prepare_cached(
-            "INSERT INTO messages (room_id, seq, sender_id, client_id, sent_at_ms, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
-        for (k, (i, sender)) in new.into_iter().enumerate() {
-            let seq = first + k as i64;
-            let item = &items[i];
-            insert.execute(params![
-                room_id,
-                seq,
-                sender,
-                item.client_id,
-                b.now,
-                item.body
-            ])?;
-            b.stored += 1;
-            results[i] = Some(Ok(Appended {
-                seq: seq as u64,
-                ts: b.now,
-                duplicate: false,
-            }));
+    Ok(Some(rooms))
+}
+
+/// Stores one room's new items with consecutive seqs from one `UPDATE`.
+fn store_room(
+    c: &Connection,
+    b: &mut Batch,
+    items: &[AppendItem],
+    room: &str,
+    new: Vec<(usize, i64)>,
+    results: &mut Answers,
+) -> rusqlite::Result<()> {
+    let next = c
+        .prepare_cached(
+            "UPDATE rooms SET last_seq = last_seq + ?2 WHERE name = ?1 RETURNING id, last_seq",
+        )?
+        .query_row(params![room, new.len() as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })
+        .optional()?;
+    let Some((room_id, last)) = next else {
+        for (i, _) in new {
+            results[i] = Some(Err(no_such_room(room)));
         }
+        return Ok(());
+    };
+    let first = last - new.len() as i64 + 1;
+    let mut insert = c.prepare_cached(
+        "INSERT INTO messages (room_id, seq, sender_id, client_id, sent_at_ms, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for (k, (i, sender)) in new.into_iter().enumerate() {
+        let seq = first + k as i64;
+        let item = &items[i];
+        insert.execute(params![
+            room_id,
+            seq,
+            sender,
+            item.client_id,
+            b.now,
+            item.body
+        ])?;
+        b.stored += 1;
+        results[i] = Some(Ok(Appended {
+            seq: seq as u64,
+            ts: b.now,
+            duplicate: false,
+        }));
     }
-    Ok(Some(
-        results
-            .into_iter()
-            .map(|r| r.expect("every item answered"))
-            .collect(),
-    ))
+    Ok(())
 }
 
 /// What storing (sender, client id) again answers, if it was stored before.

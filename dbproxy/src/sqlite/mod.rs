@@ -1,7 +1,8 @@
 //! SQLite backend: writes go through the group-commit writer (`writer.rs`),
 //! reads through a small pool of read-only connections (`read_pool`); both
-//! in `spawn_blocking`. `identity` holds the rules for tokens, guest names
-//! and registration, `messages` stores room messages and DMs inside a batch.
+//! in `spawn_blocking`. `identity` holds the SQL of the identity rules
+//! (`crate::identity`), `messages` stores room messages and DMs inside a
+//! batch.
 //! `pos` is always `None` and `min_pos` is ignored: with one file every read
 //! sees every committed write.
 
@@ -13,26 +14,23 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::*;
 use crate::auth;
-use crate::backend::Backend;
+use crate::backend::{clamp_page, Backend, ROOM_INFO_COLUMNS};
 use crate::config::Config;
-use crate::error::{too_many_rooms, DbProxyError};
+use crate::error::{no_such_room, no_such_user, too_many_rooms, DbProxyError};
 use crate::hashing::HashPool;
 use crate::metrics::Metrics;
 use crate::schema;
-use crate::writer::{self, now_ms, WriterHandle};
+use crate::writer::{self, WriterHandle};
+use chat_storage_api::*;
 
 mod identity;
 mod messages;
 mod read_pool;
 
-use identity::{forget_holder, insert_token, load_user, register, Registered, UserRow};
 use messages::{append_all, per_item, send_dm};
 use read_pool::ReadPool;
 
-/// Largest page of history, rooms or pending DMs in one answer.
-const MAX_PAGE: u32 = 1000;
 /// How often the checkpointer copies the WAL into the database. Often
 /// enough that the WAL stays small (it restarts from its beginning once
 /// everything in it was copied), rarely enough to cost nothing when idle.
@@ -120,22 +118,6 @@ async fn checkpoint_loop(conn: Connection, stop: CancellationToken) {
     }
 }
 
-fn no_such_user(name: &str) -> ApiError {
-    ApiError::new(ErrorKind::NoSuchUser, format!("no such user {name}"))
-}
-
-fn no_such_room(name: &str) -> ApiError {
-    ApiError::new(ErrorKind::NoSuchRoom, format!("no such room {name}"))
-}
-
-fn name_taken(name: &str) -> ApiError {
-    ApiError::new(ErrorKind::NameTaken, format!("name {name} is taken"))
-}
-
-fn clamp_page(limit: u32) -> i64 {
-    i64::from(limit.clamp(1, MAX_PAGE))
-}
-
 fn user_id(c: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {
     c.prepare_cached("SELECT id FROM users WHERE name = ?1")?
         .query_row(params![name], |r| r.get(0))
@@ -169,93 +151,17 @@ fn room_info_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoomInfo> {
     })
 }
 
-const ROOM_INFO_COLUMNS: &str =
-    "r.name, r.last_seq, (SELECT COUNT(*) FROM memberships m WHERE m.room_id = r.id)";
-
 #[async_trait]
 impl Backend for SqliteBackend {
     async fn login(&self, req: LoginReq) -> Result<Identity, ApiError> {
-        let ttl = self.ttl_ms;
-        let password = Arc::new(req.password);
-        // Argon2 runs between a read and a write, never while holding the writer.
-        for _ in 0..3 {
-            let name = req.user.clone();
-            let now = now_ms();
-            let user = self
-                .readers
-                .read(move |c| load_user(c, &name, now, ttl).map(Ok))
-                .await?;
-            let token = auth::new_token(&req.user);
-            match user {
-                Some(UserRow {
-                    id,
-                    password_hash: Some(phc),
-                    guest: false,
-                    ..
-                }) => {
-                    if !self.hashing.verify(password.clone(), phc).await? {
-                        return Err(ApiError::new(ErrorKind::AuthFailed, "wrong password"));
-                    }
-                    let t = token.clone();
-                    self.writer
-                        .submit(1, move |c, b| insert_token(c, id, &t, b.now).map(Ok))
-                        .await?;
-                    return Ok(Identity {
-                        user: req.user,
-                        token,
-                        guest: false,
-                        pos: None,
-                    });
-                }
-                Some(UserRow { live: true, .. }) => return Err(name_taken(&req.user)),
-                _ => {
-                    let phc = self.hashing.hash(password.clone()).await?;
-                    let (name, t) = (req.user.clone(), token.clone());
-                    let outcome = self
-                        .writer
-                        .submit(1, move |c, b| register(c, b, &name, &phc, ttl, &t))
-                        .await?;
-                    if let Registered::Done = outcome {
-                        return Ok(Identity {
-                            user: req.user,
-                            token,
-                            guest: false,
-                            pos: None,
-                        });
-                    }
-                }
-            }
-        }
-        Err(ApiError::new(
-            ErrorKind::Unavailable,
-            "name changed hands repeatedly during login",
-        ))
+        crate::identity::login(self, &self.hashing, req).await
     }
 
     async fn guest(&self, req: GuestReq) -> Result<Identity, ApiError> {
         let token = auth::new_token(&req.name);
         let (name, t, ttl) = (req.name.clone(), token.clone(), self.ttl_ms);
         self.writer
-            .submit(1, move |c, b| {
-                let id = match load_user(c, &name, b.now, ttl)? {
-                    None => {
-                        c.prepare_cached(
-                            "INSERT INTO users (name, password_hash, guest, created_at) VALUES (?1, NULL, 1, ?2)",
-                        )?
-                        .execute(params![name, b.now])?;
-                        c.last_insert_rowid()
-                    }
-                    Some(UserRow { guest: false, .. }) | Some(UserRow { live: true, .. }) => {
-                        return Ok(Err(name_taken(&name)))
-                    }
-                    Some(UserRow { id, .. }) => {
-                        forget_holder(c, id)?;
-                        id
-                    }
-                };
-                insert_token(c, id, &t, b.now)?;
-                Ok(Ok(()))
-            })
+            .submit(1, move |c, b| identity::take_guest(c, b, &name, ttl, &t))
             .await?;
         Ok(Identity {
             user: req.name,
@@ -270,31 +176,7 @@ impl Backend for SqliteBackend {
         let ttl = self.ttl_ms;
         let (user, guest) = self
             .writer
-            .submit(1, move |c, b| {
-                let row = c
-                    .prepare_cached(
-                        "SELECT u.name, u.guest, t.last_used_ms FROM tokens t
-                         JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?1",
-                    )?
-                    .query_row(params![hash], |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, bool>(1)?,
-                            r.get::<_, i64>(2)?,
-                        ))
-                    })
-                    .optional()?;
-                let invalid = || ApiError::new(ErrorKind::TokenInvalid, "unknown or expired token");
-                let Some((name, guest, last_used)) = row else {
-                    return Ok(Err(invalid()));
-                };
-                if b.now.saturating_sub(last_used) > ttl {
-                    return Ok(Err(invalid()));
-                }
-                c.prepare_cached("UPDATE tokens SET last_used_ms = ?2 WHERE token_hash = ?1")?
-                    .execute(params![hash, b.now])?;
-                Ok(Ok((name, guest)))
-            })
+            .submit(1, move |c, b| identity::resume(c, b, &hash, ttl))
             .await?;
         Ok(Identity {
             user,

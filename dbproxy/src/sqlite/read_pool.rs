@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use rusqlite::Connection;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::api::ApiError;
 use crate::error::{from_sqlite, internal};
 use crate::schema;
 use crate::writer::JobResult;
+use chat_storage_api::ApiError;
 
 /// Read-only connections; the semaphore bounds concurrent reads to the pool size.
 ///
@@ -99,7 +99,7 @@ impl ReadPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::ErrorKind;
+    use chat_storage_api::ErrorKind;
 
     /// Many more concurrent reads than connections: each waits for one and
     /// none finds the pool empty (a permit used to come back before its

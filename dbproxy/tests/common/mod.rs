@@ -7,7 +7,8 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use chat_dbproxy::{Config, DbClient};
+use chat_dbproxy::Config;
+use chat_storage_client::DbClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -84,20 +85,7 @@ impl Proxy {
 
     /// Sum of a counter's (or gauge's) samples whose labels include `labels`.
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| {
-                labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                })
-            })
-            .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
-            .sum()
+        metric(&self.registry, name, labels)
     }
 
     pub async fn stop(self) {
@@ -145,6 +133,25 @@ pub async fn raw_request_with(
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     Ok((status, text))
+}
+
+/// Sum of a counter's (or gauge's) samples in `registry` whose labels
+/// include `labels`.
+pub fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| {
+            labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })
+        .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+        .sum()
 }
 
 pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)

@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chat_dbproxy::api::{ApiError, Appended, ErrorKind};
 use chat_ring::Ring;
+use chat_storage_api::{ApiError, Appended, ErrorKind};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 

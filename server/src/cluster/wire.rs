@@ -13,7 +13,7 @@
 //! servers has its own connection and a room owner's deliveries to one server
 //! arrive in the order it sent them.
 
-use chat_dbproxy::api::{ApiError, Appended};
+use chat_storage_api::{ApiError, Appended};
 use serde::{Deserialize, Serialize};
 use tokio_util::codec::LengthDelimitedCodec;
 

@@ -4,7 +4,7 @@
 //! The dbproxy's backend is SQLite in a temp dir, or, when the environment
 //! variable `CHAT_TEST_BACKEND=mariadb` is set (scripts/test runs the suite a
 //! second time so), a real MariaDB primary + GTID replica started for the
-//! stack by the dbproxy's harness (`mariadb`), so every test of the client
+//! stack by the shared harness (`chat_mariadb_harness`), so every test of the client
 //! protocol also runs against the MySQL backend, reads routed to the replica.
 //!
 //! Every wait is bounded: a test that hangs fails with a message naming what it
@@ -27,9 +27,7 @@ use tokio_util::sync::CancellationToken;
 pub mod cluster;
 pub mod tls;
 
-// The MariaDB harness lives with the dbproxy's own tests; both suites include it.
-#[path = "../../../dbproxy/tests/mariadb_harness/mod.rs"]
-pub mod mariadb;
+pub use chat_mariadb_harness as mariadb;
 
 pub use chat_protocol::ErrorCode;
 pub use chat_protocol::PartReason;

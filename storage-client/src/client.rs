@@ -32,12 +32,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::api::*;
-pub use crate::bearer::{BearerToken, TokenError};
+use crate::bearer::BearerToken;
 use crate::coalesce::{self, Coalescer, SendFn};
 use crate::pool::CappedConnector;
-pub use crate::pool::PoolOptions;
+use crate::pool::PoolOptions;
 use chat_admin::throttle::LogThrottle;
+use chat_storage_api::*;
 
 /// A request that takes longer has a stuck dbproxy behind it; the caller
 /// retries (Unavailable) rather than waiting forever.

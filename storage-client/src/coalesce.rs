@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::api::{ApiError, ErrorKind};
+use chat_storage_api::{ApiError, ErrorKind};
 
 /// Requests of one kind outstanding at once. Two keep a dbproxy busy (one
 /// request committing while the next is on its way) and let the MySQL

@@ -1,5 +1,7 @@
-//! The dbproxy HTTP/JSON API: request and response bodies, shared by the
-//! server (through [`crate::client::DbClient`]) and the dbproxy itself.
+//! The storage tier's HTTP/JSON contract: request and response bodies, the
+//! paths, the error kinds. The dbproxy serves it (`chat-dbproxy`), a chat
+//! server calls it through `chat_storage_client::DbClient`; this crate does
+//! no I/O, so each side links only its own half of the storage tier.
 //!
 //! Every call is `POST <path>` with a JSON body; a success is `200` with the
 //! response body, a failure a non-2xx status with [`ErrorBody`]. Names are the
