@@ -138,7 +138,20 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command, config: config::Config) -> anyhow::Result<()> {
-    let shutdown = shutdown::on_signal();
+    let signals = tokio_util::task::TaskTracker::new();
+    let shutdown = shutdown::on_signal(&signals);
+    let result = run_tier(command, config, shutdown.clone()).await;
+    shutdown.cancel();
+    signals.close();
+    signals.wait().await;
+    result
+}
+
+async fn run_tier(
+    command: Command,
+    config: config::Config,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     match command {
         Command::Server => tiers::server(config.server, shutdown).await,
         Command::Dbproxy => tiers::dbproxy(config.dbproxy, shutdown).await,

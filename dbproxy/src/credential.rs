@@ -168,15 +168,9 @@ pub(crate) async fn watch(tokens: Arc<Tokens>, every: Duration, stop: Cancellati
     if tokens.file.is_none() {
         return;
     }
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    let mut tick = chat_admin::tick::Ticker::after(every, stop);
     let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    while tick.tick().await {
         // A small file, but still blocking I/O: off the runtime's threads.
         let t = tokens.clone();
         let result = tokio::task::spawn_blocking(move || t.reload())

@@ -53,7 +53,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use client::DbClient;
-pub use config::Config;
+pub use config::{Config, StorageKind};
 pub use error::DbProxyError;
 
 use crate::backend::Backend;
@@ -111,7 +111,7 @@ pub async fn run(
     // Certificates and the token file are re-read while serving; these
     // tasks stop last, once the API has drained.
     let reload_stop = CancellationToken::new();
-    let reload_every = Duration::from_millis(config.reload_interval_ms);
+    let reload_every = config.reload_interval_ms;
     let reloads = tokio_util::task::TaskTracker::new();
     reloads.spawn(credential::watch(
         tokens.clone(),
@@ -136,7 +136,7 @@ pub async fn run(
         probe_stop.clone(),
     ));
     // The password never appears here: only where the servers are.
-    let db = if config.backend == "mysql" {
+    let db = if config.backend == StorageKind::Mysql {
         format!(
             "mysql://{}/{} (replicas: [{}])",
             config.mysql.primary,
@@ -163,7 +163,7 @@ pub async fn run(
         tokens,
         unauthorized_log: Default::default(),
     });
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let grace = config.shutdown_grace_secs;
     let serve_shutdown = CancellationToken::new();
     // The admin port answers until the API has drained, so a probe sees
     // `draining` rather than a refused connection.
@@ -226,7 +226,7 @@ async fn open_backend(
         config.hash_queue,
         metrics.password_hashes.clone(),
     )?);
-    let inner: Arc<dyn Backend> = if config.backend == "mysql" {
+    let inner: Arc<dyn Backend> = if config.backend == StorageKind::Mysql {
         Arc::new(mysql::MysqlBackend::open(config, metrics.clone(), registry, hashing).await?)
     } else {
         // Opening and migrating does blocking file I/O.
@@ -239,7 +239,7 @@ async fn open_backend(
     };
     let limiter = LoginLimiter::new(
         Limits {
-            window: Duration::from_secs(config.login_failure_window_secs),
+            window: config.login_failure_window_secs,
             per_account: config.login_failures_per_account,
             per_source: config.login_failures_per_source,
             capacity: config.login_limiter_entries,
@@ -261,17 +261,12 @@ async fn follow_storage(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(READY_PROBE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = chat_admin::tick::Ticker::new(READY_PROBE_EVERY, stop);
     let mut was: Option<bool> = None;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-        let probe = tokio::select! {
-            r = tokio::time::timeout(READY_PROBE_TIMEOUT, backend.ready()) => r,
-            _ = stop.cancelled() => return,
+    while tick.tick().await {
+        let probe = tokio::time::timeout(READY_PROBE_TIMEOUT, backend.ready());
+        let Some(probe) = tick.unless_stopped(probe).await else {
+            return;
         };
         let result = probe.unwrap_or_else(|_| {
             Err(error::unavailable(format!(

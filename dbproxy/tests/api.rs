@@ -31,7 +31,7 @@ impl Proxy {
         let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
         let config = Config {
             sqlite_path: dir.join("db/chat.db").to_string_lossy().into_owned(),
-            shutdown_grace_secs: 2,
+            shutdown_grace_secs: Duration::from_secs(2),
             ..config
         };
         let shutdown = CancellationToken::new();
@@ -151,7 +151,7 @@ async fn guest_names_and_expiry() {
     let dir = tempfile::tempdir().unwrap();
     // Token lifetime is the dbproxy's own setting, never the caller's.
     let config = Config {
-        token_idle_ttl_secs: 1,
+        token_idle_ttl_secs: Duration::from_secs(1),
         ..Config::default()
     };
     let p = Proxy::start_with(dir.path(), config).await;

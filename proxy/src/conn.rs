@@ -142,7 +142,7 @@ async fn read_first_line(
     // Both stay within max_line_bytes + 2 + one read: the codec reports an
     // over-long line as soon as it is longer than the limit.
     let mut pending = BytesMut::new();
-    let limit = Duration::from_secs(ctx.config.first_line_timeout_secs);
+    let limit = ctx.config.first_line_timeout_secs;
     let mut empty = 0;
     let read = async {
         loop {
@@ -234,7 +234,7 @@ pub fn judge_first(frame: Frame, empty: &mut usize) -> Option<Result<Command, Pa
 /// `connect_timeout_ms`, the TLS handshake included); each failure counts
 /// toward that server's ejection.
 async fn connect(ctx: &Ctx, snap: &Snapshot, key: &[u8]) -> Result<(Stream, String), ConnError> {
-    let limit = Duration::from_millis(ctx.config.connect_timeout_ms);
+    let limit = ctx.config.connect_timeout_ms;
     let order = ctx.upstreams.order(snap, key);
     if order.is_empty() {
         return Err(ConnError::Upstream("no healthy chat server".into()));

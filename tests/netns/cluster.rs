@@ -171,15 +171,7 @@ fn dbproxy_toml(i: usize, password_file: &Path) -> String {
     )
 }
 
-/// Polls `ok` every 100 ms until it holds; panics after `limit` with `what`.
-pub fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?}: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    start.elapsed()
-}
+pub use chat_testkit::blocking::wait_until;
 
 pub struct Cluster {
     pub clients: Vec<Proc>,

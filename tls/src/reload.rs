@@ -73,14 +73,8 @@ pub async fn watch(items: Vec<Arc<dyn Reload>>, every: Duration, stop: Cancellat
     if items.is_empty() {
         return;
     }
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut tick = chat_admin::tick::Ticker::after(every, stop);
+    while tick.tick().await {
         for item in &items {
             match item.reload_if_changed() {
                 Ok(true) => tracing::info!(cert = %item.cert_path(), "TLS certificates reloaded"),
