@@ -182,26 +182,10 @@ impl Client {
     ) -> Outcome {
         let (read, mut write) = stream.into_split();
         let mut lines = FramedRead::new(read, LineCodec::new(MAX_SERVER_LINE));
-
-        for line in self.state.on_connected() {
-            eprintln!(
-                "-- resuming the session of {}",
-                escape_controls(self.state.user().unwrap_or("?"))
-            );
-            if let Err(e) = send(&mut write, &line).await {
-                eprintln!("-- connection lost: {e}");
-                return Outcome::Lost;
-            }
+        if let Err(e) = self.catch_up(&mut write).await {
+            eprintln!("-- connection lost: {e}");
+            return Outcome::Lost;
         }
-        while let Some(line) = self.outbox.pop_front() {
-            let then = self.state.on_user_line(&line);
-            if let Err(e) = send_then(&mut write, &line, then).await {
-                self.outbox.push_front(line);
-                eprintln!("-- connection lost: {e}");
-                return Outcome::Lost;
-            }
-        }
-
         let mut quit_deadline = None;
         if !self.stdin_open {
             quit_deadline = Some(self.quit(&mut write).await);
@@ -261,6 +245,26 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// On a new connection: resumes the session (`RESUME`, when there is
+    /// one), then sends what was typed while disconnected.
+    async fn catch_up(&mut self, write: &mut OwnedWriteHalf) -> std::io::Result<()> {
+        for line in self.state.on_connected() {
+            eprintln!(
+                "-- resuming the session of {}",
+                escape_controls(self.state.user().unwrap_or("?"))
+            );
+            send(write, &line).await?;
+        }
+        while let Some(line) = self.outbox.pop_front() {
+            let then = self.state.on_user_line(&line);
+            if let Err(e) = send_then(write, &line, then).await {
+                self.outbox.push_front(line);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     fn lost_or_done(&self) -> Outcome {

@@ -46,7 +46,9 @@ enum Command {
     Dbproxy,
     /// Run the client-facing proxy: routes each client to its chat server.
     Proxy,
-    /// Run a dbproxy (SQLite, or an existing MySQL/MariaDB) and a chat server in one process.
+    /// Run the whole stack in one process: a dbproxy (SQLite, or an existing
+    /// MySQL/MariaDB), `up.servers` chat servers (3 by default) as one cluster,
+    /// and a proxy in front of them.
     Up {
         /// Where the SQLite database lives (overrides `up.data_dir`).
         #[arg(long, value_name = "DIR", conflicts_with = "mysql")]

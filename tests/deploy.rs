@@ -1,4 +1,4 @@
-//! Issue 5: the deployment's configuration and monitoring against the real code.
+//! The deployment's configuration and monitoring against the real code.
 //!
 //! - every TOML that the Kubernetes ConfigMaps hold deserializes into the tier's
 //!   config struct (unknown keys rejected) and validates, the proxy's included

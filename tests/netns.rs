@@ -1,4 +1,4 @@
-//! Issue 7: multi-host cluster tests in Linux network namespaces.
+//! Multi-host cluster tests in Linux network namespaces.
 //!
 //! Each scenario starts its own cluster (tests/netns/cluster.rs: 2 proxies,
 //! 3 chat servers, 2 dbproxies, a MariaDB primary and 2 replicas, 2 client

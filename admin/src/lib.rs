@@ -14,13 +14,15 @@
 //! [`tick::Ticker`] (do this every period until stopped),
 //! [`backoff::Backoff`] (jittered exponential reconnect delays),
 //! [`members::Members`] (the chat servers from a static list or DNS) and
-//! [`units`] (config durations in the unit their key names).
+//! [`units`] (config durations in the unit their key names), and
+//! [`sync::lock`], the lock-poisoning policy.
 
 pub mod accept;
 pub mod backoff;
 pub mod http;
 pub mod members;
 pub mod shutdown;
+pub mod sync;
 pub mod throttle;
 pub mod tick;
 pub mod units;

@@ -25,7 +25,9 @@ pub fn interval(period: Duration) -> Interval {
     interval_at(Instant::now(), period)
 }
 
-fn interval_at(start: Instant, period: Duration) -> Interval {
+/// [`interval`] whose first tick is at `start` (a phase shift that spreads
+/// many clients' timers).
+pub fn interval_at(start: Instant, period: Duration) -> Interval {
     let mut tick = tokio::time::interval_at(start, period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tick

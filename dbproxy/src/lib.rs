@@ -96,65 +96,22 @@ pub async fn run(
 ) -> Result<(), DbProxyError> {
     config.validate()?;
     let metrics = Arc::new(metrics::Metrics::register(&registry)?);
-    let tokens = Arc::new(credential::Tokens::load(&config)?);
-    if !tokens.required() {
-        tracing::warn!(
-            "no api_tokens or api_tokens_file: the API serves whoever reaches it (set a token)"
-        );
-    }
-    let acceptor = config
-        .tls
-        .as_ref()
-        .map(chat_tls::Acceptor::new)
-        .transpose()?;
+    let tokens = load_tokens(&config)?;
+    let acceptor = config.tls.as_ref().map(chat_tls::Acceptor::new);
+    let acceptor = acceptor.transpose()?;
     let backend = open_backend(&config, metrics.clone(), &registry).await?;
     // Certificates and the token file are re-read while serving; these
     // tasks stop last, once the API has drained.
-    let reload_stop = CancellationToken::new();
-    let reload_every = config.reload_interval_ms;
-    let reloads = tokio_util::task::TaskTracker::new();
-    reloads.spawn(credential::watch(
-        tokens.clone(),
-        reload_every,
-        reload_stop.clone(),
-    ));
-    if let Some(acceptor) = &acceptor {
-        reloads.spawn(chat_tls::watch(
-            vec![Arc::new(acceptor.clone())],
-            reload_every,
-            reload_stop.clone(),
-        ));
-    }
-    reloads.close();
+    let reloads = Reloads::start(&config, &tokens, acceptor.as_ref());
     let tls = acceptor.map(|a| tls::ApiTls::new(a, metrics.tls_refused.clone()));
     let health = chat_admin::Health::default();
     let probe_stop = CancellationToken::new();
     let probe = tokio::spawn(follow_storage(
         backend.clone(),
-        health.clone(),
-        metrics.clone(),
+        (health.clone(), metrics.clone()),
         probe_stop.clone(),
     ));
-    // The password never appears here: only where the servers are.
-    let db = if config.backend == StorageKind::Mysql {
-        format!(
-            "mysql://{}/{} (replicas: [{}])",
-            config.mysql.primary,
-            config.mysql.database,
-            config.mysql.replicas.join(",")
-        )
-    } else {
-        config.sqlite_path.clone()
-    };
-    tracing::info!(
-        addr = ?listeners.api.local_addr().ok(),
-        admin = ?listeners.admin.local_addr().ok(),
-        backend = %config.backend,
-        %db,
-        tls = tls.is_some(),
-        tokens = tokens.required(),
-        "dbproxy serving"
-    );
+    log_serving(&config, &listeners, tls.is_some(), tokens.required());
     let shared = Arc::new(http::Shared {
         backend: backend.clone(),
         metrics,
@@ -184,35 +141,104 @@ pub async fn run(
         grace,
     );
     tokio::pin!(server);
-    tokio::select! {
-        _ = &mut server => {}
-        _ = shutdown.cancelled() => {
-            // The probe must not turn readiness back on while we drain.
-            probe_stop.cancel();
-            let _ = probe.await;
-            health.set(Readiness::Draining);
-            let started = Instant::now();
-            serve_shutdown.cancel();
-            server.await;
-            // Whatever is still queued is committed before we return.
-            let left = grace.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
-            if tokio::time::timeout(left, backend.close()).await.is_err() {
-                tracing::warn!("writer did not drain within the grace period");
-            }
-            let _ = admin.await;
-            reload_stop.cancel();
-            reloads.wait().await;
-            tracing::info!("dbproxy stopped");
-            return Ok(());
+    let draining = tokio::select! {
+        _ = &mut server => false,
+        _ = shutdown.cancelled() => true,
+    };
+    // The probe must not turn readiness back on while we drain.
+    probe_stop.cancel();
+    let _ = probe.await;
+    if draining {
+        health.set(Readiness::Draining);
+    }
+    let started = Instant::now();
+    serve_shutdown.cancel();
+    if draining {
+        server.await;
+        // Whatever is still queued is committed before we return.
+        let left = grace
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
+        if tokio::time::timeout(left, backend.close()).await.is_err() {
+            tracing::warn!("writer did not drain within the grace period");
         }
     }
-    probe_stop.cancel();
-    serve_shutdown.cancel();
     let _ = admin.await;
-    reload_stop.cancel();
-    reloads.wait().await;
-    backend.close().await;
+    reloads.stop().await;
+    if draining {
+        tracing::info!("dbproxy stopped");
+    } else {
+        backend.close().await;
+    }
     Ok(())
+}
+
+/// The accepted API tokens (a WARN when there are none).
+fn load_tokens(config: &Config) -> Result<Arc<credential::Tokens>, DbProxyError> {
+    let tokens = Arc::new(credential::Tokens::load(config)?);
+    if !tokens.required() {
+        tracing::warn!(
+            "no api_tokens or api_tokens_file: the API serves whoever reaches it (set a token)"
+        );
+    }
+    Ok(tokens)
+}
+
+/// The tasks that re-read the token file and the TLS files.
+struct Reloads {
+    tasks: tokio_util::task::TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Reloads {
+    fn start(
+        config: &Config,
+        tokens: &Arc<credential::Tokens>,
+        acceptor: Option<&chat_tls::Acceptor>,
+    ) -> Reloads {
+        let stop = CancellationToken::new();
+        let tasks = tokio_util::task::TaskTracker::new();
+        let every = config.reload_interval_ms;
+        tasks.spawn(credential::watch(tokens.clone(), every, stop.clone()));
+        if let Some(acceptor) = acceptor {
+            tasks.spawn(chat_tls::watch(
+                vec![Arc::new(acceptor.clone())],
+                every,
+                stop.clone(),
+            ));
+        }
+        tasks.close();
+        Reloads { tasks, stop }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.tasks.wait().await;
+    }
+}
+
+/// One line saying what is served where; the password never appears in
+/// it, only where the servers are.
+fn log_serving(config: &Config, listeners: &Listeners, tls: bool, tokens: bool) {
+    let db = if config.backend == StorageKind::Mysql {
+        format!(
+            "mysql://{}/{} (replicas: [{}])",
+            config.mysql.primary,
+            config.mysql.database,
+            config.mysql.replicas.join(",")
+        )
+    } else {
+        config.sqlite_path.clone()
+    };
+    tracing::info!(
+        addr = ?listeners.api.local_addr().ok(),
+        admin = ?listeners.admin.local_addr().ok(),
+        backend = %config.backend,
+        %db,
+        tls,
+        tokens,
+        "dbproxy serving"
+    );
 }
 
 /// The configured backend behind the checks of [`front::Checked`].
@@ -257,8 +283,7 @@ async fn open_backend(
 /// `stop`: ready while the backend can serve reads and writes.
 async fn follow_storage(
     backend: Arc<dyn Backend>,
-    health: chat_admin::Health,
-    metrics: Arc<Metrics>,
+    (health, metrics): (chat_admin::Health, Arc<Metrics>),
     stop: CancellationToken,
 ) {
     let mut tick = chat_admin::tick::Ticker::new(READY_PROBE_EVERY, stop);

@@ -19,6 +19,7 @@ pub mod config;
 mod conn;
 pub mod error;
 mod metrics;
+mod pump;
 pub use chat_ring as ring;
 mod upstreams;
 
@@ -35,8 +36,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use config::{Config, ServerAddr};
-pub use conn::{judge_first, read_drained, SpareCapacity};
+pub use conn::judge_first;
 pub use error::Error;
+pub use pump::{read_drained, SpareCapacity};
 pub use ring::Ring;
 
 use metrics::Metrics;

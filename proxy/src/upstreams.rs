@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chat_admin::members::{Dns, Members};
+use chat_admin::sync::lock;
 use chat_admin::tick::Ticker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -86,7 +87,7 @@ impl Upstreams {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ServerState>> {
-        self.servers.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.servers)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {

@@ -84,7 +84,7 @@ fn dbproxy_admin(i: usize) -> String {
     addr(31 + i as u8, 9103)
 }
 
-/// Whether this `chat` build accepts `[server.cluster]` (issue 4); without
+/// Whether this `chat` build accepts `[server.cluster]`; without
 /// it a room's members on different servers see each other's messages only
 /// through HISTORY.
 pub fn cluster_supported() -> bool {

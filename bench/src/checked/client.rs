@@ -233,8 +233,7 @@ impl Client {
         // fall between bursts).
         let phase_shift = pace.mul_f64((self.random() % 1000) as f64 / 1000.0);
         let mut send_tick =
-            tokio::time::interval_at(tokio::time::Instant::now() + phase_shift, pace);
-        send_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            chat_admin::tick::interval_at(tokio::time::Instant::now() + phase_shift, pace);
         loop {
             self.advance(phase);
             if let Phase::Done = phase {
