@@ -157,15 +157,17 @@ impl Default for Config {
     }
 }
 
+/// The error naming a bad key.
+fn bad(key: &'static str, message: impl Into<String>) -> Result<(), DbProxyError> {
+    Err(DbProxyError::Config {
+        key,
+        message: message.into(),
+    })
+}
+
 impl Config {
     /// Checks every field; the error names the first bad key.
     pub fn validate(&self) -> Result<(), DbProxyError> {
-        fn bad(key: &'static str, message: impl Into<String>) -> Result<(), DbProxyError> {
-            Err(DbProxyError::Config {
-                key,
-                message: message.into(),
-            })
-        }
         if let Err((key, why)) = self.admin_http.validate() {
             let key = match key {
                 "header_timeout_ms" => "admin_http.header_timeout_ms",
@@ -204,6 +206,12 @@ impl Config {
         {
             return bad("reload_interval_ms", "must be 100..=3600000");
         }
+        self.validate_storage()?;
+        self.validate_identity()
+    }
+
+    /// The storage and request keys.
+    fn validate_storage(&self) -> Result<(), DbProxyError> {
         if self.sqlite_path.trim().is_empty() {
             return bad("sqlite_path", "must not be empty");
         }
@@ -222,6 +230,11 @@ impl Config {
         if !(1..=1 << 20).contains(&self.max_text_bytes) {
             return bad("max_text_bytes", "must be 1..=1048576");
         }
+        Ok(())
+    }
+
+    /// Token lifetime, failed-login limits and password hashing.
+    fn validate_identity(&self) -> Result<(), DbProxyError> {
         for (key, v) in [
             ("token_idle_ttl_secs", self.token_idle_ttl_secs),
             ("login_failure_window_secs", self.login_failure_window_secs),
