@@ -383,3 +383,36 @@ impl Config {
 fn is_host_port(s: &str) -> bool {
     matches!(s.rsplit_once(':'), Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_come_from_dns_when_named_else_from_the_list() {
+        let mut c = ClusterConfig {
+            peers: vec!["10.0.0.1:7000".into()],
+            ..ClusterConfig::default()
+        };
+        assert_eq!(c.members(), Members::Static(vec!["10.0.0.1:7000".into()]));
+        c.dns_name = Some("chat-server.chat.svc".into());
+        assert_eq!(
+            c.members(),
+            Members::Dns(Dns {
+                name: "chat-server.chat.svc".into(),
+                port: 7000,
+                refresh: Duration::from_secs(5),
+            })
+        );
+        assert_eq!(c.heartbeat(), Duration::from_millis(250));
+    }
+
+    #[test]
+    fn listeners_are_socket_addresses() {
+        Config::default().validate().unwrap();
+        let r: Result<Config, _> = serde_json::from_str(r#"{"listen":"localhost:7000"}"#);
+        assert!(r.is_err());
+        let c: Config = serde_json::from_str(r#"{"admin_listen":"0.0.0.0:9101"}"#).unwrap();
+        assert_eq!(c.admin_listen.port(), 9101);
+    }
+}
