@@ -5,7 +5,8 @@
 //! stdin thread → channel → [`session`] → socket; socket → [`LineCodec`] →
 //! [`ServerLine`] → [`ClientState::on_line`] (what to show, what to send back:
 //! `RESUME` and `ACK`, `HISTORY` for gaps, `ACK <id>` per DM) → stdout. On connect failure or disconnect the
-//! client moves to the next address after a bounded backoff.
+//! client moves to the next address after a bounded, jittered backoff
+//! (`chat_admin::backoff`).
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -13,6 +14,7 @@ use std::io::BufRead;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use chat_admin::backoff::Backoff;
 use chat_protocol::text::escape_controls;
 use chat_protocol::{Frame, LineCodec, ServerLine};
 use futures::StreamExt;
@@ -41,36 +43,9 @@ const QUIT_WAIT: Duration = Duration::from_secs(2);
 /// A connection that lived this long resets the backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
-/// Exponential reconnect delay, 100 ms doubling up to 5 s.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const MIN: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(5);
-
-    pub fn new() -> Backoff {
-        Backoff { next: Self::MIN }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        delay
-    }
-
-    pub fn reset(&mut self) {
-        self.next = Self::MIN;
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new()
-    }
-}
+/// Reconnect delays: about 100 ms doubling up to 5 s, jittered.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// How a connection ended.
 enum Outcome {
@@ -97,7 +72,7 @@ pub async fn run(addrs: Vec<String>, shutdown: CancellationToken) -> anyhow::Res
         outbox: VecDeque::new(),
         stdin_open: true,
     };
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     for addr in addrs.iter().cycle() {
         let started = Instant::now();
         let outcome = match connect(addr).await {
@@ -207,26 +182,10 @@ impl Client {
     ) -> Outcome {
         let (read, mut write) = stream.into_split();
         let mut lines = FramedRead::new(read, LineCodec::new(MAX_SERVER_LINE));
-
-        for line in self.state.on_connected() {
-            eprintln!(
-                "-- resuming the session of {}",
-                escape_controls(self.state.user().unwrap_or("?"))
-            );
-            if let Err(e) = send(&mut write, &line).await {
-                eprintln!("-- connection lost: {e}");
-                return Outcome::Lost;
-            }
+        if let Err(e) = self.catch_up(&mut write).await {
+            eprintln!("-- connection lost: {e}");
+            return Outcome::Lost;
         }
-        while let Some(line) = self.outbox.pop_front() {
-            let then = self.state.on_user_line(&line);
-            if let Err(e) = send_then(&mut write, &line, then).await {
-                self.outbox.push_front(line);
-                eprintln!("-- connection lost: {e}");
-                return Outcome::Lost;
-            }
-        }
-
         let mut quit_deadline = None;
         if !self.stdin_open {
             quit_deadline = Some(self.quit(&mut write).await);
@@ -286,6 +245,26 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// On a new connection: resumes the session (`RESUME`, when there is
+    /// one), then sends what was typed while disconnected.
+    async fn catch_up(&mut self, write: &mut OwnedWriteHalf) -> std::io::Result<()> {
+        for line in self.state.on_connected() {
+            eprintln!(
+                "-- resuming the session of {}",
+                escape_controls(self.state.user().unwrap_or("?"))
+            );
+            send(write, &line).await?;
+        }
+        while let Some(line) = self.outbox.pop_front() {
+            let then = self.state.on_user_line(&line);
+            if let Err(e) = send_then(write, &line, then).await {
+                self.outbox.push_front(line);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     fn lost_or_done(&self) -> Outcome {
@@ -398,18 +377,6 @@ fn render_raw(line: &ServerLine) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_a_bound_and_resets() {
-        let mut b = Backoff::new();
-        let delays: Vec<_> = (0..10).map(|_| b.next_delay()).collect();
-        assert_eq!(delays[0], Duration::from_millis(100));
-        assert_eq!(delays[1], Duration::from_millis(200));
-        assert!(delays.windows(2).all(|w| w[0] <= w[1]));
-        assert_eq!(*delays.last().unwrap(), Backoff::MAX);
-        b.reset();
-        assert_eq!(b.next_delay(), Backoff::MIN);
-    }
 
     #[test]
     fn rendering() {

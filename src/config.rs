@@ -164,6 +164,7 @@ impl UpConfig {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
+    use std::time::Duration;
 
     use super::*;
 
@@ -230,9 +231,9 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.log.level, "warn");
-        assert_eq!(c.server.listen, "0.0.0.0:7000");
-        assert_eq!(c.dbproxy.listen, "127.0.0.1:17100");
-        assert_eq!(c.dbproxy.shutdown_grace_secs, 7);
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:7000");
+        assert_eq!(c.dbproxy.listen.to_string(), "127.0.0.1:17100");
+        assert_eq!(c.dbproxy.shutdown_grace_secs, Duration::from_secs(7));
         assert_eq!(c.up.data_dir, PathBuf::from("/tmp/chat-data"));
     }
 
@@ -270,6 +271,16 @@ mod tests {
         let f = toml_file("[dbproxy]\nshutdown_grace_secs = \"soon\"\n");
         let e = error_text(Config::load_from(Some(f.path()), env(&[])));
         assert!(e.contains("shutdown_grace_secs"), "{e}");
+
+        // Typed values: an address, a backend.
+        for (file, key) in [
+            ("[proxy]\nlisten = \"localhost:7001\"\n", "listen"),
+            ("[dbproxy]\nbackend = \"oracle\"\n", "backend"),
+        ] {
+            let f = toml_file(file);
+            let e = error_text(Config::load_from(Some(f.path()), env(&[])));
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     #[test]
@@ -347,7 +358,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.server.admin_http.max_connections, 8);
         assert_eq!(c.server.dbproxy_pool_max, 100);
-        assert_eq!(c.dbproxy.admin_listen, "0.0.0.0:9103");
+        assert_eq!(c.dbproxy.admin_listen.to_string(), "0.0.0.0:9103");
         assert_eq!(c.dbproxy.idle_timeout_ms, 45_000);
         assert_eq!(c.proxy.admin_http.header_timeout_ms, 2000);
         for (key, value, named) in [

@@ -46,7 +46,9 @@ enum Command {
     Dbproxy,
     /// Run the client-facing proxy: routes each client to its chat server.
     Proxy,
-    /// Run a dbproxy (SQLite, or an existing MySQL/MariaDB) and a chat server in one process.
+    /// Run the whole stack in one process: a dbproxy (SQLite, or an existing
+    /// MySQL/MariaDB), `up.servers` chat servers (3 by default) as one cluster,
+    /// and a proxy in front of them.
     Up {
         /// Where the SQLite database lives (overrides `up.data_dir`).
         #[arg(long, value_name = "DIR", conflicts_with = "mysql")]
@@ -138,7 +140,20 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command, config: config::Config) -> anyhow::Result<()> {
-    let shutdown = shutdown::on_signal();
+    let signals = tokio_util::task::TaskTracker::new();
+    let shutdown = shutdown::on_signal(&signals);
+    let result = run_tier(command, config, shutdown.clone()).await;
+    shutdown.cancel();
+    signals.close();
+    signals.wait().await;
+    result
+}
+
+async fn run_tier(
+    command: Command,
+    config: config::Config,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     match command {
         Command::Server => tiers::server(config.server, shutdown).await,
         Command::Dbproxy => tiers::dbproxy(config.dbproxy, shutdown).await,

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Binds `addr`; the error names the configuration key it came from.
-pub async fn bind(key: &str, addr: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+pub async fn bind(key: &str, addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("{key}: cannot listen on {addr}"))?;
@@ -27,8 +27,8 @@ pub struct BoundServer {
 }
 
 pub async fn bind_server(config: &chat_server::Config) -> anyhow::Result<BoundServer> {
-    let (client, client_addr) = bind("server.listen", &config.listen).await?;
-    let (admin, admin_addr) = bind("server.admin_listen", &config.admin_listen).await?;
+    let (client, client_addr) = bind("server.listen", config.listen).await?;
+    let (admin, admin_addr) = bind("server.admin_listen", config.admin_listen).await?;
     Ok(BoundServer {
         listeners: chat_server::Listeners { client, admin },
         client_addr,
@@ -60,8 +60,8 @@ pub struct BoundDbproxy {
 }
 
 pub async fn bind_dbproxy(config: &chat_dbproxy::Config) -> anyhow::Result<BoundDbproxy> {
-    let (api, api_addr) = bind("dbproxy.listen", &config.listen).await?;
-    let (admin, admin_addr) = bind("dbproxy.admin_listen", &config.admin_listen).await?;
+    let (api, api_addr) = bind("dbproxy.listen", config.listen).await?;
+    let (admin, admin_addr) = bind("dbproxy.admin_listen", config.admin_listen).await?;
     Ok(BoundDbproxy {
         listeners: chat_dbproxy::Listeners { api, admin },
         api_addr,
@@ -111,8 +111,8 @@ pub struct BoundProxy {
 }
 
 pub async fn bind_proxy(config: &chat_proxy::Config) -> anyhow::Result<BoundProxy> {
-    let (client, client_addr) = bind("proxy.listen", &config.listen).await?;
-    let (admin, admin_addr) = bind("proxy.admin_listen", &config.admin_listen).await?;
+    let (client, client_addr) = bind("proxy.listen", config.listen).await?;
+    let (admin, admin_addr) = bind("proxy.admin_listen", config.admin_listen).await?;
     Ok(BoundProxy {
         listeners: chat_proxy::Listeners { client, admin },
         client_addr,

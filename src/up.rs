@@ -29,8 +29,50 @@ pub async fn run(
     options: Options,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let (storage, hops) = prepare(&mut config, options)?;
+    // Bind everything before starting anything: a busy port fails the whole
+    // command at once instead of leaving half a stack running.
+    let bound_db = tiers::bind_dbproxy(&config.dbproxy).await?;
+    let db_admin = bound_db.admin_addr;
+    let servers = bind_servers(&mut config, bound_db.api_addr).await?;
+    let listing: String = servers
+        .iter()
+        .map(|(_, b)| {
+            format!(
+                "\n                {} (metrics http://{}/metrics)",
+                b.client_addr, b.admin_addr
+            )
+        })
+        .collect();
+    let bound_proxy = tiers::bind_proxy(&config.proxy).await?;
+    let (proxy_addr, proxy_admin) = (bound_proxy.client_addr, bound_proxy.admin_addr);
+    let n = servers.len();
+    let running = start(config, bound_db, servers, bound_proxy, shutdown);
+
+    println!(
+        "chat is up: a proxy, {n} chat server{}, dbproxy on {storage}\n\
+         \n  talk to it:   nc {} {}          (the proxy)\
+         \n                cargo run -- client {proxy_addr}\
+         \n  servers:{listing}\
+         \n  internal hops: {hops}\
+         \n  metrics:      http://{proxy_admin}/metrics (proxy)\
+         \n                http://{db_admin}/metrics (dbproxy)\
+         \n\nCtrl-C to stop.",
+        if n == 1 { "" } else { "s" },
+        proxy_addr.ip(),
+        proxy_addr.port(),
+    );
+    running.await?;
+    println!("chat stopped");
+    Ok(())
+}
+
+/// Applies the command line and `[up]` to the tiers' sections: storage (the
+/// SQLite file under the data directory, or `--mysql`) and the internal
+/// hops' TLS; returns the banner's descriptions of both.
+fn prepare(config: &mut Config, options: Options) -> anyhow::Result<(String, String)> {
     if let Some(primary) = options.mysql {
-        config.dbproxy.backend = "mysql".into();
+        config.dbproxy.backend = chat_dbproxy::StorageKind::Mysql;
         config.dbproxy.mysql.primary = primary;
         config
             .dbproxy
@@ -42,7 +84,7 @@ pub async fn run(
         .unwrap_or_else(|| config.up.data_dir.clone());
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("up.data_dir: cannot create {}", data_dir.display()))?;
-    let storage = if config.dbproxy.backend == "mysql" {
+    let storage = if config.dbproxy.backend == chat_dbproxy::StorageKind::Mysql {
         let m = &config.dbproxy.mysql;
         let replicas = if m.replicas.is_empty() {
             "no replicas".to_string()
@@ -62,7 +104,7 @@ pub async fn run(
         format!("SQLite at {}", db_path.display())
     };
     let hops = if config.up.tls {
-        secure_hops(&mut config, &data_dir.join("tls"))?
+        secure_hops(config, &data_dir.join("tls"))?
     } else {
         "plain TCP (up.tls = false)".to_string()
     };
@@ -77,24 +119,27 @@ pub async fn run(
             config.dbproxy.max_connections
         );
     }
+    Ok((storage, hops))
+}
 
-    // Bind everything before starting anything: a busy port fails the whole
-    // command at once instead of leaving half a stack running.
-    let bound_db = tiers::bind_dbproxy(&config.dbproxy).await?;
-    let (db_addr, db_admin) = (bound_db.api_addr, bound_db.admin_addr);
+/// Binds `up.servers` chat servers, ports 10 apart, as one cluster with a
+/// fresh secret storing at `db_addr`, and points the proxy at them.
+async fn bind_servers(
+    config: &mut Config,
+    db_addr: std::net::SocketAddr,
+) -> anyhow::Result<Vec<(chat_server::Config, tiers::BoundServer)>> {
     let scheme = if config.server.tls.is_some() {
         "https"
     } else {
         "http"
     };
     config.server.dbproxy_url = format!("{scheme}://{db_addr}");
-    // N chat servers, ports 10 apart, one cluster with a fresh secret.
     let n = config.up.servers;
     let mut servers = Vec::new();
     for i in 0..n {
         let mut c = config.server.clone();
-        c.listen = offset_port("server.listen", &c.listen, i)?;
-        c.admin_listen = offset_port("server.admin_listen", &c.admin_listen, i)?;
+        c.listen = offset_port("server.listen", c.listen, i)?;
+        c.admin_listen = offset_port("server.admin_listen", c.admin_listen, i)?;
         let bound = tiers::bind_server(&c).await?;
         servers.push((c, bound));
     }
@@ -121,20 +166,20 @@ pub async fn run(
             admin: b.admin_addr.to_string(),
         })
         .collect();
-    let listing: String = servers
-        .iter()
-        .map(|(_, b)| {
-            format!(
-                "\n                {} (metrics http://{}/metrics)",
-                b.client_addr, b.admin_addr
-            )
-        })
-        .collect();
-    let bound_proxy = tiers::bind_proxy(&config.proxy).await?;
-    let (proxy_addr, proxy_admin) = (bound_proxy.client_addr, bound_proxy.admin_addr);
+    Ok(servers)
+}
 
-    // Shutdown order: the servers drain first (their in-flight messages still
-    // need storage), then the dbproxy. Any tier failing stops the others.
+/// Starts every tier on its listeners; the future ends when all have
+/// stopped, with the first error. Shutdown order: the servers drain first
+/// (their in-flight messages still need storage), then the dbproxy. Any
+/// tier failing stops the others.
+fn start(
+    config: Config,
+    bound_db: tiers::BoundDbproxy,
+    servers: Vec<(chat_server::Config, tiers::BoundServer)>,
+    bound_proxy: tiers::BoundProxy,
+    shutdown: CancellationToken,
+) -> impl std::future::Future<Output = anyhow::Result<()>> {
     let server_stop = shutdown.child_token();
     let dbproxy_stop = CancellationToken::new();
     let dbproxy = tokio::spawn({
@@ -165,7 +210,6 @@ pub async fn run(
                 tiers::run_server(bound, c, own).await
             });
         }
-        let dbproxy_stop = dbproxy_stop.clone();
         async move {
             let _stop_dbproxy = dbproxy_stop.drop_guard();
             let mut result = Ok(());
@@ -178,29 +222,17 @@ pub async fn run(
             result
         }
     });
-
-    println!(
-        "chat is up: a proxy, {n} chat server{}, dbproxy on {storage}\n\
-         \n  talk to it:   nc {} {}          (the proxy)\
-         \n                cargo run -- client {proxy_addr}\
-         \n  servers:{listing}\
-         \n  internal hops: {hops}\
-         \n  metrics:      http://{proxy_admin}/metrics (proxy)\
-         \n                http://{db_admin}/metrics (dbproxy)\
-         \n\nCtrl-C to stop.",
-        if n == 1 { "" } else { "s" },
-        proxy_addr.ip(),
-        proxy_addr.port(),
-    );
-
-    let (proxy_result, server_result, dbproxy_result) = tokio::join!(proxy, servers_done, dbproxy);
-    proxy_result.context("proxy task panicked")??;
-    let server_result = server_result.context("chat server task panicked")?;
-    let dbproxy_result = dbproxy_result.context("dbproxy task panicked")?;
-    server_result?;
-    dbproxy_result?;
-    println!("chat stopped");
-    Ok(())
+    // Every task above is joined here.
+    async move {
+        let (proxy_result, server_result, dbproxy_result) =
+            tokio::join!(proxy, servers_done, dbproxy);
+        proxy_result.context("proxy task panicked")??;
+        let server_result = server_result.context("chat server task panicked")?;
+        let dbproxy_result = dbproxy_result.context("dbproxy task panicked")?;
+        server_result?;
+        dbproxy_result?;
+        Ok(())
+    }
 }
 
 /// Turns on mutual TLS for every internal hop, with the certificates under
@@ -228,15 +260,16 @@ fn secure_hops(config: &mut Config, dir: &std::path::Path) -> anyhow::Result<Str
 }
 
 /// `addr` with its port raised by `10 · i` (port 0 stays 0: any free port).
-fn offset_port(key: &str, addr: &str, i: u32) -> anyhow::Result<String> {
-    let mut a: std::net::SocketAddr = addr
-        .parse()
-        .with_context(|| format!("{key}: {addr} is not an ip:port address"))?;
+fn offset_port(
+    key: &str,
+    mut a: std::net::SocketAddr,
+    i: u32,
+) -> anyhow::Result<std::net::SocketAddr> {
     if a.port() != 0 {
         let port = u32::from(a.port()) + 10 * i;
         a.set_port(u16::try_from(port).with_context(|| format!("{key}: port {port} is too high"))?);
     }
-    Ok(a.to_string())
+    Ok(a)
 }
 
 /// The proxy of `chat up` runs on this machine and dials the servers' client

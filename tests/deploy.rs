@@ -1,4 +1,4 @@
-//! Issue 5: the deployment's configuration and monitoring against the real code.
+//! The deployment's configuration and monitoring against the real code.
 //!
 //! - every TOML that the Kubernetes ConfigMaps hold deserializes into the tier's
 //!   config struct (unknown keys rejected) and validates, the proxy's included
@@ -16,6 +16,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use chat_testkit::wait_for;
 
 use serde::Deserialize;
 
@@ -74,7 +76,7 @@ fn configmap_toml_loads_into_every_tier_config() {
         p.proxy.dns_name.is_some(),
         "the proxy finds servers through DNS"
     );
-    assert_eq!(p.proxy.shutdown_grace_secs, 20);
+    assert_eq!(p.proxy.shutdown_grace_secs, Duration::from_secs(20));
 
     let mut s: ServerFile = load(&k8s.join("base/config/server.toml"));
     assert!(
@@ -95,7 +97,7 @@ fn configmap_toml_loads_into_every_tier_config() {
     ] {
         let d: DbproxyFile = load(&k8s.join(f));
         d.dbproxy.validate().unwrap_or_else(|e| panic!("{f}: {e}"));
-        assert_eq!(d.dbproxy.backend, "mysql", "{f}");
+        assert_eq!(d.dbproxy.backend, chat_dbproxy::StorageKind::Mysql, "{f}");
         assert!(!d.dbproxy.mysql.password_file.is_empty(), "{f}");
     }
 }
@@ -271,24 +273,6 @@ async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)
         .unwrap_or_else(|_| Err(std::io::Error::other("timeout")))
 }
 
-async fn wait_for<T, F, Fut>(deadline: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// A line-protocol session.
 struct Line {
     reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
@@ -363,7 +347,7 @@ async fn start_tiers() -> Tiers {
     let (admin, dbproxy) = bind().await;
     let db_cfg = chat_dbproxy::Config {
         sqlite_path: dir.path().join("chat.db").to_string_lossy().into_owned(),
-        shutdown_grace_secs: 1,
+        shutdown_grace_secs: Duration::from_secs(1),
         ..Default::default()
     };
     let c = cancel.clone();
@@ -400,8 +384,8 @@ async fn start_tiers() -> Tiers {
             client: server.to_string(),
             admin: server_admin.to_string(),
         }],
-        health_interval_ms: 100,
-        shutdown_grace_secs: 1,
+        health_interval_ms: Duration::from_millis(100),
+        shutdown_grace_secs: Duration::from_secs(1),
         ..Default::default()
     };
     let c = cancel.clone();
@@ -606,8 +590,8 @@ async fn mysql_only_metrics_are_exposed() {
     let (api, _) = bind().await;
     let (admin, addr) = bind().await;
     let config = chat_dbproxy::Config {
-        backend: "mysql".into(),
-        shutdown_grace_secs: 1,
+        backend: chat_dbproxy::StorageKind::Mysql,
+        shutdown_grace_secs: Duration::from_secs(1),
         mysql: pair.mysql_config(),
         ..Default::default()
     };

@@ -1,4 +1,4 @@
-//! Issue 7: multi-host cluster tests in Linux network namespaces.
+//! Multi-host cluster tests in Linux network namespaces.
 //!
 //! Each scenario starts its own cluster (tests/netns/cluster.rs: 2 proxies,
 //! 3 chat servers, 2 dbproxies, a MariaDB primary and 2 replicas, 2 client
@@ -178,8 +178,8 @@ fn partition_replica() {
         for dbp in ["10.77.0.31", "10.77.0.32"] {
             // Lag past the budget (1 s) and reads moved away from the replica.
             cluster::wait_until(
-                &format!("dbproxy {dbp} sees the replica lag and stops reading from it"),
                 Duration::from_secs(15),
+                &format!("dbproxy {dbp} sees the replica lag and stops reading from it"),
                 || {
                     net::http_get(&ns, &format!("http://{dbp}:9103/metrics")).is_some_and(|m| {
                         metric(&m, &lag).is_some_and(|l| l > 1.0)
@@ -214,8 +214,8 @@ fn kill_dbproxy() {
         // Every chat server moves to the other dbproxy (DbClient failover).
         for s in &c.servers {
             cluster::wait_until(
-                &format!("{} fails over to the other dbproxy", s.name),
                 Duration::from_secs(10),
+                &format!("{} fails over to the other dbproxy", s.name),
                 || std::fs::read_to_string(&s.log).is_ok_and(|l| l.contains("dbproxy failover")),
             );
         }

@@ -209,6 +209,34 @@ pub async fn serve<W, H, Fut>(
     }
 }
 
+/// The connection's IO once `wrap` (a TLS handshake) is done, within the
+/// header timeout; `None` when it failed, timed out, or the connection was
+/// evicted or shut down meanwhile.
+async fn setup<W: Wrap>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: &ConnState,
+    wrap: &W,
+    shutdown: &CancellationToken,
+) -> Option<W::Io> {
+    tokio::select! {
+        r = tokio::time::timeout(state.times.header, wrap.wrap(stream, peer)) => match r {
+            Ok(Ok(io)) => Some(io),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "connection setup failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "connection setup timed out");
+                wrap.timed_out(peer);
+                None
+            }
+        },
+        _ = state.evicted.cancelled() => None,
+        _ = shutdown.cancelled() => None,
+    }
+}
+
 async fn connection<W, H, Fut>(
     stream: TcpStream,
     peer: SocketAddr,
@@ -222,21 +250,8 @@ async fn connection<W, H, Fut>(
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = HttpResponse> + Send + 'static,
 {
-    let io = tokio::select! {
-        r = tokio::time::timeout(state.times.header, wrap.wrap(stream, peer)) => match r {
-            Ok(Ok(io)) => io,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "connection setup failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "connection setup timed out");
-                wrap.timed_out(peer);
-                return;
-            }
-        },
-        _ = state.evicted.cancelled() => return,
-        _ = shutdown.cancelled() => return,
+    let Some(io) = setup(stream, peer, &state, &wrap, &shutdown).await else {
+        return;
     };
     let svc = {
         let state = state.clone();
@@ -419,7 +434,7 @@ impl Table {
     fn lock(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<u64, (Arc<ConnState>, OwnedSemaphorePermit)>> {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.conns)
     }
 
     /// Closes, of the connections not in a request, the one that has never

@@ -9,11 +9,23 @@
 //! a port of its own. [`shutdown::on_signal`] is the Ctrl-C / SIGTERM token
 //! of every binary (`chat`, `chat-bench`); [`throttle::LogThrottle`] keeps
 //! events a peer can repeat at will to one log line a second.
+//!
+//! The other mechanisms every tier shares, one copy each:
+//! [`tick::Ticker`] (do this every period until stopped),
+//! [`backoff::Backoff`] (jittered exponential reconnect delays),
+//! [`members::Members`] (the chat servers from a static list or DNS) and
+//! [`units`] (config durations in the unit their key names), and
+//! [`sync::lock`], the lock-poisoning policy.
 
 pub mod accept;
+pub mod backoff;
 pub mod http;
+pub mod members;
 pub mod shutdown;
+pub mod sync;
 pub mod throttle;
+pub mod tick;
+pub mod units;
 
 pub use crate::http::HttpLimits;
 

@@ -2,13 +2,14 @@
 //! [`CancellationToken`], and the tiers drain within their grace periods.
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Returns a token cancelled by the first Ctrl-C or SIGTERM. The watcher task
-/// also ends when the token is cancelled some other way.
-pub fn on_signal() -> CancellationToken {
+/// runs on `tasks` and ends when the token is cancelled some other way.
+pub fn on_signal(tasks: &TaskTracker) -> CancellationToken {
     let token = CancellationToken::new();
     let watched = token.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         tokio::select! {
             signal = wait_for_signal() => {
                 tracing::info!(signal, "shutting down");

@@ -27,7 +27,7 @@ impl LogThrottle {
     }
 
     fn admit_at(&self, now: Instant) -> Option<u64> {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = crate::sync::lock(&self.last);
         if last.is_some_and(|t| now.saturating_duration_since(t) < EVERY) {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             return None;

@@ -228,9 +228,7 @@ async fn send_loop(
         let period = Duration::from_secs_f64(1.0 / rate);
         let phase = (plan.index as f64 * 0.618_033_988_749_895).fract();
         let start = tokio::time::Instant::now() + period.mul_f64(phase);
-        let mut i = tokio::time::interval_at(start, period);
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        i
+        chat_admin::tick::interval_at(start, period)
     });
     // IRC has no acks: a PING after every half window, answered in order by
     // the server, stands in for them.

@@ -222,8 +222,8 @@ fn report(
 ) -> Report {
     let c = &shared.counters;
     let (acked, delivered) = (Counters::get(&c.acked), Counters::get(&c.delivered));
-    let deliver_latency = Percentiles::of(&shared.latencies.deliver.lock().expect("histogram"));
-    let ack_latency = Percentiles::of(&shared.latencies.ack.lock().expect("histogram"));
+    let deliver_latency = Percentiles::of(&chat_admin::sync::lock(&shared.latencies.deliver));
+    let ack_latency = Percentiles::of(&chat_admin::sync::lock(&shared.latencies.ack));
     let rss_growth: i64 = up
         .rss_after
         .iter()

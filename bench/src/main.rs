@@ -22,8 +22,13 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let shutdown = chat_admin::shutdown::on_signal();
-        chat_bench::run(options, shutdown).await
+        let signals = tokio_util::task::TaskTracker::new();
+        let shutdown = chat_admin::shutdown::on_signal(&signals);
+        let result = chat_bench::run(options, shutdown.clone()).await;
+        shutdown.cancel();
+        signals.close();
+        signals.wait().await;
+        result
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use chat_admin::sync::lock;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -59,11 +60,11 @@ impl Default for Latencies {
 
 impl Latencies {
     pub fn merge(&self, deliver: Option<&Histogram<u64>>, ack: Option<&Histogram<u64>>) {
-        if let (Some(d), Ok(mut h)) = (deliver, self.deliver.lock()) {
-            let _ = h.add(d);
+        if let Some(d) = deliver {
+            let _ = lock(&self.deliver).add(d);
         }
-        if let (Some(a), Ok(mut h)) = (ack, self.ack.lock()) {
-            let _ = h.add(a);
+        if let Some(a) = ack {
+            let _ = lock(&self.ack).add(a);
         }
     }
 }

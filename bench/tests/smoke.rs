@@ -40,10 +40,10 @@ async fn fanout_smoke_run_acks_and_delivers() {
         .unwrap();
     let db_addr = db_listeners.api.local_addr().unwrap();
     let db_config = chat_dbproxy::Config {
-        listen: db_addr.to_string(),
-        backend: "sqlite".into(),
+        listen: db_addr,
+        backend: chat_dbproxy::StorageKind::Sqlite,
         sqlite_path: dir.path().join("chat.sqlite").to_str().unwrap().into(),
-        shutdown_grace_secs: 1,
+        shutdown_grace_secs: Duration::from_secs(1),
         ..Default::default()
     };
     let db = tokio::spawn(chat_dbproxy::run(

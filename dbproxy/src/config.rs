@@ -1,25 +1,49 @@
 //! dbproxy configuration: one serde struct, defaults for an embedded SQLite
 //! setup, checked by [`Config::validate`].
 
-use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_admin::units::{millis, secs};
+use serde::Deserialize;
 
 use crate::error::DbProxyError;
 
 pub use crate::mysql::config::MysqlConfig;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where the data lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// Embedded SQLite at `sqlite_path`.
+    Sqlite,
+    /// MySQL/MariaDB servers, `[dbproxy.mysql]`.
+    Mysql,
+}
+
+impl std::fmt::Display for StorageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StorageKind::Sqlite => "sqlite",
+            StorageKind::Mysql => "mysql",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Address the binary binds the API on (the chat servers' port; it also
-    /// answers `/readyz` and `/healthz`, which the servers probe).
-    pub listen: String,
+    /// Address the binary binds the API on, `ip:port` (the chat servers'
+    /// port; it also answers `/readyz` and `/healthz`, which the servers
+    /// probe).
+    pub listen: SocketAddr,
     /// Address the binary binds `/metrics`, `/healthz` and `/readyz` on (the
     /// port Prometheus and the kubelet use).
-    pub admin_listen: String,
+    pub admin_listen: SocketAddr,
     /// `[dbproxy.admin_http]`: time and connection bounds of the admin listener.
     pub admin_http: chat_admin::HttpLimits,
     /// Storage backend: `sqlite` or `mysql` (MySQL/MariaDB, see `mysql`).
-    pub backend: String,
+    pub backend: StorageKind,
     /// SQLite database file; missing parent directories are created.
     pub sqlite_path: String,
     /// Most items (messages, DMs, other writes) committed in one transaction.
@@ -46,7 +70,8 @@ pub struct Config {
     /// answer); above the servers' 10 s request timeout.
     pub request_timeout_ms: u64,
     /// Seconds that in-flight requests and queued writes get to finish on shutdown.
-    pub shutdown_grace_secs: u64,
+    #[serde(deserialize_with = "secs")]
+    pub shutdown_grace_secs: Duration,
     /// Longest message text (room message or DM body) stored, in bytes. The
     /// chat server's lines are at most its `max_line_bytes` (4096), so no
     /// text it accepted is longer.
@@ -57,9 +82,11 @@ pub struct Config {
     /// A token unused for this long expires, and a guest's name is then free
     /// again. The chat servers touch the tokens of open connections every
     /// `token_touch_interval_ms`, which must stay well below this.
-    pub token_idle_ttl_secs: u64,
+    #[serde(deserialize_with = "secs")]
+    pub token_idle_ttl_secs: Duration,
     /// Failed logins are counted over a sliding window of this many seconds.
-    pub login_failure_window_secs: u64,
+    #[serde(deserialize_with = "secs")]
+    pub login_failure_window_secs: Duration,
     /// Failed logins of one account name (existing or not) within the window
     /// after which its logins are refused with `RateLimited`, before any
     /// password hashing.
@@ -89,7 +116,8 @@ pub struct Config {
     /// when it changes; its tokens are accepted next to `api_tokens`.
     pub api_tokens_file: String,
     /// How often the token file and the TLS files are checked for changes.
-    pub reload_interval_ms: u64,
+    #[serde(deserialize_with = "millis")]
+    pub reload_interval_ms: Duration,
     /// MySQL/MariaDB servers, used when `backend = "mysql"`.
     pub mysql: MysqlConfig,
 }
@@ -97,10 +125,10 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: "127.0.0.1:7100".into(),
-            admin_listen: "127.0.0.1:9103".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7100)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9103)),
             admin_http: chat_admin::HttpLimits::default(),
-            backend: "sqlite".into(),
+            backend: StorageKind::Sqlite,
             sqlite_path: "data/chat.db".into(),
             batch_max_items: 512,
             write_queue: 8192,
@@ -110,11 +138,11 @@ impl Default for Config {
             header_timeout_ms: 5_000,
             idle_timeout_ms: 60_000,
             request_timeout_ms: 30_000,
-            shutdown_grace_secs: 10,
+            shutdown_grace_secs: Duration::from_secs(10),
             max_text_bytes: 4096,
             max_rooms_per_user: 1000,
-            token_idle_ttl_secs: 86_400,
-            login_failure_window_secs: 300,
+            token_idle_ttl_secs: Duration::from_secs(86_400),
+            login_failure_window_secs: Duration::from_secs(300),
             login_failures_per_account: 10,
             login_failures_per_source: 100,
             login_limiter_entries: 65_536,
@@ -123,27 +151,23 @@ impl Default for Config {
             tls: None,
             api_tokens: Vec::new(),
             api_tokens_file: String::new(),
-            reload_interval_ms: 10_000,
+            reload_interval_ms: Duration::from_secs(10),
             mysql: Default::default(),
         }
     }
 }
 
+/// The error naming a bad key.
+fn bad(key: &'static str, message: impl Into<String>) -> Result<(), DbProxyError> {
+    Err(DbProxyError::Config {
+        key,
+        message: message.into(),
+    })
+}
+
 impl Config {
     /// Checks every field; the error names the first bad key.
     pub fn validate(&self) -> Result<(), DbProxyError> {
-        fn bad(key: &'static str, message: impl Into<String>) -> Result<(), DbProxyError> {
-            Err(DbProxyError::Config {
-                key,
-                message: message.into(),
-            })
-        }
-        if self.listen.trim().is_empty() || !self.listen.contains(':') {
-            return bad("listen", "must be host:port");
-        }
-        if self.admin_listen.trim().is_empty() || !self.admin_listen.contains(':') {
-            return bad("admin_listen", "must be host:port");
-        }
         if let Err((key, why)) = self.admin_http.validate() {
             let key = match key {
                 "header_timeout_ms" => "admin_http.header_timeout_ms",
@@ -156,16 +180,7 @@ impl Config {
         if let Err((key, why)) = self.api_http().validate() {
             return bad(key, why);
         }
-        if self.backend != "sqlite" && self.backend != "mysql" {
-            return bad(
-                "backend",
-                format!(
-                    "unsupported backend {:?} (supported: sqlite, mysql)",
-                    self.backend
-                ),
-            );
-        }
-        if self.backend == "mysql" {
+        if self.backend == StorageKind::Mysql {
             self.mysql.validate()?;
         }
         if let Some(tls) = &self.tls {
@@ -186,9 +201,17 @@ impl Config {
         {
             return bad("api_tokens", "every token must have at least 16 characters");
         }
-        if !(100..=3_600_000).contains(&self.reload_interval_ms) {
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600))
+            .contains(&self.reload_interval_ms)
+        {
             return bad("reload_interval_ms", "must be 100..=3600000");
         }
+        self.validate_storage()?;
+        self.validate_identity()
+    }
+
+    /// The storage and request keys.
+    fn validate_storage(&self) -> Result<(), DbProxyError> {
         if self.sqlite_path.trim().is_empty() {
             return bad("sqlite_path", "must not be empty");
         }
@@ -207,10 +230,21 @@ impl Config {
         if !(1..=1 << 20).contains(&self.max_text_bytes) {
             return bad("max_text_bytes", "must be 1..=1048576");
         }
-        let positive = [
-            ("max_rooms_per_user", self.max_rooms_per_user as u64),
+        Ok(())
+    }
+
+    /// Token lifetime, failed-login limits and password hashing.
+    fn validate_identity(&self) -> Result<(), DbProxyError> {
+        for (key, v) in [
             ("token_idle_ttl_secs", self.token_idle_ttl_secs),
             ("login_failure_window_secs", self.login_failure_window_secs),
+        ] {
+            if v.is_zero() {
+                return bad(key, "must be at least 1");
+            }
+        }
+        let positive = [
+            ("max_rooms_per_user", self.max_rooms_per_user as u64),
             (
                 "login_failures_per_account",
                 self.login_failures_per_account.into(),
@@ -228,10 +262,10 @@ impl Config {
             }
         }
         // Keeps `now - ttl` and the limiter's arithmetic far from overflow.
-        if self.token_idle_ttl_secs > 10 * 365 * 86_400 {
+        if self.token_idle_ttl_secs > Duration::from_secs(10 * 365 * 86_400) {
             return bad("token_idle_ttl_secs", "must be at most ten years");
         }
-        if self.login_failure_window_secs > 86_400 {
+        if self.login_failure_window_secs > Duration::from_secs(86_400) {
             return bad("login_failure_window_secs", "must be at most 86400");
         }
         if self.login_limiter_entries > 10_000_000 {
@@ -255,7 +289,7 @@ impl Config {
 
     /// [`Config::token_idle_ttl_secs`] in ms, as the queries compare it.
     pub fn token_idle_ttl_ms(&self) -> i64 {
-        (self.token_idle_ttl_secs as i64).saturating_mul(1000)
+        i64::try_from(self.token_idle_ttl_secs.as_millis()).unwrap_or(i64::MAX)
     }
 
     /// [`Config::hash_threads`] with 0 resolved to the number of cores.
@@ -284,16 +318,13 @@ mod tests {
         };
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("batch_max_items"), "{e}");
-        let c = Config {
-            backend: "oracle".into(),
-            ..Config::default()
-        };
-        assert!(c.validate().unwrap_err().to_string().contains("backend"));
+        let e = serde_json::from_str::<Config>(r#"{"backend":"oracle"}"#).unwrap_err();
+        assert!(e.to_string().contains("`sqlite` or `mysql`"), "{e}");
         for (key, c) in [
             (
                 "token_idle_ttl_secs",
                 Config {
-                    token_idle_ttl_secs: 0,
+                    token_idle_ttl_secs: Duration::ZERO,
                     ..Config::default()
                 },
             ),
@@ -322,13 +353,6 @@ mod tests {
                 "hash_threads",
                 Config {
                     hash_threads: 1000,
-                    ..Config::default()
-                },
-            ),
-            (
-                "admin_listen",
-                Config {
-                    admin_listen: "nowhere".into(),
                     ..Config::default()
                 },
             ),
@@ -373,6 +397,8 @@ mod tests {
     fn unknown_keys_rejected() {
         let r: Result<Config, _> = serde_json::from_str(r#"{"listen":"0.0.0.0:1","bogus":1}"#);
         assert!(r.is_err());
+        let r: Result<Config, _> = serde_json::from_str(r#"{"admin_listen":"nowhere"}"#);
+        assert!(r.is_err(), "admin_listen must be an ip:port socket address");
         let c: Config = serde_json::from_str(r#"{"write_queue":5}"#).unwrap();
         assert_eq!(c.write_queue, 5);
         assert_eq!(c.batch_max_items, 512);

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chat_admin::sync::lock;
 use chat_tls::Secret;
 use http::HeaderValue;
 use tokio_util::sync::CancellationToken;
@@ -99,10 +100,7 @@ impl Tokens {
     }
 
     fn current(&self) -> Arc<Vec<Secret>> {
-        self.from_file
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.from_file).clone()
     }
 
     /// Re-reads the file; `Ok(true)` when its tokens changed. On an error
@@ -112,7 +110,7 @@ impl Tokens {
             return Ok(false);
         };
         let next = read(path)?;
-        let mut current = self.from_file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = lock(&self.from_file);
         if **current == next {
             return Ok(false);
         }
@@ -168,15 +166,9 @@ pub(crate) async fn watch(tokens: Arc<Tokens>, every: Duration, stop: Cancellati
     if tokens.file.is_none() {
         return;
     }
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    let mut tick = chat_admin::tick::Ticker::after(every, stop);
     let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    while tick.tick().await {
         // A small file, but still blocking I/O: off the runtime's threads.
         let t = tokens.clone();
         let result = tokio::task::spawn_blocking(move || t.reload())

@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::Config;
+pub use config::{Config, StorageKind};
 pub use error::DbProxyError;
 
 use crate::backend::Backend;
@@ -115,7 +115,7 @@ pub async fn run(
         tokens,
         unauthorized_log: Default::default(),
     });
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let grace = config.shutdown_grace_secs;
     let serve_shutdown = CancellationToken::new();
     // The admin port answers until the API has drained, so a probe sees
     // `draining` rather than a refused connection.
@@ -191,8 +191,7 @@ impl StorageProbe {
         let stop = CancellationToken::new();
         let task = tokio::spawn(follow_storage(
             backend.clone(),
-            health.clone(),
-            metrics.clone(),
+            (health.clone(), metrics.clone()),
             stop.clone(),
         ));
         StorageProbe { stop, task }
@@ -218,7 +217,7 @@ impl Reloads {
         tls: Option<&chat_tls::Acceptor>,
     ) -> Reloads {
         let stop = CancellationToken::new();
-        let every = Duration::from_millis(config.reload_interval_ms);
+        let every = config.reload_interval_ms;
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(credential::watch(tokens.clone(), every, stop.clone()));
         if let Some(acceptor) = tls {
@@ -241,7 +240,7 @@ impl Reloads {
 /// One line saying what is served from what (never the password: only
 /// where the servers are).
 fn log_serving(listeners: &Listeners, config: &Config, tls: bool, tokens: bool) {
-    let db = if config.backend == "mysql" {
+    let db = if config.backend == StorageKind::Mysql {
         format!(
             "mysql://{}/{} (replicas: [{}])",
             config.mysql.primary,
@@ -273,7 +272,7 @@ async fn open_backend(
         config.hash_queue,
         metrics.password_hashes.clone(),
     )?);
-    let inner: Arc<dyn Backend> = if config.backend == "mysql" {
+    let inner: Arc<dyn Backend> = if config.backend == StorageKind::Mysql {
         Arc::new(mysql::MysqlBackend::open(config, metrics.clone(), registry, hashing).await?)
     } else {
         // Opening and migrating does blocking file I/O.
@@ -286,7 +285,7 @@ async fn open_backend(
     };
     let limiter = LoginLimiter::new(
         Limits {
-            window: Duration::from_secs(config.login_failure_window_secs),
+            window: config.login_failure_window_secs,
             per_account: config.login_failures_per_account,
             per_source: config.login_failures_per_source,
             capacity: config.login_limiter_entries,
@@ -304,21 +303,15 @@ async fn open_backend(
 /// `stop`: ready while the backend can serve reads and writes.
 async fn follow_storage(
     backend: Arc<dyn Backend>,
-    health: chat_admin::Health,
-    metrics: Arc<Metrics>,
+    (health, metrics): (chat_admin::Health, Arc<Metrics>),
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(READY_PROBE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = chat_admin::tick::Ticker::new(READY_PROBE_EVERY, stop);
     let mut was: Option<bool> = None;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-        let probe = tokio::select! {
-            r = tokio::time::timeout(READY_PROBE_TIMEOUT, backend.ready()) => r,
-            _ = stop.cancelled() => return,
+    while tick.tick().await {
+        let probe = tokio::time::timeout(READY_PROBE_TIMEOUT, backend.ready());
+        let Some(probe) = tick.unless_stopped(probe).await else {
+            return;
         };
         let result = probe.unwrap_or_else(|_| {
             Err(error::unavailable(format!(

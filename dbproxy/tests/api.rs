@@ -61,7 +61,7 @@ async fn guest_names_and_expiry() {
     let dir = tempfile::tempdir().unwrap();
     // Token lifetime is the dbproxy's own setting, never the caller's.
     let config = Config {
-        token_idle_ttl_secs: 1,
+        token_idle_ttl_secs: Duration::from_secs(1),
         ..Config::default()
     };
     let p = Proxy::start(dir.path(), config).await;

@@ -44,7 +44,7 @@ async fn requests_need_an_accepted_token_and_the_file_rotates() {
     let config = Config {
         api_tokens: vec![Secret::new("fixed-token-0123456789")],
         api_tokens_file: file.to_string_lossy().into_owned(),
-        reload_interval_ms: 100,
+        reload_interval_ms: Duration::from_millis(100),
         ..Config::default()
     };
     let p = Proxy::start(dir.path(), config).await;
@@ -108,16 +108,16 @@ async fn requests_need_an_accepted_token_and_the_file_rotates() {
     std::fs::write(&file, format!("{OLD}\n{NEW}\n")).unwrap();
     let new = client(&p, NEW);
     wait_until(
-        "the new token is accepted",
         Duration::from_secs(5),
+        "the new token is accepted",
         || async { new.rooms(1, None).await.is_ok() },
     )
     .await;
     old.rooms(1, None).await.unwrap();
     std::fs::write(&file, format!("{NEW}\n")).unwrap();
     wait_until(
-        "the old token is refused",
         Duration::from_secs(5),
+        "the old token is refused",
         || async { old.rooms(1, None).await.is_err() },
     )
     .await;
@@ -149,8 +149,8 @@ async fn a_client_following_a_token_file_picks_up_the_rotated_token() {
     std::fs::write(&file, format!("{NEW}\n")).unwrap();
     // A refusal re-reads the file (at most once a second) and sends again.
     wait_until(
-        "the client sends the new token",
         Duration::from_secs(5),
+        "the client sends the new token",
         || async { c.rooms(1, None).await.is_ok() },
     )
     .await;

@@ -4,14 +4,14 @@
 
 mod common;
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use chat_dbproxy::config::MysqlConfig;
-use chat_dbproxy::Config;
+use chat_dbproxy::{Config, StorageKind};
 use chat_mariadb_harness::{Pair, Server, ServerTls};
 use chat_storage_api::{AppendItem, ErrorKind};
 use chat_storage_client::DbClient;
+use chat_testkit::wait_until;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -40,8 +40,8 @@ impl Proxy {
             .unwrap();
         let base = format!("http://{}", listeners.api.local_addr().unwrap());
         let config = Config {
-            backend: "mysql".into(),
-            shutdown_grace_secs: 2,
+            backend: StorageKind::Mysql,
+            shutdown_grace_secs: Duration::from_secs(2),
             mysql: MysqlConfig {
                 pool_min: 1,
                 pool_max: 8,
@@ -67,7 +67,7 @@ impl Proxy {
             shutdown,
             task,
         };
-        wait_until("dbproxy ready", Duration::from_secs(15), || async {
+        wait_until(Duration::from_secs(15), "dbproxy ready", || async {
             proxy.client.rooms(1, None).await.is_ok()
         })
         .await;
@@ -98,18 +98,6 @@ impl Proxy {
     }
 }
 
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 fn item(room: &str, sender: &str, client_id: Option<&str>, body: &str) -> AppendItem {
     AppendItem {
         room: room.into(),
@@ -128,7 +116,7 @@ async fn start() -> (Pair, Proxy) {
 /// Waits until reads are served by the replica (replication caught up).
 async fn wait_replica_serving(proxy: &Proxy, pair: &Pair, room: &str) {
     let replica = pair.replica.addr();
-    wait_until("replica serving reads", Duration::from_secs(10), || async {
+    wait_until(Duration::from_secs(10), "replica serving reads", || async {
         let before = proxy.routed("replica", &replica);
         proxy.client.room_info(room, None).await.is_ok()
             && proxy.routed("replica", &replica) > before
@@ -271,7 +259,7 @@ async fn read_your_writes_under_replica_lag() {
 
     pair.replica.sql("START SLAVE SQL_THREAD");
     let replica = pair.replica.addr();
-    wait_until("replica catches up", Duration::from_secs(10), || async {
+    wait_until(Duration::from_secs(10), "replica catches up", || async {
         let before = proxy.routed("replica", &replica);
         let h = proxy.client.history("lag", 0, 10, Some(pos.clone())).await;
         h.is_ok_and(|h| h.messages.len() == 1) && proxy.routed("replica", &replica) > before
@@ -321,8 +309,8 @@ async fn primary_down_then_promotion() {
     pair.primary.kill();
     // Without a writable server the dbproxy is not ready.
     wait_until(
-        "/readyz 503 without a primary",
         Duration::from_secs(5),
+        "/readyz 503 without a primary",
         || async { proxy.readyz().await == 503 },
     )
     .await;
@@ -352,7 +340,7 @@ async fn primary_down_then_promotion() {
     // Promote the replica: writes resume within 2 s.
     pair.replica.sql("STOP SLAVE; SET GLOBAL read_only = 0;");
     let promoted = Instant::now();
-    wait_until("writes resume", Duration::from_secs(5), || async {
+    wait_until(Duration::from_secs(5), "writes resume", || async {
         proxy
             .client
             .append(vec![item("fail", "erin", Some("after"), "after")])
@@ -366,8 +354,8 @@ async fn primary_down_then_promotion() {
         promoted.elapsed()
     );
     wait_until(
-        "/readyz 200 after the promotion",
         Duration::from_secs(5),
+        "/readyz 200 after the promotion",
         || async { proxy.readyz().await == 200 },
     )
     .await;
@@ -634,7 +622,7 @@ async fn start_error(mysql: MysqlConfig) -> Option<String> {
         .await
         .unwrap();
     let config = Config {
-        backend: "mysql".into(),
+        backend: StorageKind::Mysql,
         mysql: MysqlConfig {
             acquire_timeout_ms: 1000,
             connect_timeout_ms: 500,

@@ -111,8 +111,8 @@ async fn idle_pooled_connections_are_closed() {
     );
     // The client lives on, unused: the pool closes what it keeps.
     wait_until(
-        "idle pooled connections closed",
         Duration::from_secs(5),
+        "idle pooled connections closed",
         || {
             let open = r.open.load(Ordering::SeqCst);
             async move { open == 0 }

@@ -81,16 +81,16 @@ async fn readyz_follows_whether_the_writer_can_commit() {
     let blocker = rusqlite::Connection::open(&p.sqlite_path).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
     wait_until(
-        "/readyz 503 while the write lock is held",
         Duration::from_secs(10),
+        "/readyz 503 while the write lock is held",
         || async { p.status("/readyz").await == Some(503) },
     )
     .await;
     assert_eq!(p.metric("chat_dbproxy_storage_ready", &[]), 0.0);
     blocker.execute_batch("ROLLBACK").unwrap();
     wait_until(
-        "/readyz 200 after the lock is released",
         Duration::from_secs(15),
+        "/readyz 200 after the lock is released",
         || async { p.status("/readyz").await == Some(200) },
     )
     .await;

@@ -55,8 +55,8 @@ async fn start(dir: &Path, config: Config, server: &TlsIdentity) -> (Proxy, DbCl
     let p = Proxy::spawn(dir, config).await;
     let server = client(&p, server);
     wait_until(
-        "dbproxy ready over TLS",
         Duration::from_secs(10),
+        "dbproxy ready over TLS",
         || async { server.probe(PROBE).await == Probe::Ready },
     )
     .await;
@@ -88,7 +88,7 @@ async fn only_chat_servers_get_in_and_rotated_certificates_are_used() {
     copy_identity(&ids["dbproxy"], &live);
     let config = Config {
         tls: Some(live.clone()),
-        reload_interval_ms: 100,
+        reload_interval_ms: Duration::from_millis(100),
         ..Config::default()
     };
     let (p, server) = start(dir.path(), config, &ids["server"]).await;
@@ -107,7 +107,7 @@ async fn only_chat_servers_get_in_and_rotated_certificates_are_used() {
     assert!(raw_request(&p.base, "GET", "/healthz", b"")
         .await
         .map_or(true, |(status, _)| status == 0));
-    wait_until("plain refusal counted", Duration::from_secs(5), || async {
+    wait_until(Duration::from_secs(5), "plain refusal counted", || async {
         refused(&p, "plain") >= 1.0
     })
     .await;
@@ -119,7 +119,7 @@ async fn only_chat_servers_get_in_and_rotated_certificates_are_used() {
         ..foreign["server"].clone()
     };
     assert_eq!(client(&p, &stranger).probe(PROBE).await, Probe::NotReady);
-    wait_until("foreign CA refused", Duration::from_secs(5), || async {
+    wait_until(Duration::from_secs(5), "foreign CA refused", || async {
         refused(&p, "handshake") >= 1.0
     })
     .await;
@@ -129,7 +129,7 @@ async fn only_chat_servers_get_in_and_rotated_certificates_are_used() {
         client(&p, &ids["proxy"]).probe(PROBE).await,
         Probe::NotReady
     );
-    wait_until("proxy role refused", Duration::from_secs(5), || async {
+    wait_until(Duration::from_secs(5), "proxy role refused", || async {
         refused(&p, "role") >= 1.0
     })
     .await;
@@ -144,8 +144,8 @@ async fn only_chat_servers_get_in_and_rotated_certificates_are_used() {
     copy_identity(&rotated["dbproxy"], &live);
     let rotated_server = client(&p, &rotated["server"]);
     wait_until(
-        "rotated certificates in use",
         Duration::from_secs(5),
+        "rotated certificates in use",
         || async { rotated_server.probe(PROBE).await == Probe::Ready },
     )
     .await;

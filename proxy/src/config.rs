@@ -1,12 +1,17 @@
 //! Proxy configuration: the `[proxy]` section of the config file, or
 //! `CHAT_PROXY__<KEY>` environment variables.
 
-use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_admin::members::{Dns, Members};
+use chat_admin::units::{millis, secs};
+use serde::Deserialize;
 
 use crate::error::Error;
 
 /// One chat server: where clients connect and where its `/readyz` is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerAddr {
     /// The chat server's client listener, `host:port`. Also the server's id on
@@ -16,13 +21,13 @@ pub struct ServerAddr {
     pub admin: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Client listener (the line protocol).
-    pub listen: String,
+    /// Client listener (the line protocol), `ip:port`.
+    pub listen: SocketAddr,
     /// Admin listener: /metrics, /healthz, /readyz.
-    pub admin_listen: String,
+    pub admin_listen: SocketAddr,
     /// `[proxy.admin_http]`: time and connection bounds of the admin listener.
     pub admin_http: chat_admin::HttpLimits,
     /// Static list of chat servers, used when `dns_name` is not set. The
@@ -38,7 +43,8 @@ pub struct Config {
     /// Admin port of the servers found through `dns_name`.
     pub dns_admin_port: u16,
     /// How often `dns_name` is resolved again.
-    pub dns_refresh_secs: u64,
+    #[serde(deserialize_with = "secs")]
+    pub dns_refresh_secs: Duration,
     /// Hash ring points per server. 160 keeps the busiest of ten servers
     /// within about 1.1× the mean before bounded loads.
     pub vnodes: u32,
@@ -47,23 +53,28 @@ pub struct Config {
     /// (`None`) routes by the plain ring.
     pub bounded_load: Option<f64>,
     /// How often each server's `/readyz` is checked.
-    pub health_interval_ms: u64,
+    #[serde(deserialize_with = "millis")]
+    pub health_interval_ms: Duration,
     /// How long one `/readyz` check may take.
-    pub health_timeout_ms: u64,
+    #[serde(deserialize_with = "millis")]
+    pub health_timeout_ms: Duration,
     /// Failures in a row (checks or connects) after which a server leaves the
     /// ring; one passing check brings it back.
     pub eject_after_failures: u32,
     /// How long connecting to a chat server may take before the next one is tried.
-    pub connect_timeout_ms: u64,
+    #[serde(deserialize_with = "millis")]
+    pub connect_timeout_ms: Duration,
     /// A client that has not sent its first line after this long is closed.
-    pub first_line_timeout_secs: u64,
+    #[serde(deserialize_with = "secs")]
+    pub first_line_timeout_secs: Duration,
     /// Longest first line in bytes (terminator excluded); the same limit as the
     /// chat servers' so both answer alike.
     pub max_line_bytes: usize,
     /// Concurrent client connections; further connects wait in the backlog.
     pub max_connections: usize,
     /// How long draining may take on shutdown.
-    pub shutdown_grace_secs: u64,
+    #[serde(deserialize_with = "secs")]
+    pub shutdown_grace_secs: Duration,
     /// Send each chat server a PROXY protocol v1 line (`PROXY TCP4 <client ip>
     /// …`) ahead of the client's first line, so the server limits failed
     /// logins per client address rather than per proxy. The servers must list
@@ -79,15 +90,16 @@ pub struct Config {
     /// How often the `upstream_tls` files are checked for changes (a
     /// rotated Secret is used from the next connection on; open ones keep
     /// theirs).
-    pub reload_interval_ms: u64,
+    #[serde(deserialize_with = "millis")]
+    pub reload_interval_ms: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: "127.0.0.1:7001".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7001)),
             admin_http: chat_admin::HttpLimits::default(),
-            admin_listen: "127.0.0.1:9102".into(),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9102)),
             servers: vec![ServerAddr {
                 client: "127.0.0.1:7000".into(),
                 admin: "127.0.0.1:9101".into(),
@@ -95,20 +107,20 @@ impl Default for Config {
             dns_name: None,
             dns_port: 7000,
             dns_admin_port: 9101,
-            dns_refresh_secs: 5,
+            dns_refresh_secs: Duration::from_secs(5),
             vnodes: crate::ring::DEFAULT_VNODES,
             bounded_load: Some(crate::ring::DEFAULT_LOAD_FACTOR),
-            health_interval_ms: 500,
-            health_timeout_ms: 500,
+            health_interval_ms: Duration::from_millis(500),
+            health_timeout_ms: Duration::from_millis(500),
             eject_after_failures: 2,
-            connect_timeout_ms: 1000,
-            first_line_timeout_secs: 10,
+            connect_timeout_ms: Duration::from_millis(1000),
+            first_line_timeout_secs: Duration::from_secs(10),
             max_line_bytes: 4096,
             max_connections: 100_000,
-            shutdown_grace_secs: 10,
+            shutdown_grace_secs: Duration::from_secs(10),
             send_proxy_line: true,
             upstream_tls: None,
-            reload_interval_ms: 10_000,
+            reload_interval_ms: Duration::from_secs(10),
         }
     }
 }
@@ -117,14 +129,6 @@ impl Config {
     /// Checks every field; the error names the first bad key.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |key: &str, why: &str| Err(Error::Config(format!("proxy.{key}: {why}")));
-        for (key, addr) in [
-            ("listen", &self.listen),
-            ("admin_listen", &self.admin_listen),
-        ] {
-            if addr.parse::<std::net::SocketAddr>().is_err() {
-                return bad(key, "must be an ip:port socket address");
-            }
-        }
         if let Err((key, why)) = self.admin_http.validate() {
             return bad(&format!("admin_http.{key}"), why);
         }
@@ -167,24 +171,42 @@ impl Config {
         if let Some(field) = self.upstream_tls.as_ref().and_then(|t| t.empty_field()) {
             return bad(&format!("upstream_tls.{field}"), "must name a PEM file");
         }
-        if !(100..=3_600_000).contains(&self.reload_interval_ms) {
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600))
+            .contains(&self.reload_interval_ms)
+        {
             return bad("reload_interval_ms", "must be 100..=3600000");
         }
         let positive = [
             ("dns_refresh_secs", self.dns_refresh_secs),
             ("health_interval_ms", self.health_interval_ms),
             ("health_timeout_ms", self.health_timeout_ms),
-            ("eject_after_failures", self.eject_after_failures.into()),
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("first_line_timeout_secs", self.first_line_timeout_secs),
-            ("max_connections", self.max_connections as u64),
         ];
         for (key, v) in positive {
+            if v.is_zero() {
+                return bad(key, "must be greater than 0");
+            }
+        }
+        for (key, v) in [
+            ("eject_after_failures", self.eject_after_failures as usize),
+            ("max_connections", self.max_connections),
+        ] {
             if v == 0 {
                 return bad(key, "must be greater than 0");
             }
         }
         Ok(())
+    }
+
+    /// Where the chat servers come from: `dns_name` when set, else `servers`.
+    pub fn members(&self) -> Members<ServerAddr> {
+        let dns = self.dns_name.as_ref().map(|name| Dns {
+            name: name.clone(),
+            port: self.dns_port,
+            refresh: self.dns_refresh_secs,
+        });
+        Members::from_config(self.servers.clone(), dns)
     }
 
     /// The bounded-load factor in effect, if any.
@@ -252,11 +274,8 @@ mod tests {
             ..with_server()
         };
         assert!(err_of(&c).contains("proxy.eject_after_failures"));
-        let c = Config {
-            listen: "localhost".into(),
-            ..with_server()
-        };
-        assert!(err_of(&c).contains("proxy.listen"));
+        let r: Result<Config, _> = serde_json::from_str(r#"{"listen":"localhost"}"#);
+        assert!(r.is_err(), "listen must be an ip:port socket address");
         let mut c = with_server();
         c.admin_http.header_timeout_ms = 0;
         assert!(err_of(&c).contains("proxy.admin_http.header_timeout_ms"));
@@ -281,6 +300,6 @@ mod tests {
             serde_json::from_str(r#"{"servers":[{"client":"a:1","admin":"a:2"}],"vnodes":10}"#)
                 .unwrap();
         assert_eq!(c.vnodes, 10);
-        assert_eq!(c.health_interval_ms, 500);
+        assert_eq!(c.health_interval_ms, Duration::from_millis(500));
     }
 }

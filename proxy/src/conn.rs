@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -14,8 +14,7 @@ use chat_protocol::first::{self, First};
 use chat_protocol::{Command, ErrorCode, Frame, LineCodec, ParseError, ServerLine};
 
 use chat_tls::Stream;
-use tokio::io::Interest;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -24,16 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ConnError;
 use crate::metrics::Metrics;
+use crate::pump::Pump;
 use crate::upstreams::{has_moved, LoadGuard, Snapshot, Upstreams};
 use crate::Config;
-
-/// Reads per direction start this large and grow (×4 while reads fill them)
-/// up to [`PUMP_BUF_MAX`], so a busy connection (a member of a busy room)
-/// moves its backlog in few large reads while a chatty one stays small. The
-/// buffer exists only while bytes are moving (see `read_ready`): idle
-/// connections, most of them, hold none.
-const PUMP_BUF_MIN: usize = 2048;
-const PUMP_BUF_MAX: usize = 64 * 1024;
 
 /// A line the proxy writes itself (an error, a RECONNECT) to a client that does
 /// not read gets this long, then the connection is dropped.
@@ -142,7 +134,7 @@ async fn read_first_line(
     // Both stay within max_line_bytes + 2 + one read: the codec reports an
     // over-long line as soon as it is longer than the limit.
     let mut pending = BytesMut::new();
-    let limit = Duration::from_secs(ctx.config.first_line_timeout_secs);
+    let limit = ctx.config.first_line_timeout_secs;
     let mut empty = 0;
     let read = async {
         loop {
@@ -234,7 +226,7 @@ pub fn judge_first(frame: Frame, empty: &mut usize) -> Option<Result<Command, Pa
 /// `connect_timeout_ms`, the TLS handshake included); each failure counts
 /// toward that server's ejection.
 async fn connect(ctx: &Ctx, snap: &Snapshot, key: &[u8]) -> Result<(Stream, String), ConnError> {
-    let limit = Duration::from_millis(ctx.config.connect_timeout_ms);
+    let limit = ctx.config.connect_timeout_ms;
     let order = ctx.upstreams.order(snap, key);
     if order.is_empty() {
         return Err(ConnError::Upstream("no healthy chat server".into()));
@@ -259,202 +251,6 @@ async fn dial(ctx: &Ctx, id: &str) -> std::io::Result<Stream> {
     match &ctx.upstream_tls {
         Some(connector) => connector.connect(chat_tls::names::SERVER, tcp).await,
         None => Ok(Stream::Plain(tcp)),
-    }
-}
-
-/// One direction of the copy: bytes read but not yet written, and the
-/// size of the next read (grown while reads fill it, see [`PUMP_BUF_MIN`]).
-struct Pump {
-    pending: Vec<u8>,
-    written: usize,
-    size: usize,
-    /// The last byte written so far.
-    last: Option<u8>,
-    /// TLS only: bytes taken by the session but not yet flushed to the
-    /// socket (still this direction's, so it reads no more meanwhile).
-    unflushed: bool,
-    /// TLS only: the buffer a pending read of a TLS stream waits with.
-    /// Unlike a socket, a TLS stream has no readiness to wait on without
-    /// a buffer; rustls holds buffers of its own on such a connection.
-    spare: Vec<u8>,
-}
-
-impl Pump {
-    fn new() -> Pump {
-        Pump {
-            pending: Vec::new(),
-            written: 0,
-            size: PUMP_BUF_MIN,
-            last: None,
-            unflushed: false,
-            spare: Vec::new(),
-        }
-    }
-
-    fn busy(&self) -> bool {
-        self.written < self.pending.len() || self.unflushed
-    }
-
-    /// A read of `n` bytes into `buf` is what is pending now; the next
-    /// read's size follows how full this one was.
-    fn filled(&mut self, mut buf: Vec<u8>, n: usize) {
-        if n == self.size {
-            self.size = (self.size * 4).min(PUMP_BUF_MAX);
-        } else if n < self.size / 8 {
-            self.size = (self.size / 2).max(PUMP_BUF_MIN);
-        }
-        buf.truncate(n);
-        self.pending = buf;
-        self.written = 0;
-    }
-
-    /// Reads what `from` has ready; `Ok(false)` at end of stream. The buffer
-    /// is allocated only now and freed once written, so an idle connection
-    /// holds none.
-    fn read(&mut self, from: &TcpStream) -> std::io::Result<bool> {
-        let mut buf = Vec::with_capacity(self.size);
-        match read_drained(from, &mut buf) {
-            Ok(0) => Ok(false),
-            Ok(n) => {
-                self.filled(buf, n);
-                Ok(true)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(true),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Writes as much of what is pending as `to` takes now.
-    fn write(&mut self, to: &TcpStream) -> std::io::Result<()> {
-        while self.busy() {
-            match to.try_write(&self.pending[self.written..]) {
-                Ok(n) => {
-                    self.written += n;
-                    self.last = self.pending.get(self.written.wrapping_sub(1)).copied();
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
-        self.pending = Vec::new();
-        self.written = 0;
-        Ok(())
-    }
-
-    /// Reads what a TLS stream has decrypted; `Ready(Ok(false))` at its end.
-    fn poll_read_tls(
-        &mut self,
-        from: &mut Stream,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<bool>> {
-        let mut buf = std::mem::take(&mut self.spare);
-        if buf.len() != self.size {
-            buf = vec![0; self.size];
-        }
-        let mut read = ReadBuf::new(&mut buf);
-        match Pin::new(from).poll_read(cx, &mut read) {
-            Poll::Pending => {
-                self.spare = buf;
-                Poll::Pending
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) => {
-                let n = read.filled().len();
-                if n == 0 {
-                    return Poll::Ready(Ok(false));
-                }
-                self.filled(buf, n);
-                Poll::Ready(Ok(true))
-            }
-        }
-    }
-
-    /// Writes what is pending into a TLS stream and flushes it to the
-    /// socket; `Ready(Ok)` once all of it is on the socket.
-    fn poll_write_tls(
-        &mut self,
-        to: &mut Stream,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        while self.written < self.pending.len() {
-            let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.pending[self.written..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-            }
-            self.written += n;
-            self.last = self.pending.get(self.written - 1).copied();
-            self.unflushed = true;
-        }
-        if self.unflushed {
-            ready!(Pin::new(&mut *to).poll_flush(cx))?;
-            self.unflushed = false;
-        }
-        self.pending = Vec::new();
-        self.written = 0;
-        Poll::Ready(Ok(()))
-    }
-
-    /// After [`Event::UpstreamReadable`]: reads the plain socket, which is
-    /// ready; a TLS upstream's bytes were read by the poll that raised it.
-    fn read_upstream(&mut self, from: &Stream) -> std::io::Result<bool> {
-        match from {
-            Stream::Plain(s) => self.read(s),
-            Stream::Tls(_) => Ok(true),
-        }
-    }
-
-    /// Writes to the plain socket now; a TLS upstream is written (and
-    /// flushed) by the copy loop's poll, see [`Pump::poll_write_tls`].
-    fn write_upstream(&mut self, to: &Stream) -> std::io::Result<()> {
-        match to {
-            Stream::Plain(s) => self.write(s),
-            Stream::Tls(_) => Ok(()),
-        }
-    }
-
-    /// Whether what was written so far ends a line (or nothing was).
-    fn at_line_start(&self) -> bool {
-        self.last.is_none_or(|b| b == b'\n')
-    }
-}
-
-/// A read buffer that knows its spare capacity (what [`read_drained`] needs:
-/// `BufMut` alone may grow a `Vec` and so cannot tell a filled buffer).
-pub trait SpareCapacity: bytes::BufMut {
-    fn spare(&self) -> usize;
-}
-
-impl SpareCapacity for Vec<u8> {
-    fn spare(&self) -> usize {
-        self.capacity() - self.len()
-    }
-}
-
-impl SpareCapacity for BytesMut {
-    fn spare(&self) -> usize {
-        self.capacity() - self.len()
-    }
-}
-
-/// Reads what `from` has ready into the spare capacity of `buf`. A read
-/// that does not fill the buffer emptied the socket, so its readiness is
-/// cleared right away; otherwise tokio learns that only from one more read
-/// that finds nothing, a system call per chunk copied.
-pub fn read_drained<B: SpareCapacity>(from: &TcpStream, buf: &mut B) -> std::io::Result<usize> {
-    let mut got = None;
-    let r = from.try_io(Interest::READABLE, || {
-        let n = from.try_read_buf(buf)?;
-        got = Some(n);
-        if n > 0 && buf.spare() > 0 {
-            // Clears the readiness (unless an event came in meanwhile).
-            Err(std::io::ErrorKind::WouldBlock.into())
-        } else {
-            Ok(n)
-        }
-    });
-    match (got, r) {
-        (Some(n), _) => Ok(n),
-        (None, r) => r,
     }
 }
 
@@ -498,20 +294,14 @@ impl Link {
     /// drop lines it already wrote, DMs it counts as delivered among them.
     /// A server that does not close within `DRAIN_TIMEOUT` is cut off.
     async fn relay(&mut self, ctx: &Ctx) -> Result<(), ConnError> {
-        let replay = async {
-            self.upstream.write_all(&self.first.raw).await?;
-            self.upstream.flush().await
+        self.replay().await?;
+        let mut copy = CopyState {
+            down: Pump::new(),
+            up: Pump::new(),
+            up_open: true,
+            reason: None,
+            drain: None,
         };
-        replay
-            .await
-            .map_err(|e| ConnError::Upstream(format!("replaying the first line: {e}")))?;
-        self.first.raw = BytesMut::new();
-        let mut down = Pump::new();
-        let mut up = Pump::new();
-        // Client → server still open (no EOF, no stop, no half-close yet).
-        let mut up_open = true;
-        let mut reason: Option<&'static str> = None;
-        let mut drain: Option<Pin<Box<tokio::time::Sleep>>> = None;
         // Created once and polled in place: an idle connection waits in
         // `poll_fn` below with no per-wait futures of its own.
         let moved = wait_moved(
@@ -524,109 +314,20 @@ impl Link {
         tokio::pin!(moved, shutdown);
         let end = loop {
             let event = std::future::poll_fn(|cx| {
-                use std::task::Poll::{Pending, Ready};
-                if let Some(d) = drain.as_mut() {
-                    if d.as_mut().poll(cx).is_ready() {
-                        return Ready(Event::DrainOver);
-                    }
-                }
-                if down.busy() {
-                    if let Ready(r) = self.client.poll_write_ready(cx) {
-                        return Ready(
-                            r.map_or(Event::Failed(End::Client), |()| Event::ClientWritable),
-                        );
-                    }
-                } else {
-                    let read = match &mut self.upstream {
-                        Stream::Plain(s) => s.poll_read_ready(cx).map(|r| r.map(|()| true)),
-                        tls => down.poll_read_tls(tls, cx),
-                    };
-                    if let Ready(r) = read {
-                        return Ready(match r {
-                            Ok(true) => Event::UpstreamReadable,
-                            Ok(false) | Err(_) => Event::Failed(End::Upstream),
-                        });
-                    }
-                }
-                if up.busy() {
-                    let wrote = match &mut self.upstream {
-                        Stream::Plain(s) => s.poll_write_ready(cx),
-                        tls => up.poll_write_tls(tls, cx),
-                    };
-                    if let Ready(r) = wrote {
-                        return Ready(
-                            r.map_or(Event::Failed(End::Client), |()| Event::UpstreamWritable),
-                        );
-                    }
-                } else if up_open {
-                    if let Ready(r) = self.client.poll_read_ready(cx) {
-                        return Ready(
-                            r.map_or(Event::Failed(End::Client), |()| Event::ClientReadable),
-                        );
-                    }
-                }
-                if reason.is_none() {
-                    if moved.as_mut().poll(cx).is_ready() {
-                        return Ready(Event::Stop("moved"));
-                    }
-                    if shutdown.as_mut().poll(cx).is_ready() {
-                        return Ready(Event::Stop("shutdown"));
-                    }
-                }
-                Pending
+                copy.poll_event(
+                    cx,
+                    (&self.client, &mut self.upstream),
+                    moved.as_mut(),
+                    shutdown.as_mut(),
+                )
             })
             .await;
-            match event {
-                Event::Failed(end) => break end,
-                Event::UpstreamReadable => match down.read_upstream(&self.upstream) {
-                    Ok(true) => {
-                        if down.write(&self.client).is_err() {
-                            break End::Client;
-                        }
-                    }
-                    Ok(false) | Err(_) => break End::Upstream,
-                },
-                Event::ClientWritable => {
-                    if down.write(&self.client).is_err() {
-                        break End::Client;
-                    }
-                }
-                Event::ClientReadable => match up.read(&self.client) {
-                    Ok(true) => {
-                        if up.write_upstream(&self.upstream).is_err() {
-                            break End::Client;
-                        }
-                    }
-                    // Client EOF: the half-close goes to the server, which
-                    // answers what it read and closes; `down` sees that.
-                    Ok(false) => {
-                        up_open = false;
-                        let _ = self.upstream.shutdown().await;
-                    }
-                    Err(_) => break End::Client,
-                },
-                Event::UpstreamWritable => {
-                    if up.write_upstream(&self.upstream).is_err() {
-                        break End::Client;
-                    }
-                    if !up_open && !up.busy() {
-                        let _ = self.upstream.shutdown().await;
-                    }
-                }
-                Event::Stop(why) => {
-                    reason = Some(why);
-                    drain = Some(Box::pin(tokio::time::sleep(DRAIN_TIMEOUT)));
-                    if up_open {
-                        up_open = false;
-                        if !up.busy() {
-                            let _ = self.upstream.shutdown().await;
-                        }
-                    }
-                }
-                Event::DrainOver => break End::Upstream,
+            if let Some(end) = copy.apply(event, &self.client, &mut self.upstream).await {
+                break end;
             }
         };
-        match (end, reason) {
+        let at_line_start = copy.down.at_line_start();
+        match (end, copy.reason) {
             (End::Upstream, Some(reason)) => {
                 if reason == "moved" {
                     ctx.metrics.rebalance_moves_total.inc();
@@ -634,7 +335,7 @@ impl Link {
                 let line = ServerLine::Reconnect {
                     reason: reason.into(),
                 };
-                Box::pin(farewell(&mut self.client, &line, down.at_line_start())).await;
+                Box::pin(farewell(&mut self.client, &line, at_line_start)).await;
                 Ok(())
             }
             (End::Client, _) => Err(ConnError::Client("client went away".into())),
@@ -643,6 +344,151 @@ impl Link {
                 Ok(())
             }
         }
+    }
+
+    /// Writes what the client sent so far (the first line) to the server.
+    async fn replay(&mut self) -> Result<(), ConnError> {
+        let replay = async {
+            self.upstream.write_all(&self.first.raw).await?;
+            self.upstream.flush().await
+        };
+        replay
+            .await
+            .map_err(|e| ConnError::Upstream(format!("replaying the first line: {e}")))?;
+        self.first.raw = BytesMut::new();
+        Ok(())
+    }
+}
+
+/// The copy loop's state besides the sockets.
+struct CopyState {
+    /// Server → client.
+    down: Pump,
+    /// Client → server.
+    up: Pump,
+    /// Client → server still open (no EOF, no stop, no half-close yet).
+    up_open: bool,
+    /// Why the proxy is ending the connection (`moved`, `shutdown`).
+    reason: Option<&'static str>,
+    /// Ends the wait for a stopped connection's server to close.
+    drain: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl CopyState {
+    /// The next thing to do: a direction whose next step is ready, or a
+    /// stop. Each direction waits either to write what it holds or, empty,
+    /// to read.
+    fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+        (client, upstream): (&TcpStream, &mut Stream),
+        moved: Pin<&mut impl Future<Output = ()>>,
+        shutdown: Pin<&mut impl Future<Output = ()>>,
+    ) -> Poll<Event> {
+        use std::task::Poll::{Pending, Ready};
+        let failed = |end: End| move |_: std::io::Error| Event::Failed(end);
+        if let Some(d) = self.drain.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                return Ready(Event::DrainOver);
+            }
+        }
+        if self.down.busy() {
+            if let Ready(r) = client.poll_write_ready(cx) {
+                return Ready(r.map_or_else(failed(End::Client), |()| Event::ClientWritable));
+            }
+        } else {
+            let read = match &mut *upstream {
+                Stream::Plain(s) => s.poll_read_ready(cx).map(|r| r.map(|()| true)),
+                tls => self.down.poll_read_tls(tls, cx),
+            };
+            if let Ready(r) = read {
+                return Ready(match r {
+                    Ok(true) => Event::UpstreamReadable,
+                    Ok(false) | Err(_) => Event::Failed(End::Upstream),
+                });
+            }
+        }
+        if self.up.busy() {
+            let wrote = match &mut *upstream {
+                Stream::Plain(s) => s.poll_write_ready(cx),
+                tls => self.up.poll_write_tls(tls, cx),
+            };
+            if let Ready(r) = wrote {
+                return Ready(r.map_or_else(failed(End::Client), |()| Event::UpstreamWritable));
+            }
+        } else if self.up_open {
+            if let Ready(r) = client.poll_read_ready(cx) {
+                return Ready(r.map_or_else(failed(End::Client), |()| Event::ClientReadable));
+            }
+        }
+        if self.reason.is_none() {
+            if moved.poll(cx).is_ready() {
+                return Ready(Event::Stop("moved"));
+            }
+            if shutdown.poll(cx).is_ready() {
+                return Ready(Event::Stop("shutdown"));
+            }
+        }
+        Pending
+    }
+
+    /// Does what `event` calls for; `Some` once the copy is over.
+    async fn apply(
+        &mut self,
+        event: Event,
+        client: &TcpStream,
+        upstream: &mut Stream,
+    ) -> Option<End> {
+        match event {
+            Event::Failed(end) => return Some(end),
+            Event::UpstreamReadable => match self.down.read_upstream(upstream) {
+                Ok(true) => {
+                    if self.down.write(client).is_err() {
+                        return Some(End::Client);
+                    }
+                }
+                Ok(false) | Err(_) => return Some(End::Upstream),
+            },
+            Event::ClientWritable => {
+                if self.down.write(client).is_err() {
+                    return Some(End::Client);
+                }
+            }
+            Event::ClientReadable => match self.up.read(client) {
+                Ok(true) => {
+                    if self.up.write_upstream(upstream).is_err() {
+                        return Some(End::Client);
+                    }
+                }
+                // Client EOF: the half-close goes to the server, which
+                // answers what it read and closes; `down` sees that.
+                Ok(false) => {
+                    self.up_open = false;
+                    let _ = upstream.shutdown().await;
+                }
+                Err(_) => return Some(End::Client),
+            },
+            Event::UpstreamWritable => {
+                if self.up.write_upstream(upstream).is_err() {
+                    return Some(End::Client);
+                }
+                if !self.up_open && !self.up.busy() {
+                    let _ = upstream.shutdown().await;
+                }
+            }
+            Event::Stop(why) => {
+                self.reason = Some(why);
+                self.drain = Some(Box::pin(tokio::time::sleep(DRAIN_TIMEOUT)));
+                if self.up_open {
+                    self.up_open = false;
+                    if !self.up.busy() {
+                        let _ = upstream.shutdown().await;
+                    }
+                }
+            }
+            Event::DrainOver => return Some(End::Upstream),
+        }
+        None
     }
 }
 

@@ -19,14 +19,15 @@ pub mod config;
 mod conn;
 pub mod error;
 mod metrics;
+mod pump;
 pub use chat_ring as ring;
 mod upstreams;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use chat_admin::accept::{Accepted, Acceptor};
+use chat_admin::members::Members;
 use chat_admin::Health;
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -35,8 +36,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use config::{Config, ServerAddr};
-pub use conn::{judge_first, read_drained, SpareCapacity};
+pub use conn::judge_first;
 pub use error::Error;
+pub use pump::{read_drained, SpareCapacity};
 pub use ring::Ring;
 
 use metrics::Metrics;
@@ -63,62 +65,81 @@ pub async fn run(
         None => None,
     };
     let metrics = Metrics::new(&registry)?;
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let acceptor = Acceptor::new(listeners.client, config.max_connections);
+    let addr = acceptor.local_addr()?;
+    // Nothing returns early from here on: every task spawned below is
+    // tracked and waited for.
     let health = Health::default();
-    let admin = tokio::spawn(chat_admin::serve(
+    let tasks = TaskTracker::new();
+    tasks.spawn(chat_admin::serve(
         listeners.admin,
-        registry.clone(),
+        registry,
         health.clone(),
         config.admin_http,
         shutdown.clone(),
-        grace,
+        config.shutdown_grace_secs,
     ));
-
-    let upstreams = Upstreams::new(&config, metrics.clone());
     let background = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    if let Some(name) = &config.dns_name {
-        match upstreams::resolve(name, config.dns_port, config.dns_admin_port).await {
-            Ok(list) => upstreams.set_servers(&list),
-            Err(e) => tracing::warn!(%name, error = %e, "first DNS lookup failed"),
+    let upstreams = follow_upstreams(&config, &metrics, &upstream_tls, &tasks, &background).await;
+    let ctx = Arc::new(conn::Ctx {
+        config,
+        upstream_tls,
+        upstreams,
+        metrics,
+        shutdown,
+    });
+    health.set_ready(true);
+    tracing::info!(%addr, "chat proxy listening");
+    serve(&ctx, acceptor, &health).await;
+    background.cancel();
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+/// The chat servers, kept current until `stop` by tasks on `tasks`: the
+/// membership (DNS), health checks (one round before this returns, so the
+/// first clients find a ring) and the TLS files.
+async fn follow_upstreams(
+    config: &Config,
+    metrics: &Metrics,
+    upstream_tls: &Option<chat_tls::Connector>,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> Arc<Upstreams> {
+    let upstreams = Upstreams::new(config, metrics.clone());
+    if let Members::Dns(dns) = config.members() {
+        if let Some(found) = dns.lookup().await {
+            upstreams.set_servers(&upstreams::servers_at(&found, config.dns_admin_port));
         }
         tasks.spawn(upstreams::dns_loop(
             upstreams.clone(),
-            name.clone(),
-            config.dns_port,
+            dns,
             config.dns_admin_port,
-            Duration::from_secs(config.dns_refresh_secs),
-            background.clone(),
+            stop.clone(),
         ));
     }
-    // One round of checks before serving, so the first clients find a ring.
-    let check_timeout = Duration::from_millis(config.health_timeout_ms);
+    let check_timeout = config.health_timeout_ms;
     upstreams::check_all(&upstreams, check_timeout).await;
     tasks.spawn(upstreams::health_loop(
         upstreams.clone(),
-        Duration::from_millis(config.health_interval_ms),
+        config.health_interval_ms,
         check_timeout,
-        background.clone(),
+        stop.clone(),
     ));
-
-    if let Some(connector) = &upstream_tls {
+    if let Some(connector) = upstream_tls {
         tasks.spawn(chat_tls::watch(
             vec![Arc::new(connector.clone())],
-            Duration::from_millis(config.reload_interval_ms),
-            background.clone(),
+            config.reload_interval_ms,
+            stop.clone(),
         ));
     }
-    let ctx = Arc::new(conn::Ctx {
-        config: config.clone(),
-        upstream_tls,
-        upstreams,
-        metrics: metrics.clone(),
-        shutdown: shutdown.clone(),
-    });
-    health.set_ready(true);
-    let acceptor = Acceptor::new(listeners.client, config.max_connections);
-    let addr = acceptor.local_addr()?;
-    tracing::info!(%addr, "chat proxy listening");
+    upstreams
+}
+
+/// Accepts clients until shutdown, then (not ready any more) drains them
+/// within the grace period.
+async fn serve(ctx: &Arc<conn::Ctx>, acceptor: Acceptor, health: &Health) {
     let conn_ids = AtomicU64::new(1);
     let conns = TaskTracker::new();
     // Cancelled once the grace period is over: ends connections still writing
@@ -128,10 +149,10 @@ pub async fn run(
         stream,
         peer,
         permit,
-    }) = acceptor.next(&shutdown).await
+    }) = acceptor.next(&ctx.shutdown).await
     {
         let id = conn_ids.fetch_add(1, Ordering::Relaxed);
-        metrics.connections_total.inc();
+        ctx.metrics.connections_total.inc();
         let (ctx, hard_stop) = (ctx.clone(), hard_stop.clone());
         let span = tracing::info_span!("conn", id, %peer);
         conns.spawn(
@@ -145,18 +166,15 @@ pub async fn run(
             .instrument(span),
         );
     }
-
     health.set(chat_admin::Readiness::Draining);
     drop(acceptor);
     tracing::info!("draining");
     conns.close();
-    if tokio::time::timeout(grace, conns.wait()).await.is_err() {
+    if tokio::time::timeout(ctx.config.shutdown_grace_secs, conns.wait())
+        .await
+        .is_err()
+    {
         hard_stop.cancel();
         conns.wait().await;
     }
-    background.cancel();
-    tasks.close();
-    tasks.wait().await;
-    let _ = admin.await;
-    Ok(())
 }

@@ -21,6 +21,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chat_admin::members::{Dns, Members};
+use chat_admin::sync::lock;
+use chat_admin::tick::Ticker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -77,14 +80,14 @@ impl Upstreams {
             eject_after: config.eject_after_failures,
             metrics,
         });
-        if config.dns_name.is_none() {
-            up.set_servers(&config.servers);
+        if let Members::Static(list) = config.members() {
+            up.set_servers(&list);
         }
         up
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ServerState>> {
-        self.servers.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.servers)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
@@ -330,16 +333,10 @@ pub(crate) async fn health_loop(
     timeout: Duration,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-        tokio::select! {
-            _ = check_all(&up, timeout) => {}
-            _ = stop.cancelled() => return,
+    let mut tick = Ticker::after(interval, stop);
+    while tick.tick().await {
+        if tick.unless_stopped(check_all(&up, timeout)).await.is_none() {
+            return;
         }
     }
 }
@@ -408,51 +405,31 @@ fn classify_readyz(answer: &[u8]) -> Check {
     }
 }
 
-/// Resolves `name` every `every` and replaces the membership with what it
-/// finds. A failed or empty answer keeps the previous servers: a DNS blip must
-/// not empty the ring (health checks still eject dead servers).
+/// Follows the DNS name's answers (every `dns.refresh`, the first at once)
+/// into the membership until `stop`; a failed or empty answer keeps the
+/// previous servers ([`Dns::follow`]).
 pub(crate) async fn dns_loop(
     up: Arc<Upstreams>,
-    name: String,
-    port: u16,
+    dns: Dns,
     admin_port: u16,
-    every: Duration,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-        let found = tokio::select! {
-            r = resolve(&name, port, admin_port) => r,
-            _ = stop.cancelled() => return,
-        };
-        match found {
-            Ok(list) if !list.is_empty() => up.set_servers(&list),
-            Ok(_) => tracing::warn!(%name, "DNS returned no chat servers; keeping the last list"),
-            Err(e) => tracing::warn!(%name, error = %e, "DNS lookup failed; keeping the last list"),
-        }
-    }
+    dns.follow(stop, |found| {
+        up.set_servers(&servers_at(&found, admin_port))
+    })
+    .await;
 }
 
-pub(crate) async fn resolve(
-    name: &str,
-    port: u16,
-    admin_port: u16,
-) -> std::io::Result<Vec<ServerAddr>> {
-    let mut list: Vec<ServerAddr> = tokio::net::lookup_host((name, port))
-        .await?
+/// The servers at `found` (client addresses, sorted), each with its admin
+/// listener at `admin_port` on the same address.
+pub(crate) fn servers_at(found: &[SocketAddr], admin_port: u16) -> Vec<ServerAddr> {
+    found
+        .iter()
         .map(|a| ServerAddr {
             client: a.to_string(),
             admin: SocketAddr::new(a.ip(), admin_port).to_string(),
         })
-        .collect();
-    list.sort_by(|a, b| a.client.cmp(&b.client));
-    list.dedup();
-    Ok(list)
+        .collect()
 }
 
 #[cfg(test)]

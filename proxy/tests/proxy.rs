@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chat_proxy::Ring;
-use common::{wait_until, Client, FakeServer, Proxy};
+use chat_testkit::poll_until;
+use common::{Client, FakeServer, Proxy};
 
 #[tokio::test]
 async fn first_line_is_replayed_byte_exact_with_what_follows() {
@@ -133,7 +134,10 @@ async fn invalid_first_line_gets_err_and_close() {
 #[tokio::test]
 async fn first_line_timeout_closes() {
     let s = FakeServer::start(true).await;
-    let proxy = Proxy::start(&[&s], |c| c.first_line_timeout_secs = 1).await;
+    let proxy = Proxy::start(&[&s], |c| {
+        c.first_line_timeout_secs = Duration::from_secs(1)
+    })
+    .await;
     let mut c = Client::connect(&proxy.addr).await;
     c.send(b"LOGIN al").await;
     assert!(c.line().await.starts_with("ERR BAD_FIRST_LINE"));
@@ -161,7 +165,7 @@ async fn unready_server_is_ejected_within_3s_and_traffic_fails_over() {
 
     a.health.set_ready(false);
     let started = Instant::now();
-    let ejected = wait_until(Duration::from_secs(3), || async {
+    let ejected = poll_until(Duration::from_secs(3), || async {
         proxy.metric("chat_proxy_upstream_ejections_total") == 1.0
     })
     .await;
@@ -177,7 +181,7 @@ async fn unready_server_is_ejected_within_3s_and_traffic_fails_over() {
     // Back after one passing check.
     a.health.set_ready(true);
     assert!(
-        wait_until(Duration::from_secs(3), || async {
+        poll_until(Duration::from_secs(3), || async {
             proxy.metric("chat_proxy_upstream_healthy") == 2.0
         })
         .await
@@ -204,7 +208,7 @@ async fn refused_connects_fail_over_and_eject() {
     let proxy = Proxy::start(&[&a], |c| {
         c.servers.push(dead);
         c.bounded_load = None;
-        c.health_interval_ms = 60_000;
+        c.health_interval_ms = Duration::from_secs(60);
     })
     .await;
     let user = user_on(&[&a.addr, &dead_port], &dead_port);
@@ -223,7 +227,10 @@ async fn refused_connects_fail_over_and_eject() {
 async fn reconnect_goes_only_to_moved_connections() {
     let a = FakeServer::start(true).await;
     let b = FakeServer::start(false).await;
-    let proxy = Proxy::start(&[&a, &b], |c| c.health_interval_ms = 100).await;
+    let proxy = Proxy::start(&[&a, &b], |c| {
+        c.health_interval_ms = Duration::from_millis(100)
+    })
+    .await;
     let both = Ring::new(&[(a.addr.clone(), 1), (b.addr.clone(), 1)]);
     let mut clients = Vec::new();
     for i in 0..20 {

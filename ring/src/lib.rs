@@ -26,8 +26,9 @@ use std::hash::{Hash, Hasher};
 use consistent_hash::{Node, RingHash, StaticHashRing};
 
 /// Points per unit of weight. 160 points per server keep the busiest of ten
-/// servers within about 1.2× the mean on a plain ring (see the tests); bounded
-/// loads take it the rest of the way.
+/// servers within about 1.1× the mean on a plain ring (1.095 for the keys of
+/// `balance_plain_and_bounded`); bounded loads cap it at `c` whatever the
+/// keys.
 pub const DEFAULT_VNODES: u32 = 160;
 
 /// Default cap `c` of bounded loads: no server takes more than `c` times its

@@ -1,17 +1,26 @@
 //! Chat server configuration: the `[server]` section of the config file, or
 //! `CHAT_SERVER__<KEY>` environment variables.
 
-use serde::{Deserialize, Serialize};
+//!
+//! Durations stay whole numbers in the unit their key names (`u64`, as the
+//! server's modules read them); the accessors below give them as
+//! [`Duration`]s.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_admin::members::{Dns, Members};
+use serde::Deserialize;
 
 use crate::error::Error;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Client listener (the line protocol).
-    pub listen: String,
+    /// Client listener (the line protocol), `ip:port`.
+    pub listen: SocketAddr,
     /// Admin listener: /metrics, /healthz, /readyz.
-    pub admin_listen: String,
+    pub admin_listen: SocketAddr,
     /// `[server.admin_http]`: time and connection bounds of the admin listener.
     pub admin_http: chat_admin::HttpLimits,
     /// Base URL of the dbproxy HTTP API. `https://` dials it over mutual TLS
@@ -94,7 +103,7 @@ pub struct Config {
 /// `[server.cluster]`: which chat servers form the cluster and how their
 /// server-to-server links behave. With no peers (the default) the server is a
 /// cluster of one.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// This server's id on the hash ring: its client address as the proxies
@@ -167,14 +176,40 @@ impl ClusterConfig {
     pub fn is_clustered(&self) -> bool {
         self.dns_name.is_some() || !self.peers.is_empty()
     }
+
+    /// Where the peers come from: `dns_name` when set (resolved every
+    /// `dns_refresh_secs`), else `peers`.
+    pub fn members(&self) -> Members<String> {
+        let dns = self.dns_name.as_ref().map(|name| Dns {
+            name: name.clone(),
+            port: self.dns_port,
+            refresh: Duration::from_secs(self.dns_refresh_secs),
+        });
+        Members::from_config(self.peers.clone(), dns)
+    }
+
+    /// [`ClusterConfig::heartbeat_ms`].
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    /// [`ClusterConfig::peer_timeout_ms`].
+    pub fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.peer_timeout_ms)
+    }
+
+    /// [`ClusterConfig::request_timeout_ms`].
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: "127.0.0.1:7000".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
             admin_http: chat_admin::HttpLimits::default(),
-            admin_listen: "127.0.0.1:9101".into(),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
             dbproxy_url: "http://127.0.0.1:7100".into(),
             dbproxy_token: chat_tls::Secret::default(),
             dbproxy_token_file: String::new(),
@@ -208,20 +243,37 @@ impl Config {
     pub fn dbproxy_pool(&self) -> chat_storage_client::PoolOptions {
         chat_storage_client::PoolOptions {
             max_per_host: self.dbproxy_pool_max,
-            idle_timeout: std::time::Duration::from_millis(self.dbproxy_pool_idle_ms),
+            idle_timeout: Duration::from_millis(self.dbproxy_pool_idle_ms),
         }
+    }
+
+    /// [`Config::shutdown_grace_secs`].
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// [`Config::idle_timeout_secs`].
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    /// [`Config::first_line_timeout_secs`].
+    pub fn first_line_timeout(&self) -> Duration {
+        Duration::from_secs(self.first_line_timeout_secs)
+    }
+
+    /// [`Config::token_touch_interval_ms`].
+    pub fn token_touch_interval(&self) -> Duration {
+        Duration::from_millis(self.token_touch_interval_ms)
+    }
+
+    /// [`Config::reload_interval_ms`].
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_millis(self.reload_interval_ms)
     }
 
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |key: &str, why: &str| Err(Error::Config(format!("server.{key}: {why}")));
-        for (key, addr) in [
-            ("listen", &self.listen),
-            ("admin_listen", &self.admin_listen),
-        ] {
-            if addr.parse::<std::net::SocketAddr>().is_err() {
-                return bad(key, "must be an ip:port socket address");
-            }
-        }
         if let Err((key, why)) = self.admin_http.validate() {
             return bad(&format!("admin_http.{key}"), why);
         }
@@ -330,4 +382,37 @@ impl Config {
 /// `host:port` with a non-empty host and a numeric port.
 fn is_host_port(s: &str) -> bool {
     matches!(s.rsplit_once(':'), Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_come_from_dns_when_named_else_from_the_list() {
+        let mut c = ClusterConfig {
+            peers: vec!["10.0.0.1:7000".into()],
+            ..ClusterConfig::default()
+        };
+        assert_eq!(c.members(), Members::Static(vec!["10.0.0.1:7000".into()]));
+        c.dns_name = Some("chat-server.chat.svc".into());
+        assert_eq!(
+            c.members(),
+            Members::Dns(Dns {
+                name: "chat-server.chat.svc".into(),
+                port: 7000,
+                refresh: Duration::from_secs(5),
+            })
+        );
+        assert_eq!(c.heartbeat(), Duration::from_millis(250));
+    }
+
+    #[test]
+    fn listeners_are_socket_addresses() {
+        Config::default().validate().unwrap();
+        let r: Result<Config, _> = serde_json::from_str(r#"{"listen":"localhost:7000"}"#);
+        assert!(r.is_err());
+        let c: Config = serde_json::from_str(r#"{"admin_listen":"0.0.0.0:9101"}"#).unwrap();
+        assert_eq!(c.admin_listen.port(), 9101);
+    }
 }

@@ -46,7 +46,7 @@ async fn dbproxy(dir: &Path, tls: TlsIdentity) -> Running {
         sqlite_path: dir.join("chat.db").to_string_lossy().into_owned(),
         tls: Some(tls),
         api_tokens: vec![Secret::new(TOKEN)],
-        shutdown_grace_secs: 2,
+        shutdown_grace_secs: std::time::Duration::from_secs(2),
         ..Default::default()
     };
     let stop = CancellationToken::new();

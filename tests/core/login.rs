@@ -96,7 +96,7 @@ async fn resume_unknown_token_is_rejected() {
 async fn token_expires_after_idle_ttl() {
     // The lifetime is the dbproxy's; the server touches open connections' tokens.
     let stack = Stack::start_configured(
-        |db| db.token_idle_ttl_secs = 1,
+        |db| db.token_idle_ttl_secs = Duration::from_secs(1),
         |s| s.token_touch_interval_ms = 200,
     )
     .await;
@@ -122,7 +122,7 @@ async fn token_expires_after_idle_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_connection_keeps_token_alive() {
     let stack = Stack::start_configured(
-        |db| db.token_idle_ttl_secs = 1,
+        |db| db.token_idle_ttl_secs = Duration::from_secs(1),
         |s| s.token_touch_interval_ms = 200,
     )
     .await;
@@ -207,7 +207,7 @@ async fn guest_name_of_registered_user_is_taken() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_guest_name_is_released() {
     let stack = Stack::start_configured(
-        |db| db.token_idle_ttl_secs = 1,
+        |db| db.token_idle_ttl_secs = Duration::from_secs(1),
         |s| s.token_touch_interval_ms = 200,
     )
     .await;

@@ -36,7 +36,7 @@ pub(crate) async fn start_proxy(stack: &Stack) -> Proxy {
             client: stack.addr.to_string(),
             admin: stack.admin_addr.to_string(),
         }],
-        health_interval_ms: 100,
+        health_interval_ms: Duration::from_millis(100),
         ..Default::default()
     };
     let cancel = CancellationToken::new();

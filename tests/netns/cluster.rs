@@ -84,7 +84,7 @@ fn dbproxy_admin(i: usize) -> String {
     addr(31 + i as u8, 9103)
 }
 
-/// Whether this `chat` build accepts `[server.cluster]` (issue 4); without
+/// Whether this `chat` build accepts `[server.cluster]`; without
 /// it a room's members on different servers see each other's messages only
 /// through HISTORY.
 pub fn cluster_supported() -> bool {
@@ -171,15 +171,7 @@ fn dbproxy_toml(i: usize, password_file: &Path) -> String {
     )
 }
 
-/// Polls `ok` every 100 ms until it holds; panics after `limit` with `what`.
-pub fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?}: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    start.elapsed()
-}
+pub use chat_testkit::blocking::wait_until;
 
 pub struct Cluster {
     pub clients: Vec<Proc>,

@@ -1,6 +1,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use chat_admin::sync::lock;
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::Material;
@@ -34,7 +35,7 @@ impl<T> Reloading<T> {
     }
 
     pub(crate) fn current(&self) -> Arc<T> {
-        self.state.lock().expect("never poisoned").current.clone()
+        lock(&self.state).current.clone()
     }
 
     /// Rebuilds the config if a file changed since the last good load. On
@@ -42,11 +43,11 @@ impl<T> Reloading<T> {
     /// (a Secret being rewritten may be half new for a moment).
     pub(crate) fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let stamps = self.identity.stamps();
-        if self.state.lock().expect("never poisoned").stamps == stamps {
+        if lock(&self.state).stamps == stamps {
             return Ok(false);
         }
         let next = Arc::new((self.build)(self.identity.load()?)?);
-        let mut state = self.state.lock().expect("never poisoned");
+        let mut state = lock(&self.state);
         state.stamps = stamps;
         state.current = next;
         Ok(true)
@@ -73,14 +74,8 @@ pub async fn watch(items: Vec<Arc<dyn Reload>>, every: Duration, stop: Cancellat
     if items.is_empty() {
         return;
     }
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut tick = chat_admin::tick::Ticker::after(every, stop);
+    while tick.tick().await {
         for item in &items {
             match item.reload_if_changed() {
                 Ok(true) => tracing::info!(cert = %item.cert_path(), "TLS certificates reloaded"),

@@ -1,9 +1,12 @@
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// A credential from config (a bearer token, a shared secret). `Debug`
-/// prints `<redacted>`, so a config dump or an error never shows it;
-/// comparisons go through [`Secret::matches`], in constant time.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// prints `<redacted>`, so a config dump or an error never shows it, and
+/// there is no `Serialize` or `Display`: the value leaves only through
+/// [`Secret::expose`], where a caller must mean it. Comparisons go through
+/// [`Secret::matches`], in constant time (`subtle`), e.g. a peer's
+/// handshake against the cluster secret.
+#[derive(Clone, Default, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
 
@@ -47,6 +50,15 @@ impl Secret {
             .collect())
     }
 }
+
+/// In constant time too, like [`Secret::matches`].
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        self.matches(other.0.as_bytes())
+    }
+}
+
+impl Eq for Secret {}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use chat_admin::backoff::Backoff;
 use chat_client::{ClientState, Options as StateOptions};
 use chat_protocol::{ErrorCode, ServerLine};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -24,6 +25,8 @@ const WINDOW: usize = 4;
 const HISTORY_LIMIT: u32 = 1000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnect delays: about 100 ms doubling up to 1 s, jittered.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Pause before resending after `ERR UNAVAILABLE`.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
@@ -110,7 +113,7 @@ impl Client {
 
     pub(super) async fn run(mut self) {
         let mut phase = Phase::Sending;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut stopped_at: Option<Instant> = None;
         loop {
             if self.run.shutdown.is_cancelled() {
@@ -125,13 +128,12 @@ impl Client {
             }
             let conn = match self.connect().await {
                 Ok(c) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     c
                 }
                 Err(e) => {
                     tracing::debug!(user = %self.name, error = %e, "checked: connect failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
             };
@@ -231,8 +233,7 @@ impl Client {
         // fall between bursts).
         let phase_shift = pace.mul_f64((self.random() % 1000) as f64 / 1000.0);
         let mut send_tick =
-            tokio::time::interval_at(tokio::time::Instant::now() + phase_shift, pace);
-        send_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            chat_admin::tick::interval_at(tokio::time::Instant::now() + phase_shift, pace);
         loop {
             self.advance(phase);
             if let Phase::Done = phase {

@@ -58,14 +58,14 @@ impl Recorder {
             u: u.to_string(),
             entry,
         };
-        let mut out = self.out.lock().expect("recorder");
+        let mut out = chat_admin::sync::lock(&self.out);
         let _ = serde_json::to_writer(&mut *out, &record);
         let _ = out.write_all(b"\n");
         let _ = out.flush();
     }
 
     fn flush(&self) {
-        let _ = self.out.lock().expect("recorder").flush();
+        let _ = chat_admin::sync::lock(&self.out).flush();
     }
 }
 

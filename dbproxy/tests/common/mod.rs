@@ -3,12 +3,12 @@
 
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chat_dbproxy::Config;
 use chat_storage_client::DbClient;
+pub use chat_testkit::wait_until;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ impl Proxy {
     /// `config` with its SQLite file in `dir`; returns once `/readyz` is 200.
     pub async fn start(dir: &Path, config: Config) -> Proxy {
         let proxy = Proxy::spawn(dir, config).await;
-        wait_until("dbproxy ready", Duration::from_secs(10), || async {
+        wait_until(Duration::from_secs(10), "dbproxy ready", || async {
             proxy.status("/readyz").await == Some(200)
         })
         .await;
@@ -46,7 +46,7 @@ impl Proxy {
         let sqlite_path = dir.join("db/chat.db");
         let config = Config {
             sqlite_path: sqlite_path.to_string_lossy().into_owned(),
-            shutdown_grace_secs: 2,
+            shutdown_grace_secs: Duration::from_secs(2),
             ..config
         };
         let registry = prometheus::Registry::new();
@@ -152,19 +152,4 @@ pub fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str
         })
         .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
         .sum()
-}
-
-pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !f().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

@@ -3,7 +3,6 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::future::Future;
 use std::time::Duration;
 
 use chat_admin::Health;
@@ -111,7 +110,7 @@ impl Proxy {
         let admin_addr = admin.local_addr().unwrap().to_string();
         let mut config = Config {
             servers: servers.iter().map(|s| s.server_addr()).collect(),
-            shutdown_grace_secs: 2,
+            shutdown_grace_secs: Duration::from_secs(2),
             // The stand-in servers echo what they get; the PROXY line is
             // checked by its own test.
             send_proxy_line: false,
@@ -228,23 +227,5 @@ impl Client {
             .to_string();
         assert_eq!(c.line().await, format!("LOGIN {user} pw"));
         (c, server)
-    }
-}
-
-/// Polls `f` until it holds or `within` passes; returns whether it held.
-pub async fn wait_until<F, Fut>(within: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if f().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

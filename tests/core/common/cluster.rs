@@ -245,8 +245,8 @@ impl Cluster {
                 })
                 .collect(),
             bounded_load: None,
-            health_interval_ms: 100,
-            health_timeout_ms: 1000,
+            health_interval_ms: Duration::from_millis(100),
+            health_timeout_ms: Duration::from_secs(1),
             eject_after_failures: 2,
             ..Default::default()
         };

@@ -39,31 +39,7 @@ const TIER_TIMEOUT: Duration = Duration::from_secs(15);
 
 // ---- waiting -------------------------------------------------------------
 
-/// Polls `cond` every 20 ms until it is true; panics naming `what` after `deadline`.
-pub async fn wait_until<F, Fut>(deadline: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let end = Instant::now() + deadline;
-    loop {
-        if cond().await {
-            return;
-        }
-        if Instant::now() >= end {
-            panic!("timed out after {deadline:?} waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Runs `fut` with a deadline; panics naming `what` when it runs out.
-pub async fn within<T>(deadline: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(deadline, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {deadline:?}: {what}"),
-    }
-}
+pub use chat_testkit::{wait_until, within};
 
 // ---- the stack -----------------------------------------------------------
 
@@ -254,17 +230,17 @@ impl Stack {
     fn dbproxy_config(&self) -> chat_dbproxy::Config {
         let mut config = match &self.mariadb {
             Some(pair) => chat_dbproxy::Config {
-                listen: self.db_addr.to_string(),
-                backend: "mysql".into(),
-                shutdown_grace_secs: 1,
+                listen: self.db_addr,
+                backend: chat_dbproxy::StorageKind::Mysql,
+                shutdown_grace_secs: Duration::from_secs(1),
                 mysql: pair.mysql_config(),
                 ..Default::default()
             },
             None => chat_dbproxy::Config {
-                listen: self.db_addr.to_string(),
-                backend: "sqlite".into(),
+                listen: self.db_addr,
+                backend: chat_dbproxy::StorageKind::Sqlite,
                 sqlite_path: self.sqlite_path.clone(),
-                shutdown_grace_secs: 1,
+                shutdown_grace_secs: Duration::from_secs(1),
                 ..Default::default()
             },
         };

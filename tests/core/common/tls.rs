@@ -274,9 +274,9 @@ async fn spawn_proxy(servers: &[TlsServer], certs: &Certs) -> TlsProxy {
             .collect(),
         // The plain ring, so a test can tell where a user is.
         bounded_load: None,
-        health_interval_ms: 100,
+        health_interval_ms: Duration::from_millis(100),
         upstream_tls: Some(certs.proxy.clone()),
-        reload_interval_ms: 100,
+        reload_interval_ms: Duration::from_millis(100),
         ..Default::default()
     };
     TlsProxy {
