@@ -4,7 +4,7 @@
 //! a TLS ClientHello gets the mutual-TLS handshake, plain TCP is refused
 //! (or, with `tls_allow_plain`, served as an ordinary client) → the
 //! certificate's [`Roles`] decide whether a `PEER` line (`chat-server`) or a
-//! `PROXY` line (`chat-proxy`) is believed (`session::read_first`).
+//! `PROXY` line (`chat-proxy`) is believed (`session::open`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
