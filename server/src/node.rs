@@ -439,3 +439,93 @@ fn except_on(o: &Outgoing, node: &NodeId) -> Option<u64> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::{channel, Out, Rx};
+
+    fn node() -> Arc<Node> {
+        let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+        let config = Config::default();
+        let stop = CancellationToken::new();
+        let cluster = Cluster::new(
+            "me:1".into(),
+            config.cluster.clone(),
+            metrics.clone(),
+            None,
+            stop.clone(),
+        );
+        // Never asked: these tests store nothing.
+        let db = DbClient::new("http://127.0.0.1:9");
+        Node::new(config, db, metrics, TaskTracker::new(), stop, cluster, None)
+    }
+
+    fn login(node: &Node, id: u64, user: &str) -> (SessionHandle, Rx) {
+        let (handle, rx) = channel(id, Arc::from(user), 16);
+        node.add_session(handle.clone(), format!("t-{user}"));
+        (handle, rx)
+    }
+
+    fn lines(rx: &mut Rx) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv())
+            .map(|out| match out {
+                Out::Line(b) | Out::Lines(b, _) | Out::Dm(b, _) | Out::Close(b) => {
+                    String::from_utf8_lossy(&b).into_owned()
+                }
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_cluster_of_one_owns_its_rooms_and_announces_presence() {
+        let node = node();
+        let (ann, mut ann_rx) = login(&node, 1, "ann");
+        let (bob, mut bob_rx) = login(&node, 2, "bob");
+        node.enter_room(&ann.user, "r");
+        node.enter_room(&bob.user, "r");
+        assert_eq!(lines(&mut ann_rx), vec!["JOIN r ann\n", "JOIN r bob\n"]);
+        assert_eq!(lines(&mut bob_rx), vec!["JOIN r bob\n"]);
+        assert_eq!(
+            node.present_members("r").await,
+            Some(vec!["ann".to_string(), "bob".to_string()])
+        );
+        node.leave_room(&bob.user, "r");
+        assert_eq!(lines(&mut ann_rx), vec!["PART r bob left\n"]);
+        assert_eq!(lines(&mut bob_rx), vec!["PART r bob left\n"], "told too");
+        node.remove_session(&ann, PartReason::Idle);
+        assert_eq!(node.present_members("r").await, Some(vec![]));
+        assert_eq!(node.metrics.rooms_owned.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_owners_fan_out_skips_the_senders_own_session() {
+        let node = node();
+        let (ann, mut ann_rx) = login(&node, 1, "ann");
+        let (_ann2, mut ann2_rx) = login(&node, 2, "ann");
+        node.enter_room(&ann.user, "r");
+        lines(&mut ann_rx);
+        lines(&mut ann2_rx);
+        let core = node.rooms.core("r").unwrap();
+        let out = [Outgoing {
+            line: Bytes::from_static(b"MSG r 1 0 ann hi\n"),
+            except: Some((node.cluster.me.clone(), ann.id)),
+        }];
+        let sink = &node.rooms.ctx().fanout;
+        sink.fan_out(&core, &out, Some(&"0-1-3".to_string()));
+        assert!(lines(&mut ann_rx).is_empty());
+        assert_eq!(lines(&mut ann2_rx), vec!["MSG r 1 0 ann hi\n"]);
+        assert_eq!(ann.read_pos().as_deref(), Some("0-1-3"));
+    }
+
+    #[tokio::test]
+    async fn a_dm_reaches_a_recipient_online_here() {
+        let node = node();
+        let (_bob, mut bob_rx) = login(&node, 1, "bob");
+        let dm = Bytes::from_static(b"DM 5 0 ann hi\n");
+        node.route_dm("bob", &dm, 5, None);
+        assert_eq!(lines(&mut bob_rx), vec!["DM 5 0 ann hi\n"]);
+        // Not online and this server is everyone's hash owner: it stays pending.
+        node.route_dm("carol", &dm, 6, None);
+    }
+}

@@ -130,6 +130,16 @@ impl OwnedRooms {
         }
     }
 
+    #[cfg(test)]
+    pub fn core(&self, room: &str) -> Option<Arc<Room>> {
+        self.get(room)
+    }
+
+    #[cfg(test)]
+    pub fn ctx(&self) -> &RoomCtx {
+        &self.ctx
+    }
+
     /// Everyone present in `room`, on every server, sorted.
     pub fn members(&self, room: &str) -> Vec<String> {
         self.get(room).map(|r| r.present()).unwrap_or_default()

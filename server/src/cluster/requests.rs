@@ -84,13 +84,13 @@ impl Requests {
     /// Takes back a forwarded message that was never sent; `None` when it
     /// was answered or failed meanwhile.
     pub fn take_publish(&self, req: u64) -> Option<Done> {
-        match lock(&self.pending).remove(&req) {
+        let mut pending = lock(&self.pending);
+        if !matches!(pending.get(&req), Some(Pending::Publish { .. })) {
+            return None;
+        }
+        match pending.remove(&req) {
             Some(Pending::Publish { done, .. }) => Some(done),
-            Some(other) => {
-                lock(&self.pending).insert(req, other);
-                None
-            }
-            None => None,
+            _ => None,
         }
     }
 
