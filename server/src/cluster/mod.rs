@@ -99,7 +99,7 @@ pub struct Cluster {
     /// so their last messages still reach (and hear from) the rooms' owners.
     stop: CancellationToken,
     /// Refused PEER handshakes are logged through this (at most one line a second).
-    pub(crate) refusals: chat_admin::throttle::LogThrottle,
+    refusals: chat_admin::throttle::LogThrottle,
 }
 
 impl Cluster {
