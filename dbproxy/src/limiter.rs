@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::IntCounterVec;
 
+use chat_admin::sync::lock;
 use chat_storage_api::{ApiError, ErrorKind};
 
 #[derive(Clone, Copy, Default)]
@@ -81,7 +82,7 @@ impl Table {
 
     /// Seconds until `key` may try again, if it is over the limit now.
     fn blocked(&self, key: &str, at: At, window_secs: f64) -> Option<u64> {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = lock(&self.entries);
         let e = entries.get_mut(key)?;
         e.roll(at.window);
         let limit = f64::from(self.limit);
@@ -100,7 +101,7 @@ impl Table {
     }
 
     fn failed(&self, key: &str, at: At, now: Instant) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = lock(&self.entries);
         if !entries.contains_key(key) && entries.len() >= self.capacity {
             self.make_room(&mut entries, at, now);
         }
@@ -113,7 +114,7 @@ impl Table {
     }
 
     fn make_room(&self, entries: &mut HashMap<Box<str>, Entry>, at: At, now: Instant) {
-        let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = lock(&self.last_sweep);
         if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
             *last = Some(now);
             // Over: nothing counted in this window or the previous one.

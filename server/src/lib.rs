@@ -2,24 +2,33 @@
 //! every piece of state that must survive in storage, through dbproxy.
 //!
 //! accept ([`run`]) → `session::run` (first line: login) → `Session::apply`
-//! per command → `Hub` (who is online, which rooms they are in) → `Room`
-//! (orders a room's messages: batch → dbproxy append → fan-out in seq order)
-//! → each recipient's bounded queue → `outbound::write_loop` → socket.
+//! per command → `Node` (the composition root: `presence` says who is online
+//! and present where, `owned` holds the rooms this server orders, `dm` where
+//! DMs go, `cluster` the other servers) → `room::Room` (orders a room's
+//! messages: batch → dbproxy append → fan-out in seq order) → each
+//! recipient's bounded queue (`outbound`) → `outbound::writer` → socket.
 //! Direct messages are stored, then handed to the recipient's sessions; the
 //! writer reports each DM it wrote to the session, which counts it received
-//! as written or once the client acknowledges it (`ACK`); `receipts` marks
-//! them received in storage.
+//! as written or once the client acknowledges it (`ACK`); `receipts_loop`
+//! marks them received in storage.
 //!
-//! With `tls` set, `tls::accept` stands between accept and the first line
-//! (mutual TLS, the certificate's role decides what the connection may open
-//! with), and the links to the other servers are dialed over TLS.
+//! With `tls` set, `tls::ServerTls::accept` stands between accept and the
+//! first line (mutual TLS, the certificate's role decides what the
+//! connection may open with), and the links to the other servers are
+//! dialed over TLS.
 
+mod batch;
 pub mod cluster;
 pub mod config;
+mod dm;
 pub mod error;
-mod hub;
+mod logs;
 pub mod metrics;
+mod node;
 mod outbound;
+mod owned;
+mod presence;
+mod reply;
 mod room;
 mod session;
 pub mod source;
@@ -44,8 +53,8 @@ pub use config::Config;
 pub use error::Error;
 
 use cluster::Cluster;
-use hub::Hub;
 use metrics::Metrics;
+use node::Node;
 
 /// The sockets a chat server serves, bound by the caller (port 0 in tests).
 pub struct Listeners {
@@ -77,16 +86,11 @@ pub async fn run(
 ) -> Result<(), Error> {
     config.validate()?;
     let metrics = Metrics::new(&registry)?;
-    let tls = match &config.tls {
-        Some(identity) => Some(tls::ServerTls::new(identity, config.tls_allow_plain)?),
-        None => None,
-    };
-    let db = dbproxy_client(&config, tls.as_ref().map(|t| &t.connector))?;
     let tasks = TaskTracker::new();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let health = Health::default();
 
-    let admin = tokio::spawn(chat_admin::serve(
+    let admin = tasks.spawn(chat_admin::serve(
         listeners.admin,
         registry.clone(),
         health.clone(),
@@ -96,72 +100,25 @@ pub async fn run(
     ));
 
     let client_addr = listeners.client.local_addr()?;
-    let me = if config.cluster.advertise.is_empty() {
-        client_addr.to_string()
-    } else {
-        config.cluster.advertise.clone()
-    };
-
     // Client sessions drain first; background work (receipts, token touches,
     // server links) stops after them.
     let background = CancellationToken::new();
-    let cluster = Cluster::new(
-        me,
-        config.cluster.clone(),
-        metrics.clone(),
-        background.clone(),
-    );
-    let hub = Hub::new(
-        config.clone(),
-        db.clone(),
-        metrics.clone(),
-        tasks.clone(),
-        shutdown.clone(),
-        cluster.clone(),
-        tls,
-    );
-    // The certificates of the client port, the links and the dbproxy
-    // client: a rotated Secret is read at the next check.
-    if let Some(tls) = &hub.tls {
-        tasks.spawn(chat_tls::watch(
-            tls.reloaders(),
-            Duration::from_millis(config.reload_interval_ms),
-            background.clone(),
-        ));
-    }
-    let (receipts_tx, receipts_rx) = mpsc::channel(RECEIPT_QUEUE);
-    tasks.spawn(receipts_loop(db.clone(), receipts_rx, background.clone()));
-    tasks.spawn(touch_loop(hub.clone(), background.clone()));
-    tasks.spawn(cluster::run(hub.clone(), background.clone()));
+    let node = build_node(
+        &config,
+        &metrics,
+        &tasks,
+        &shutdown,
+        &background,
+        client_addr,
+    )?;
+    let receipts = spawn_background(&node, &background);
 
     // Ready while some dbproxy is (see `follow_storage`).
-    let ready_task = tokio::spawn(follow_storage(db.clone(), health.clone(), shutdown.clone()));
+    let db = node.db.clone();
+    let ready_task = tasks.spawn(follow_storage(db, health.clone(), shutdown.clone()));
     let acceptor = Acceptor::new(listeners.client, config.max_connections);
-    tracing::info!(addr = %client_addr, id = %cluster.me, "chat server listening");
-    let conn_ids = AtomicU64::new(1);
-    let conns = TaskTracker::new();
-    while let Some(Accepted {
-        stream,
-        peer,
-        permit,
-    }) = acceptor.next(&shutdown).await
-    {
-        let id = conn_ids.fetch_add(1, Ordering::Relaxed);
-        metrics.connections_total.inc();
-        metrics.connections_active.inc();
-        // Only what the task needs: it lives as long as the connection.
-        let (hub, receipts) = (hub.clone(), receipts_tx.clone());
-        let active = metrics.connections_active.clone();
-        let span = tracing::info_span!("conn", id, %peer);
-        conns.spawn(
-            async move {
-                session::run(hub, stream, peer, id, receipts).await;
-                active.dec();
-                drop(permit);
-            }
-            .instrument(span),
-        );
-    }
+    tracing::info!(addr = %client_addr, id = %node.cluster.me, "chat server listening");
+    let conns = serve_clients(&acceptor, &node, receipts, &shutdown).await;
 
     // Drain: not ready, no new connections; sessions answer what they read,
     // say BYE shutdown and close. The storage probe has stopped first, so it
@@ -171,8 +128,8 @@ pub async fn run(
     drop(acceptor);
     // Peers move this server's rooms away now; messages still in flight here
     // go to the rooms' new owners.
-    cluster.announce_draining();
-    cluster.leave_ring();
+    node.cluster.announce_draining();
+    node.cluster.leave_ring();
     tracing::info!("draining");
     conns.close();
     let _ = tokio::time::timeout(grace + Duration::from_secs(2), conns.wait()).await;
@@ -180,8 +137,116 @@ pub async fn run(
     tasks.close();
     let _ = tokio::time::timeout(grace, tasks.wait()).await;
     let _ = admin.await;
-    drop(hub);
+    drop(node);
     Ok(())
+}
+
+/// TLS, the storage client and the cluster, composed into the node. The
+/// cluster's links close on `background`.
+fn build_node(
+    config: &Config,
+    metrics: &Metrics,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+    background: &CancellationToken,
+    client_addr: std::net::SocketAddr,
+) -> Result<Arc<Node>, Error> {
+    let tls = match &config.tls {
+        Some(identity) => Some(tls::ServerTls::new(
+            identity,
+            config.tls_allow_plain,
+            metrics.tls_refused_total.clone(),
+        )?),
+        None => None,
+    };
+    let db = dbproxy_client(config, tls.as_ref().map(|t| &t.connector))?;
+    let me = if config.cluster.advertise.is_empty() {
+        client_addr.to_string()
+    } else {
+        config.cluster.advertise.clone()
+    };
+    let cluster = Cluster::new(
+        me,
+        config.cluster.clone(),
+        metrics.clone(),
+        tls.as_ref().map(|t| t.connector.clone()),
+        background.clone(),
+    );
+    Ok(Node::new(
+        config.clone(),
+        db,
+        metrics.clone(),
+        tasks.clone(),
+        shutdown.clone(),
+        cluster,
+        tls,
+    ))
+}
+
+/// Starts the work that outlives the client sessions' drain, on the node's
+/// tasks until `background`: certificate reloads, DM receipts, token
+/// touches, the cluster's membership. Returns where sessions send receipts.
+fn spawn_background(node: &Arc<Node>, background: &CancellationToken) -> mpsc::Sender<i64> {
+    let tasks = &node.tasks;
+    // The certificates of the client port, the links and the dbproxy
+    // client: a rotated Secret is read at the next check.
+    if let Some(tls) = &node.tls {
+        tasks.spawn(chat_tls::watch(
+            tls.reloaders(),
+            Duration::from_millis(node.config.reload_interval_ms),
+            background.clone(),
+        ));
+    }
+    let (receipts_tx, receipts_rx) = mpsc::channel(RECEIPT_QUEUE);
+    tasks.spawn(receipts_loop(
+        node.db.clone(),
+        receipts_rx,
+        background.clone(),
+    ));
+    tasks.spawn(touch_loop(node.clone(), background.clone()));
+    tasks.spawn(cluster::members::run(
+        node.cluster.clone(),
+        node.clone(),
+        tasks.clone(),
+        background.clone(),
+    ));
+    receipts_tx
+}
+
+/// Accepts clients until `shutdown`, one tracked task per connection;
+/// returns the tracker, for the drain to wait on.
+async fn serve_clients(
+    acceptor: &Acceptor,
+    node: &Arc<Node>,
+    receipts: mpsc::Sender<i64>,
+    shutdown: &CancellationToken,
+) -> TaskTracker {
+    let metrics = &node.metrics;
+    let conn_ids = AtomicU64::new(1);
+    let conns = TaskTracker::new();
+    while let Some(Accepted {
+        stream,
+        peer,
+        permit,
+    }) = acceptor.next(shutdown).await
+    {
+        let id = conn_ids.fetch_add(1, Ordering::Relaxed);
+        metrics.connections_total.inc();
+        metrics.connections_active.inc();
+        // Only what the task needs: it lives as long as the connection.
+        let (node, receipts) = (node.clone(), receipts.clone());
+        let active = metrics.connections_active.clone();
+        let span = tracing::info_span!("conn", id, %peer);
+        conns.spawn(
+            async move {
+                session::run(node, stream, peer, id, receipts).await;
+                active.dec();
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+    conns
 }
 
 /// The storage client: pooled as configured, over mutual TLS for an
@@ -287,8 +352,8 @@ async fn receipts_loop(db: DbClient, mut rx: mpsc::Receiver<i64>, stop: Cancella
 
 /// Keeps the tokens of connected users alive (they expire only when unused,
 /// after the dbproxy's `token_idle_ttl_secs`).
-async fn touch_loop(hub: Arc<Hub>, stop: CancellationToken) {
-    let every = Duration::from_millis(hub.config.token_touch_interval_ms);
+async fn touch_loop(node: Arc<Node>, stop: CancellationToken) {
+    let every = Duration::from_millis(node.config.token_touch_interval_ms);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -296,9 +361,9 @@ async fn touch_loop(hub: Arc<Hub>, stop: CancellationToken) {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let tokens = hub.online_tokens();
+        let tokens = node.online_tokens();
         for chunk in tokens.chunks(1000) {
-            if let Err(e) = hub.db.touch(chunk.to_vec()).await {
+            if let Err(e) = node.db.touch(chunk.to_vec()).await {
                 tracing::debug!(error = %e, "touching tokens failed");
             }
         }

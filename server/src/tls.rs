@@ -4,7 +4,7 @@
 //! a TLS ClientHello gets the mutual-TLS handshake, plain TCP is refused
 //! (or, with `tls_allow_plain`, served as an ordinary client) → the
 //! certificate's [`Roles`] decide whether a `PEER` line (`chat-server`) or a
-//! `PROXY` line (`chat-proxy`) is believed (`session::read_first`).
+//! `PROXY` line (`chat-proxy`) is believed (`session::open`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,9 +16,10 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use chat_admin::throttle::LogThrottle;
+use prometheus::IntCounterVec;
+use tokio_util::sync::CancellationToken;
 
-use crate::cluster::link::quote;
-use crate::hub::Hub;
+use crate::logs::quote;
 
 /// The line a plain connection to a TLS-only port gets before it is closed.
 pub const PLAIN_REFUSED: &[u8] = b"ERR BAD_FIRST_LINE this port takes TLS only\n";
@@ -39,16 +40,91 @@ pub struct ServerTls {
     /// Refusals are logged through this (at most one line a second): whoever
     /// reaches the port can cause one per connection.
     refusals: LogThrottle,
+    /// `chat_tls_refused_total`, by [`Refusal`].
+    refused_total: IntCounterVec,
 }
 
 impl ServerTls {
-    pub fn new(identity: &TlsIdentity, allow_plain: bool) -> Result<ServerTls, TlsError> {
+    pub fn new(
+        identity: &TlsIdentity,
+        allow_plain: bool,
+        refused_total: IntCounterVec,
+    ) -> Result<ServerTls, TlsError> {
         Ok(ServerTls {
             acceptor: Acceptor::new(identity)?,
             connector: Connector::new(identity)?,
             allow_plain,
             refusals: LogThrottle::default(),
+            refused_total,
         })
+    }
+
+    /// Counts a refusal and logs it, at most once a second. `why` is ours
+    /// (a rustls error, a fixed text), quoted anyway: a handshake error may
+    /// carry a name from the peer's certificate.
+    pub(crate) fn refused(&self, reason: Refusal, peer: SocketAddr, why: &str) {
+        self.refused_total
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        if let Some(suppressed) = self.refusals.admit() {
+            tracing::warn!(
+                reason = reason.as_str(),
+                %peer,
+                why = %quote(why),
+                suppressed,
+                "refused a connection on the client port (TLS)"
+            );
+        }
+    }
+
+    /// Takes a new connection to the point where its first line can be
+    /// read, all by `deadline` (the first-line time).
+    pub(crate) async fn accept(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        deadline: Instant,
+        shutdown: &CancellationToken,
+        max_line_bytes: usize,
+    ) -> Accepted {
+        let sniffed = tokio::select! {
+            r = timeout_at(deadline, chat_tls::sniff_tls(&tcp)) => r,
+            _ = shutdown.cancelled() => return Accepted::Done,
+        };
+        match sniffed {
+            Err(_) => Accepted::Late(tcp),
+            Ok(Err(_)) => Accepted::Done,
+            Ok(Ok(true)) => {
+                let shaken = tokio::select! {
+                    r = timeout_at(deadline, self.acceptor.accept(tcp)) => r,
+                    _ = shutdown.cancelled() => return Accepted::Done,
+                };
+                match shaken {
+                    Ok(Ok(stream)) => {
+                        let roles = Roles::of(&stream);
+                        Accepted::Ready(stream, roles)
+                    }
+                    Ok(Err(e)) => {
+                        self.refused(Refusal::Handshake, peer, &e.to_string());
+                        Accepted::Done
+                    }
+                    Err(_) => {
+                        self.refused(Refusal::Handshake, peer, "handshake not done in time");
+                        Accepted::Done
+                    }
+                }
+            }
+            // The peek saw no ClientHello: a plain line, or the end.
+            Ok(Ok(false)) if closed(&tcp).await => Accepted::Done,
+            Ok(Ok(false)) if self.allow_plain => {
+                Accepted::Ready(Stream::Plain(tcp), Roles::default())
+            }
+            Ok(Ok(false)) => {
+                self.refused(Refusal::PlainRefused, peer, "plain TCP");
+                refuse_plain(tcp, max_line_bytes).await;
+                Accepted::Done
+            }
+        }
     }
 
     /// What `chat_tls::watch` re-reads: both ends share the files, but each
@@ -105,26 +181,6 @@ impl Refusal {
     }
 }
 
-/// Counts a refusal and logs it, at most once a second. `why` is ours
-/// (a rustls error, a fixed text), quoted anyway: a handshake error may
-/// carry a name from the peer's certificate.
-pub(crate) fn refused(hub: &Hub, reason: Refusal, peer: SocketAddr, why: &str) {
-    hub.metrics
-        .tls_refused_total
-        .with_label_values(&[reason.as_str()])
-        .inc();
-    let Some(tls) = &hub.tls else { return };
-    if let Some(suppressed) = tls.refusals.admit() {
-        tracing::warn!(
-            reason = reason.as_str(),
-            %peer,
-            why = %quote(why),
-            suppressed,
-            "refused a connection on the client port (TLS)"
-        );
-    }
-}
-
 /// How a new connection on the client port turned out.
 pub(crate) enum Accepted {
     /// Ready for its first line: TLS after a handshake, or plain (no `tls`
@@ -134,56 +190,6 @@ pub(crate) enum Accepted {
     Late(TcpStream),
     /// Refused (and answered) or gone.
     Done,
-}
-
-/// Takes a new connection to the point where its first line can be read,
-/// all by `deadline` (the first-line time). Without `tls` this is the plain
-/// stream, untouched.
-pub(crate) async fn accept(
-    hub: &Hub,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    deadline: Instant,
-) -> Accepted {
-    let Some(tls) = &hub.tls else {
-        return Accepted::Ready(Stream::Plain(tcp), Roles::default());
-    };
-    let sniffed = tokio::select! {
-        r = timeout_at(deadline, chat_tls::sniff_tls(&tcp)) => r,
-        _ = hub.shutdown.cancelled() => return Accepted::Done,
-    };
-    match sniffed {
-        Err(_) => Accepted::Late(tcp),
-        Ok(Err(_)) => Accepted::Done,
-        Ok(Ok(true)) => {
-            let shaken = tokio::select! {
-                r = timeout_at(deadline, tls.acceptor.accept(tcp)) => r,
-                _ = hub.shutdown.cancelled() => return Accepted::Done,
-            };
-            match shaken {
-                Ok(Ok(stream)) => {
-                    let roles = Roles::of(&stream);
-                    Accepted::Ready(stream, roles)
-                }
-                Ok(Err(e)) => {
-                    refused(hub, Refusal::Handshake, peer, &e.to_string());
-                    Accepted::Done
-                }
-                Err(_) => {
-                    refused(hub, Refusal::Handshake, peer, "handshake not done in time");
-                    Accepted::Done
-                }
-            }
-        }
-        // The peek saw no ClientHello: a plain line, or the end.
-        Ok(Ok(false)) if closed(&tcp).await => Accepted::Done,
-        Ok(Ok(false)) if tls.allow_plain => Accepted::Ready(Stream::Plain(tcp), Roles::default()),
-        Ok(Ok(false)) => {
-            refused(hub, Refusal::PlainRefused, peer, "plain TCP");
-            refuse_plain(tcp, hub.config.max_line_bytes).await;
-            Accepted::Done
-        }
-    }
 }
 
 /// Whether the peer closed without sending a byte (a port check), so a

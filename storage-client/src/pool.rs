@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use chat_admin::sync::lock;
 use chat_tls::Stream;
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
@@ -78,7 +79,7 @@ impl CappedConnector {
             .authority()
             .map(|a| a.as_str().to_owned())
             .unwrap_or_default();
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut hosts = lock(&self.hosts);
         hosts
             .entry(key)
             .or_insert_with(|| Arc::new(Semaphore::new(self.max_per_host)))

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use chat_admin::sync::lock;
 use rusqlite::Connection;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -36,7 +37,7 @@ struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            let mut pool = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pool = lock(&self.conns);
             pool.push(conn);
         }
         // `_permit` is released after this body: the next reader finds the
@@ -66,10 +67,7 @@ impl ReadPool {
             .acquire_owned()
             .await
             .map_err(|_| internal("read pool closed"))?;
-        let conn = self
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let conn = lock(&self.conns)
             .pop()
             .ok_or_else(|| internal("read pool empty"))?;
         let lease = Lease {

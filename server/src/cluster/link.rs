@@ -2,10 +2,9 @@
 //! up; [`serve`] handles a link a peer opened to this server's client port.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use chat_protocol::PartReason;
 use chat_tls::{ReadHalf, Stream, WriteHalf};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
@@ -14,23 +13,26 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, PeerMsg, HELLO};
-use super::{NodeId, Queued};
-use crate::hub::Hub;
-use crate::room::{Origin, Publish};
+use super::wire::{self, NodeId, PeerMsg, Published, HELLO};
+use super::{Cluster, Handler, Queued, Reply};
+use crate::logs::quote;
 
 /// Longest handshake answer read.
 const HELLO_MAX: usize = 512;
 
 /// Dials `node` and keeps the link up until `stop`, reconnecting with backoff.
-pub async fn dial_loop(hub: Arc<Hub>, node: NodeId, stop: CancellationToken) {
-    let cluster = hub.cluster.clone();
+pub async fn dial_loop(
+    cluster: Arc<Cluster>,
+    handler: Arc<dyn Handler>,
+    node: NodeId,
+    stop: CancellationToken,
+) {
     let cfg = cluster.config.clone();
     let timeout = Duration::from_millis(cfg.peer_timeout_ms);
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = tokio::select! {
-            r = tokio::time::timeout(timeout, handshake(&hub, &node, &cluster.me, &cfg.secret)) => r,
+            r = tokio::time::timeout(timeout, handshake(&cluster, &node)) => r,
             _ = stop.cancelled() => return,
         };
         match attempt {
@@ -39,9 +41,9 @@ pub async fn dial_loop(hub: Arc<Hub>, node: NodeId, stop: CancellationToken) {
                 let (tx, rx) = mpsc::channel(cfg.peer_queue);
                 let conn = stop.child_token();
                 cluster.link_up(&node, tx, conn.clone());
-                run_link(&hub, &node, rd, wr, rx, conn).await;
-                cluster.link_down(&hub, &node);
-                hub.peer_lost(&node);
+                run_link(&cluster, &node, rd, wr, rx, conn).await;
+                cluster.link_down(&node);
+                handler.lost(&node);
             }
             Ok(Err(e)) => tracing::debug!(peer = %node, error = %e, "cannot link to chat server"),
             Err(_) => tracing::debug!(peer = %node, "linking to chat server timed out"),
@@ -58,18 +60,17 @@ pub async fn dial_loop(hub: Arc<Hub>, node: NodeId, stop: CancellationToken) {
 /// set: the peer must present a `chat-server` certificate, whatever its
 /// address) and says `PEER`.
 async fn handshake(
-    hub: &Hub,
+    cluster: &Cluster,
     node: &str,
-    me: &str,
-    secret: &str,
 ) -> std::io::Result<(BufReader<ReadHalf>, WriteHalf)> {
     let tcp = TcpStream::connect(node).await?;
     tcp.set_nodelay(true)?;
-    let stream = match &hub.tls {
-        Some(tls) => tls.connector.connect(chat_tls::names::SERVER, tcp).await?,
+    let stream = match &cluster.connector {
+        Some(connector) => connector.connect(chat_tls::names::SERVER, tcp).await?,
         None => Stream::Plain(tcp),
     };
     let (rd, mut wr) = stream.into_split();
+    let (me, secret) = (&cluster.me, &cluster.config.secret);
     wr.write_all(format!("{HELLO} {me} {secret}\n").as_bytes())
         .await?;
     wr.flush().await?;
@@ -93,19 +94,19 @@ async fn handshake(
 /// peer's answers until the connection fails, stays silent for
 /// `peer_timeout_ms`, or `conn` is cancelled.
 async fn run_link(
-    hub: &Arc<Hub>,
+    cluster: &Cluster,
     node: &NodeId,
     rd: BufReader<ReadHalf>,
     wr: WriteHalf,
     mut rx: mpsc::Receiver<Queued>,
     conn: CancellationToken,
 ) {
-    let cfg = &hub.cluster.config;
+    let cfg = &cluster.config;
     let heartbeat = Duration::from_millis(cfg.heartbeat_ms);
     let silence = Duration::from_millis(cfg.peer_timeout_ms);
     let mut sink = FramedWrite::new(wr, wire::codec());
     let mut frames = FramedRead::new(rd, wire::codec());
-    let metrics = hub.metrics.clone();
+    let metrics = cluster.metrics.clone();
     let writer = async {
         let mut tick = tokio::time::interval(heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -146,10 +147,10 @@ async fn run_link(
     let reader = async {
         while let Some(msg) = next_frame(&mut frames, silence, node).await {
             match msg {
-                PeerMsg::Members { req, users } => hub.cluster.members(req, users),
+                PeerMsg::Members { req, users } => cluster.requests.members(req, users),
                 // The owner's answer, when its own link to us was down.
                 PeerMsg::Published { req, result, pos } => {
-                    hub.cluster.published(hub, req, result, pos)
+                    cluster.requests.published(req, Published { result, pos })
                 }
                 PeerMsg::Pong => {}
                 _ => tracing::warn!(peer = %node, "unexpected frame on an outgoing link"),
@@ -165,25 +166,30 @@ async fn run_link(
 
 /// Serves a link a peer opened with `PEER <id> <secret>` (the first line,
 /// already read). Refuses a wrong secret or our own id.
-pub async fn serve(hub: Arc<Hub>, hello: &str, rd: ReadHalf, mut wr: WriteHalf) {
-    let cluster = hub.cluster.clone();
+pub async fn serve(
+    cluster: Arc<Cluster>,
+    handler: Arc<dyn Handler>,
+    hello: &str,
+    rd: ReadHalf,
+    mut wr: WriteHalf,
+) {
     let silence = Duration::from_millis(cluster.config.peer_timeout_ms);
     let mut words = hello.split(' ');
     let (Some(HELLO), Some(id), Some(secret), None) =
         (words.next(), words.next(), words.next(), words.next())
     else {
-        refused(&hub, "malformed", hello);
+        refused(&cluster, "malformed", hello);
         let _ = answer(&mut wr, b"ERR BAD_ARGS PEER <id> <secret>\n", true, silence).await;
         return;
     };
     if !cluster.config.is_clustered() || !wire::same_secret(secret, &cluster.config.secret) {
-        refused(&hub, "auth", id);
+        refused(&cluster, "auth", id);
         let line = b"ERR AUTH_FAILED peer links need the cluster secret\n";
         let _ = answer(&mut wr, line, true, silence).await;
         return;
     }
     if *id == *cluster.me {
-        refused(&hub, "self", id);
+        refused(&cluster, "self", id);
         let _ = answer(&mut wr, b"ERR BAD_ARGS that is my own id\n", true, silence).await;
         return;
     }
@@ -196,40 +202,14 @@ pub async fn serve(hub: Arc<Hub>, hello: &str, rd: ReadHalf, mut wr: WriteHalf) 
         return;
     }
     tracing::info!(peer = %node, "chat server linked to us");
-    // A (re)started peer owns nothing of ours yet.
-    hub.resync_peer(&node);
+    handler.linked(&node);
 
     // Answers to requests and heartbeats; as deep as the requests' queue.
-    let (tx, mut rx) = mpsc::channel::<PeerMsg>(cluster.config.peer_queue);
-    let mut sink = FramedWrite::new(wr, wire::codec());
-    // Heartbeats go out on a timer, not in reply to pings: a reader held up
-    // by a full room queue (backpressure) must not look like a dead server.
+    let (tx, rx) = mpsc::channel::<PeerMsg>(cluster.config.peer_queue);
     let heartbeat = Duration::from_millis(cluster.config.heartbeat_ms);
-    let writer = async move {
-        let mut tick = tokio::time::interval(heartbeat);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let m = tokio::select! {
-                m = rx.recv() => match m {
-                    Some(m) => m,
-                    None => return,
-                },
-                _ = tick.tick() => PeerMsg::Pong,
-            };
-            let fed = tokio::time::timeout(silence, sink.feed(m.encode())).await;
-            if fed.map_or(true, |r| r.is_err()) {
-                return;
-            }
-            if rx.is_empty() {
-                let flushed =
-                    tokio::time::timeout(silence, SinkExt::<Bytes>::flush(&mut sink)).await;
-                if flushed.map_or(true, |r| r.is_err()) {
-                    return;
-                }
-            }
-        }
-    };
-    let reader = read_incoming(&hub, &node, FramedRead::new(rd, wire::codec()), tx);
+    let writer = write_answers(FramedWrite::new(wr, wire::codec()), rx, heartbeat, silence);
+    let frames = FramedRead::new(rd, wire::codec());
+    let reader = read_incoming(&cluster, &*handler, &node, frames, tx);
     tokio::select! {
         _ = writer => {}
         _ = reader => {}
@@ -237,7 +217,40 @@ pub async fn serve(hub: Arc<Hub>, hello: &str, rd: ReadHalf, mut wr: WriteHalf) 
     }
     tracing::info!(peer = %node, "chat server link closed");
     // Answers to what we forwarded to this peer came on this connection.
-    cluster.peer_gone(&hub, &node);
+    cluster.requests.fail_node(&node);
+}
+
+/// Writes the answers of an incoming link and its heartbeats until the
+/// queue closes or a write takes longer than `silence`. Heartbeats go out
+/// on a timer, not in reply to pings: a reader held up by a full room queue
+/// (backpressure) must not look like a dead server.
+async fn write_answers(
+    mut sink: FramedWrite<WriteHalf, LengthDelimitedCodec>,
+    mut rx: mpsc::Receiver<PeerMsg>,
+    heartbeat: Duration,
+    silence: Duration,
+) {
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let m = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+            _ = tick.tick() => PeerMsg::Pong,
+        };
+        let fed = tokio::time::timeout(silence, sink.feed(m.encode())).await;
+        if fed.map_or(true, |r| r.is_err()) {
+            return;
+        }
+        if rx.is_empty() {
+            let flushed = tokio::time::timeout(silence, SinkExt::<Bytes>::flush(&mut sink)).await;
+            if flushed.map_or(true, |r| r.is_err()) {
+                return;
+            }
+        }
+    }
 }
 
 /// Writes a handshake answer within `limit` and puts it on the wire (TLS
@@ -262,15 +275,32 @@ async fn answer(
 }
 
 async fn read_incoming(
-    hub: &Arc<Hub>,
+    cluster: &Cluster,
+    handler: &dyn Handler,
     node: &NodeId,
     mut frames: FramedRead<impl AsyncRead + Unpin, LengthDelimitedCodec>,
-    reply: mpsc::Sender<PeerMsg>,
+    reply: Reply,
 ) {
-    let silence = Duration::from_millis(hub.cluster.config.peer_timeout_ms);
+    let silence = Duration::from_millis(cluster.config.peer_timeout_ms);
     while let Some(msg) = next_frame(&mut frames, silence, node).await {
-        if !dispatch(hub, node, msg, &reply).await {
-            return;
+        match msg {
+            // Waits while the room's queue is full: backpressure on the link.
+            PeerMsg::Publish(f) => handler.publish(node, f, reply.clone()).await,
+            // Keeps this side's read timeout from firing; our own heartbeats
+            // go out on a timer.
+            PeerMsg::Ping => {}
+            PeerMsg::Draining => cluster.peer_draining(node),
+            PeerMsg::Published { req, result, pos } => {
+                cluster.requests.published(req, Published { result, pos })
+            }
+            PeerMsg::Members { .. } | PeerMsg::Pong => {
+                tracing::warn!(peer = %node, "unexpected answer on an incoming link");
+            }
+            other => {
+                if !handler.frame(node, other, &reply) {
+                    return;
+                }
+            }
         }
     }
 }
@@ -297,7 +327,7 @@ async fn next_frame(
             return None;
         }
     };
-    match PeerMsg::decode(&frame) {
+    match PeerMsg::decode(frame.freeze()) {
         Ok(m) => Some(m),
         Err(e) => {
             tracing::warn!(peer = %node, error = %e, "undecodable frame from chat server");
@@ -306,97 +336,15 @@ async fn next_frame(
     }
 }
 
-/// Applies one frame from a peer; false to close the link.
-async fn dispatch(
-    hub: &Arc<Hub>,
-    node: &NodeId,
-    msg: PeerMsg,
-    reply: &mpsc::Sender<PeerMsg>,
-) -> bool {
-    match msg {
-        PeerMsg::Publish {
-            req,
-            room,
-            sender,
-            session,
-            cid,
-            text,
-        } => {
-            let p = Publish {
-                origin: Origin::Peer {
-                    node: node.clone(),
-                    req,
-                    session,
-                    reply: reply.clone(),
-                },
-                room,
-                sender: Arc::from(sender),
-                cid,
-                text,
-                received: Instant::now(),
-            };
-            // Waits while the room's queue is full: backpressure on the link.
-            hub.owner_publish(p).await;
-        }
-        PeerMsg::Enter { room, users } => hub.owner_enter(node, &room, users),
-        PeerMsg::Leave { room, user, reason } => {
-            let reason = PartReason::parse(&reason).unwrap_or(PartReason::Disconnected);
-            hub.owner_leave(node, &room, &user, reason);
-        }
-        PeerMsg::Unsubscribe { room } => hub.owner_unsubscribe(node, &room),
-        PeerMsg::Who { req, room } => {
-            let users = hub.owner_members(&room);
-            if reply.try_send(PeerMsg::Members { req, users }).is_err() {
-                return false;
-            }
-        }
-        PeerMsg::Deliver { room, lines } => {
-            let pos = lines.last().and_then(|d| d.pos.clone());
-            let local: Vec<(Bytes, Option<u64>)> = lines
-                .into_iter()
-                .map(|d| (Bytes::from(d.line), d.except))
-                .collect();
-            hub.deliver_local(&room, &local, pos.as_ref());
-        }
-        PeerMsg::Dm {
-            recipient,
-            line,
-            id,
-            pos,
-            forwarded,
-        } => hub.peer_dm(&recipient, line, id, pos, forwarded),
-        PeerMsg::Locate { user, here } => hub.peer_locate(node, user, here),
-        // Keeps this side's read timeout from firing; our own heartbeats go
-        // out on a timer.
-        PeerMsg::Ping => {}
-        PeerMsg::Draining => hub.cluster.peer_draining(node),
-        PeerMsg::Published { req, result, pos } => hub.cluster.published(hub, req, result, pos),
-        PeerMsg::Members { .. } | PeerMsg::Pong => {
-            tracing::warn!(peer = %node, "unexpected answer on an incoming link");
-        }
-    }
-    true
-}
-
-/// Longest part of an attacker's bytes quoted in a log line.
-const QUOTE_MAX: usize = 64;
-
-/// `s` for a log line: control characters escaped (no raw ESC or CR reaches
-/// the log), at most [`QUOTE_MAX`] characters.
-pub(crate) fn quote(s: &str) -> String {
-    let cut: String = s.chars().take(QUOTE_MAX).collect();
-    let more = if cut.len() < s.len() { "…" } else { "" };
-    format!("{}{more}", chat_protocol::text::escape_controls(&cut))
-}
-
 /// Counts a refused handshake and logs it, rate limited; `what` is the
 /// peer's claimed id (or its whole line when malformed), never the secret.
-fn refused(hub: &Hub, reason: &'static str, what: &str) {
-    hub.metrics
+fn refused(cluster: &Cluster, reason: &'static str, what: &str) {
+    cluster
+        .metrics
         .handshake_failures_total
         .with_label_values(&[reason])
         .inc();
-    if let Some(suppressed) = hub.cluster.refusals.admit() {
+    if let Some(suppressed) = cluster.refusals.admit() {
         let claimed = if reason == "malformed" {
             // The line may hold a secret in an unexpected place: show its
             // first word only.
@@ -410,19 +358,5 @@ fn refused(hub: &Hub, reason: &'static str, what: &str) {
             suppressed,
             "refused a chat server link (PEER handshake)"
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quoted_bytes_hold_no_controls() {
-        let q = quote("\u{1b}[2Jfake\rOK");
-        assert!(!q.chars().any(|c| c.is_control()), "{q:?}");
-        assert_eq!(q, "\\u{001B}[2Jfake\\u{000D}OK");
-        let long = quote(&"x".repeat(500));
-        assert!(long.chars().count() <= QUOTE_MAX + 1);
     }
 }

@@ -1,13 +1,19 @@
 //! The other chat servers: membership, the hash ring over the reachable ones,
 //! and one long-lived link to each.
 //!
-//! Every server dials every peer it knows (static `peers`, or a DNS name) and
-//! keeps that link up ([`link::dial_loop`]). A peer is in this server's ring
-//! while its link is up and it has not announced that it is draining; the
-//! ring decides which server owns a room (`ring.pick(room)`) and which is a
-//! user's hash owner (`ring.pick(user)`: the proxies' placement, before
-//! bounded loads). Each ring change is published on a watch channel; the hub
-//! then moves its rooms' presence to their new owners ([`Hub::resync`]).
+//! Every server dials every peer it knows (static `peers`, or a DNS name:
+//! `members.rs`) and keeps that link up (`link.rs`). A peer is in this
+//! server's ring while its link is up and it has not announced that it is
+//! draining; the ring decides which server owns a room (`ring.pick(room)`)
+//! and which is a user's hash owner (`ring.pick(user)`: the proxies'
+//! placement, before bounded loads). Each ring change is published on a
+//! watch channel and reported to the [`Handler`], which moves its rooms'
+//! presence to their new owners.
+//!
+//! This module is the transport: it knows frames and servers, never rooms
+//! or sessions. What peers say about rooms, users and DMs goes to the
+//! [`Handler`] the caller passes in (the node); answers to forwarded
+//! messages go to the completion each request carries (`requests.rs`).
 //!
 //! Frames to a peer go through a bounded queue per link. Fan-out never waits:
 //! a peer whose queue is full is disconnected, and resynchronises when it
@@ -17,31 +23,55 @@
 //! `ERR UNAVAILABLE` and resends with its id (the store deduplicates).
 
 pub mod link;
+pub mod members;
+pub mod requests;
 pub mod wire;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chat_ring::Ring;
-use chat_storage_api::{ApiError, Appended, ErrorKind};
-use tokio::sync::{mpsc, oneshot, watch};
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterConfig;
-use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::room::{Origin, Publish};
-use wire::PeerMsg;
-
-/// A server's id: its client address as the proxies list it.
-pub type NodeId = Arc<str>;
+use chat_admin::sync::lock;
+use requests::{Done, Requests};
+pub use wire::NodeId;
+use wire::{Forwarded, PeerMsg, Published};
 
 /// A frame waiting for a link's writer, with when its fan-out started.
 pub struct Queued {
     pub msg: PeerMsg,
     pub fanout_started: Option<Instant>,
+}
+
+/// The connection a peer's request came on, for answers that go back on it.
+pub type Reply = mpsc::Sender<PeerMsg>;
+
+/// What the links hand to the rest of the server: the frames peers send
+/// about rooms, users and DMs, and the changes of the cluster. The link
+/// layer handles heartbeats, draining and the answers to its own requests
+/// itself.
+pub trait Handler: Send + Sync + 'static {
+    /// A message `from` forwarded to this server as its room's owner;
+    /// resolves once the room took it (waiting while the room's queue is
+    /// full: backpressure on the link). Its answer goes through
+    /// [`Cluster::answer`].
+    fn publish(&self, from: &NodeId, msg: Forwarded, reply: Reply) -> BoxFuture<'_, ()>;
+    /// Any other frame a peer sent on the link it opened; false closes it.
+    fn frame(&self, from: &NodeId, msg: PeerMsg, reply: &Reply) -> bool;
+    /// `node` opened its link to this server (after a restart it owns
+    /// nothing of ours).
+    fn linked(&self, node: &NodeId);
+    /// This server's link to `node` went down.
+    fn lost(&self, node: &NodeId);
+    /// The ring changed: rooms and users may have new owners.
+    fn ring_changed(&self);
 }
 
 struct Peer {
@@ -54,48 +84,22 @@ struct Peer {
     draining: bool,
 }
 
-enum Pending {
-    Publish {
-        node: NodeId,
-        at: Instant,
-        p: Publish,
-    },
-    Who {
-        node: NodeId,
-        at: Instant,
-        tx: oneshot::Sender<Vec<String>>,
-    },
-}
-
-impl Pending {
-    fn node(&self) -> &NodeId {
-        match self {
-            Pending::Publish { node, .. } | Pending::Who { node, .. } => node,
-        }
-    }
-
-    fn at(&self) -> Instant {
-        match self {
-            Pending::Publish { at, .. } | Pending::Who { at, .. } => *at,
-        }
-    }
-}
-
 pub struct Cluster {
     pub me: NodeId,
     pub config: ClusterConfig,
     metrics: Metrics,
     peers: Mutex<HashMap<NodeId, Peer>>,
     ring: watch::Sender<Arc<Ring>>,
-    pending: Mutex<HashMap<u64, Pending>>,
-    next_req: AtomicU64,
+    requests: Requests,
+    /// Set with `tls`: links are dialled over mutual TLS.
+    connector: Option<chat_tls::Connector>,
     /// This server is draining: it is no longer in its own ring either.
     leaving: AtomicBool,
     /// Closes every link. Cancelled after the client sessions have drained,
     /// so their last messages still reach (and hear from) the rooms' owners.
     stop: CancellationToken,
     /// Refused PEER handshakes are logged through this (at most one line a second).
-    pub(crate) refusals: chat_admin::throttle::LogThrottle,
+    refusals: chat_admin::throttle::LogThrottle,
 }
 
 impl Cluster {
@@ -103,6 +107,7 @@ impl Cluster {
         me: String,
         config: ClusterConfig,
         metrics: Metrics,
+        connector: Option<chat_tls::Connector>,
         stop: CancellationToken,
     ) -> Arc<Cluster> {
         let ring = Ring::with_vnodes(&[(me.clone(), 1)], config.vnodes);
@@ -112,8 +117,8 @@ impl Cluster {
             metrics,
             peers: Mutex::new(HashMap::new()),
             ring: watch::Sender::new(Arc::new(ring)),
-            pending: Mutex::new(HashMap::new()),
-            next_req: AtomicU64::new(1),
+            requests: Requests::default(),
+            connector,
             leaving: AtomicBool::new(false),
             stop,
             refusals: Default::default(),
@@ -126,7 +131,7 @@ impl Cluster {
     }
 
     fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Peer>> {
-        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.peers)
     }
 
     pub fn ring(&self) -> Arc<Ring> {
@@ -172,8 +177,9 @@ impl Cluster {
         }
     }
 
-    /// Replaces the membership: dials new peers, stops dialling removed ones.
-    pub fn set_members(self: &Arc<Self>, hub: &Arc<Hub>, list: &[String]) {
+    /// Replaces the membership: `dial` starts dialling each new peer until
+    /// its token is cancelled; removed peers are no longer dialled.
+    pub fn set_members(&self, list: &[String], mut dial: impl FnMut(NodeId, CancellationToken)) {
         let mut peers = self.peers();
         let before = peers.len();
         peers.retain(|id, p| {
@@ -203,7 +209,7 @@ impl Cluster {
             self.metrics
                 .peer_link_drops_total
                 .with_label_values(&[id.as_str()]);
-            hub.tasks.spawn(link::dial_loop(hub.clone(), node, stop));
+            dial(node, stop);
             changed = true;
         }
         if changed {
@@ -212,7 +218,7 @@ impl Cluster {
     }
 
     /// A link to `node` is up: frames go to `tx` until `conn` is cancelled.
-    pub(crate) fn link_up(&self, node: &NodeId, tx: mpsc::Sender<Queued>, conn: CancellationToken) {
+    fn link_up(&self, node: &NodeId, tx: mpsc::Sender<Queued>, conn: CancellationToken) {
         let mut peers = self.peers();
         if let Some(p) = peers.get_mut(node) {
             p.tx = Some(tx);
@@ -224,7 +230,7 @@ impl Cluster {
     }
 
     /// The link to `node` dropped: out of the ring, and what waited on it fails.
-    pub(crate) fn link_down(&self, hub: &Hub, node: &NodeId) {
+    fn link_down(&self, node: &NodeId) {
         {
             let mut peers = self.peers();
             if let Some(p) = peers.get_mut(node) {
@@ -242,25 +248,11 @@ impl Cluster {
             .peer_queue_depth
             .with_label_values(&[node.as_ref()])
             .set(0);
-        self.fail_pending(
-            hub,
-            |p| p.node() == node,
-            "lost the link to the room's server",
-        );
-    }
-
-    /// The link `node` opened to us closed: what we forwarded to it will not
-    /// be answered.
-    pub(crate) fn peer_gone(&self, hub: &Hub, node: &NodeId) {
-        self.fail_pending(
-            hub,
-            |p| p.node() == node,
-            "lost the link from the room's server",
-        );
+        self.requests.fail_node(node);
     }
 
     /// `node` announced it is draining: take it out of the ring now.
-    pub(crate) fn peer_draining(&self, node: &NodeId) {
+    fn peer_draining(&self, node: &NodeId) {
         let mut peers = self.peers();
         if let Some(p) = peers.get_mut(node) {
             p.draining = true;
@@ -294,35 +286,29 @@ impl Cluster {
     /// Queues a frame for `node` without waiting. A full queue drops the link
     /// (the peer resynchronises when it is back); false if not queued.
     pub fn send(&self, node: &str, msg: PeerMsg) -> bool {
-        self.enqueue(
-            node,
-            Queued {
-                msg,
-                fanout_started: None,
-            },
-        )
+        self.try_queue(node, msg, None).is_ok()
     }
 
     /// [`Cluster::send`] for a fan-out started at `started` (its latency is
     /// observed when the frame is written).
     pub fn send_timed(&self, node: &str, msg: PeerMsg, started: Instant) -> bool {
-        self.enqueue(
-            node,
-            Queued {
-                msg,
-                fanout_started: Some(started),
-            },
-        )
+        self.try_queue(node, msg, Some(started)).is_ok()
     }
 
-    /// [`Cluster::send`] that gives the frame back when the link is not up.
-    pub fn try_send(&self, node: &str, msg: PeerMsg) -> Result<(), PeerMsg> {
+    /// Queues without waiting; gives the frame back when the link is not up
+    /// or its queue is full (which drops the link).
+    fn try_queue(
+        &self,
+        node: &str,
+        msg: PeerMsg,
+        fanout_started: Option<Instant>,
+    ) -> Result<(), PeerMsg> {
         let Some((tx, conn)) = self.queue(node) else {
             return Err(msg);
         };
         let q = Queued {
             msg,
-            fanout_started: None,
+            fanout_started,
         };
         match tx.try_send(q) {
             Ok(()) => Ok(()),
@@ -335,55 +321,34 @@ impl Cluster {
         }
     }
 
-    fn enqueue(&self, node: &str, q: Queued) -> bool {
-        let Some((tx, conn)) = self.queue(node) else {
-            return false;
+    /// Answers a message `node` forwarded as request `req`: on this
+    /// server's own link to `node`, behind the room's deliveries to it, so
+    /// the sender's other sessions and its neighbours see `MSG … n` before
+    /// its `OK MSG … n`. When that link is down (the other server just
+    /// restarted), back on the connection the request came on.
+    pub fn answer(&self, node: &NodeId, req: u64, answer: Published, reply: &Reply) {
+        let msg = PeerMsg::Published {
+            req,
+            result: answer.result,
+            pos: answer.pos,
         };
-        match tx.try_send(q) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(peer = %node, "link queue full; dropping the link");
-                conn.cancel();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        if let Err(msg) = self.try_queue(node, msg, None) {
+            let _ = reply.try_send(msg);
         }
-    }
-
-    fn next_req(&self) -> u64 {
-        self.next_req.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Forwards a local client's message to the room's owner. The answer
     /// arrives as [`PeerMsg::Published`] on the owner's link to this server
-    /// ([`Cluster::published`]). Gives the
-    /// message back when it could not be sent.
-    pub async fn forward(&self, node: &NodeId, p: Publish) -> Result<(), Publish> {
+    /// and goes to `done`, as does the news that none will come. Gives
+    /// `done` back when the message could not be sent.
+    pub async fn forward(&self, node: &NodeId, mut msg: Forwarded, done: Done) -> Result<(), Done> {
         let Some((tx, conn)) = self.queue(node) else {
-            return Err(p);
+            return Err(done);
         };
-        let Origin::Local { session, .. } = &p.origin else {
-            return Err(p);
-        };
-        let req = self.next_req();
-        let msg = PeerMsg::Publish {
-            req,
-            room: p.room.clone(),
-            sender: p.sender.to_string(),
-            session: session.id,
-            cid: p.cid.clone(),
-            text: p.text.clone(),
-        };
-        self.pending().insert(
-            req,
-            Pending::Publish {
-                node: node.clone(),
-                at: Instant::now(),
-                p,
-            },
-        );
+        let req = self.requests.publish(node, done);
+        msg.req = req;
         let q = Queued {
-            msg,
+            msg: PeerMsg::Publish(msg),
             fanout_started: None,
         };
         let patience = Duration::from_millis(self.config.peer_timeout_ms);
@@ -395,95 +360,35 @@ impl Cluster {
                 conn.cancel();
             }
         }
-        match self.pending().remove(&req) {
-            Some(Pending::Publish { p, .. }) => Err(p),
-            _ => Ok(()), // answered or failed meanwhile
-        }
-    }
-
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The owner's answer to a forwarded message.
-    pub(crate) fn published(
-        &self,
-        hub: &Hub,
-        req: u64,
-        result: Result<Appended, ApiError>,
-        pos: Option<String>,
-    ) {
-        if let Some(Pending::Publish { p, .. }) = self.pending().remove(&req) {
-            p.answer(hub, result, pos);
-        }
+        // `None`: answered or failed meanwhile.
+        self.requests.take_publish(req).map_or(Ok(()), Err)
     }
 
     /// Asks `node` who is present in `room`; `None` without an answer.
     pub async fn who(&self, node: &NodeId, room: &str) -> Option<Vec<String>> {
-        let req = self.next_req();
-        let (tx, rx) = oneshot::channel();
-        self.pending().insert(
-            req,
-            Pending::Who {
-                node: node.clone(),
-                at: Instant::now(),
-                tx,
-            },
-        );
+        let (req, rx) = self.requests.who(node);
         let msg = PeerMsg::Who {
             req,
             room: room.to_string(),
         };
         if !self.send(node, msg) {
-            self.pending().remove(&req);
+            self.requests.forget(req);
             return None;
         }
         let patience = Duration::from_millis(self.config.request_timeout_ms);
         let answer = tokio::time::timeout(patience, rx).await;
-        self.pending().remove(&req);
+        self.requests.forget(req);
         answer.ok()?.ok()
     }
 
-    pub(crate) fn members(&self, req: u64, users: Vec<String>) {
-        if let Some(Pending::Who { tx, .. }) = self.pending().remove(&req) {
-            let _ = tx.send(users);
-        }
-    }
-
-    fn fail_pending(&self, hub: &Hub, which: impl Fn(&Pending) -> bool, why: &str) {
-        let failed: Vec<Pending> = {
-            let mut pending = self.pending();
-            let ids: Vec<u64> = pending
-                .iter()
-                .filter(|(_, p)| which(p))
-                .map(|(id, _)| *id)
-                .collect();
-            ids.iter().filter_map(|id| pending.remove(id)).collect()
-        };
-        for p in failed {
-            if let Pending::Publish { p, .. } = p {
-                let e = ApiError::new(
-                    ErrorKind::Unavailable,
-                    format!("{why}; the message may or may not be stored, resend it with its id"),
-                );
-                p.answer(hub, Err(e), None);
-            }
-            // A dropped `Who` sender ends its wait with no answer.
-        }
-    }
-
     /// Answers requests that waited longer than `request_timeout_ms`.
-    pub(crate) fn expire_pending(&self, hub: &Hub) {
+    fn expire_requests(&self) {
         let limit = Duration::from_millis(self.config.request_timeout_ms);
-        self.fail_pending(
-            hub,
-            |p| p.at().elapsed() > limit,
-            "no answer from the room's server",
-        );
+        self.requests.expire(limit);
     }
 
     /// Updates the queue-depth gauges.
-    pub(crate) fn observe_queues(&self) {
+    fn observe_queues(&self) {
         let peers = self.peers();
         for (id, p) in peers.iter() {
             let depth =
@@ -501,57 +406,4 @@ impl Cluster {
 pub fn new_secret() -> String {
     let bytes: [u8; 16] = rand::random();
     hex::encode(bytes)
-}
-
-/// Keeps the membership, follows ring changes and expires requests until
-/// `stop`.
-pub async fn run(hub: Arc<Hub>, stop: CancellationToken) {
-    let cluster = hub.cluster.clone();
-    let cfg = cluster.config.clone();
-    if cfg.dns_name.is_none() {
-        cluster.set_members(&hub, &cfg.peers);
-    }
-    let mut ring = cluster.subscribe();
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.heartbeat_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let dns_every = Duration::from_secs(cfg.dns_refresh_secs);
-    let mut dns_next = Instant::now();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            changed = ring.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                ring.borrow_and_update();
-                hub.resync();
-            }
-            _ = tick.tick() => {
-                cluster.expire_pending(&hub);
-                cluster.observe_queues();
-                if let Some(name) = cfg.dns_name.as_deref() {
-                    if Instant::now() >= dns_next {
-                        dns_next = Instant::now() + dns_every;
-                        let found = tokio::select! {
-                            r = tokio::net::lookup_host((name, cfg.dns_port)) => r,
-                            _ = stop.cancelled() => return,
-                        };
-                        match found {
-                            Ok(addrs) => {
-                                let mut list: Vec<String> = addrs.map(|a| a.to_string()).collect();
-                                list.sort();
-                                list.dedup();
-                                if list.is_empty() {
-                                    tracing::warn!(%name, "DNS returned no chat servers; keeping the last list");
-                                } else {
-                                    cluster.set_members(&hub, &list);
-                                }
-                            }
-                            Err(e) => tracing::warn!(%name, error = %e, "DNS lookup failed; keeping the last list"),
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
