@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use chat_tls::dev::{self, Leaf};
+use chat_tls::dev;
 use chat_tls::{names, TlsIdentity};
 
 /// The three tiers' identities, and whether they were made just now.
@@ -22,21 +22,7 @@ pub struct DevIdentities {
 /// file is missing or unreadable; existing ones are kept, so a restart keeps
 /// the CA that clients may have been told to trust.
 pub fn ensure(dir: &Path) -> anyhow::Result<DevIdentities> {
-    let leaves = [
-        Leaf {
-            stem: "server",
-            names: &[names::SERVER],
-        },
-        Leaf {
-            stem: "proxy",
-            names: &[names::PROXY],
-        },
-        Leaf {
-            stem: "dbproxy",
-            names: &[names::DBPROXY],
-        },
-    ];
-    let (mut ids, made) = dev::ensure(dir, &leaves)
+    let (mut ids, made) = dev::ensure(dir, &dev::ROLES)
         .with_context(|| format!("making development certificates under {}", dir.display()))?;
     let mut take = |stem: &str| ids.remove(stem).expect("dev::ensure returns every leaf");
     Ok(DevIdentities {

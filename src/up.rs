@@ -152,7 +152,7 @@ async fn bind_servers(
         c.cluster.advertise = b.client_addr.to_string();
         c.cluster.peers = if n > 1 { peers.clone() } else { Vec::new() };
         c.cluster.dns_name = None;
-        c.cluster.secret.clone_from(&secret);
+        c.cluster.secret = secret.as_str().into();
         if config.proxy.send_proxy_line {
             trust_local_proxy(c, b.client_addr);
         }

@@ -11,32 +11,14 @@ use std::time::Duration;
 use chat_dbproxy::Config;
 use chat_storage_client::DbClient;
 use chat_storage_client::{ClientOptions, Probe};
-use chat_tls::dev::{ensure, Leaf};
-use chat_tls::{names, TlsIdentity};
+use chat_tls::dev::{ensure, ROLES};
+use chat_tls::TlsIdentity;
 use common::{raw_request, wait_until, Proxy};
 
 const PROBE: Duration = Duration::from_secs(2);
 
 fn certs(dir: &Path) -> std::collections::BTreeMap<String, TlsIdentity> {
-    ensure(
-        dir,
-        &[
-            Leaf {
-                stem: "dbproxy",
-                names: &[names::DBPROXY],
-            },
-            Leaf {
-                stem: "server",
-                names: &[names::SERVER],
-            },
-            Leaf {
-                stem: "proxy",
-                names: &[names::PROXY],
-            },
-        ],
-    )
-    .unwrap()
-    .0
+    ensure(dir, &ROLES).unwrap().0
 }
 
 /// A client dialing `https://` with `identity`, a new pool each time (so

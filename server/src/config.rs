@@ -121,7 +121,7 @@ pub struct ClusterConfig {
     pub dns_refresh_secs: u64,
     /// Shared secret every server presents when it opens a link. Required
     /// once there are peers; never logged.
-    pub secret: String,
+    pub secret: chat_tls::Secret,
     /// Ring points per server; must match the proxies' `vnodes`.
     pub vnodes: u32,
     /// How often an idle link sends a heartbeat.
@@ -145,7 +145,7 @@ impl Default for ClusterConfig {
             dns_name: None,
             dns_port: 7000,
             dns_refresh_secs: 5,
-            secret: String::new(),
+            secret: chat_tls::Secret::default(),
             vnodes: chat_ring::DEFAULT_VNODES,
             heartbeat_ms: 250,
             peer_timeout_ms: 2000,
@@ -162,7 +162,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("peers", &self.peers)
             .field("dns_name", &self.dns_name)
             .field("dns_port", &self.dns_port)
-            .field("secret", &"<redacted>")
+            .field("secret", &self.secret)
             .field("vnodes", &self.vnodes)
             .field("heartbeat_ms", &self.heartbeat_ms)
             .field("peer_timeout_ms", &self.peer_timeout_ms)
@@ -273,10 +273,16 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), Error> {
-        let bad = |key: &str, why: &str| Err(Error::Config(format!("server.{key}: {why}")));
         if let Err((key, why)) = self.admin_http.validate() {
             return bad(&format!("admin_http.{key}"), why);
         }
+        self.validate_hops()?;
+        self.validate_limits()?;
+        self.cluster.validate()
+    }
+
+    /// The storage URL, TLS and the files re-read while running.
+    fn validate_hops(&self) -> Result<(), Error> {
         if self.dbproxy_url.starts_with("https://") {
             if self.tls.is_none() {
                 return bad(
@@ -300,6 +306,11 @@ impl Config {
         if !(100..=3_600_000).contains(&self.reload_interval_ms) {
             return bad("reload_interval_ms", "must be 100..=3600000");
         }
+        Ok(())
+    }
+
+    /// The per-connection and per-server bounds.
+    fn validate_limits(&self) -> Result<(), Error> {
         if !(64..=1 << 20).contains(&self.max_line_bytes) {
             return bad("max_line_bytes", "must be between 64 and 1048576");
         }
@@ -339,7 +350,13 @@ impl Config {
                 );
             }
         }
-        let c = &self.cluster;
+        Ok(())
+    }
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), Error> {
+        let c = self;
         if !c.advertise.is_empty() && !is_host_port(&c.advertise) {
             return bad("cluster.advertise", "must be host:port");
         }
@@ -377,6 +394,11 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A config error naming `server.<key>`.
+fn bad(key: &str, why: &str) -> Result<(), Error> {
+    Err(Error::Config(format!("server.{key}: {why}")))
 }
 
 /// `host:port` with a non-empty host and a numeric port.

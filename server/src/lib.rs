@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_admin::accept::{Accepted, Acceptor};
+use chat_admin::tick::Ticker;
 use chat_admin::{Health, Readiness};
 use chat_storage_client::DbClient;
 use chat_storage_client::{BearerToken, ClientOptions, Probe};
@@ -87,7 +88,7 @@ pub async fn run(
     config.validate()?;
     let metrics = Metrics::new(&registry)?;
     let tasks = TaskTracker::new();
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let grace = config.shutdown_grace();
     let health = Health::default();
 
     let admin = tasks.spawn(chat_admin::serve(
@@ -193,7 +194,7 @@ fn spawn_background(node: &Arc<Node>, background: &CancellationToken) -> mpsc::S
     if let Some(tls) = &node.tls {
         tasks.spawn(chat_tls::watch(
             tls.reloaders(),
-            Duration::from_millis(node.config.reload_interval_ms),
+            node.config.reload_interval(),
             background.clone(),
         ));
     }
@@ -280,17 +281,11 @@ fn dbproxy_client(
 /// server that cannot store anything should leave the proxies' rings and
 /// the Service's endpoints rather than take clients it must refuse.
 async fn follow_storage(db: DbClient, health: Health, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(STORAGE_PROBE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = Ticker::new(STORAGE_PROBE_EVERY, stop);
     let mut last_ready: Option<tokio::time::Instant> = None;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-        let probe = tokio::select! {
-            p = db.probe(STORAGE_PROBE_TIMEOUT) => p,
-            _ = stop.cancelled() => return,
+    while tick.tick().await {
+        let Some(probe) = tick.unless_stopped(db.probe(STORAGE_PROBE_TIMEOUT)).await else {
+            return;
         };
         let now = tokio::time::Instant::now();
         let state = health.state();
@@ -353,14 +348,8 @@ async fn receipts_loop(db: DbClient, mut rx: mpsc::Receiver<i64>, stop: Cancella
 /// Keeps the tokens of connected users alive (they expire only when unused,
 /// after the dbproxy's `token_idle_ttl_secs`).
 async fn touch_loop(node: Arc<Node>, stop: CancellationToken) {
-    let every = Duration::from_millis(node.config.token_touch_interval_ms);
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
+    let mut tick = Ticker::new(node.config.token_touch_interval(), stop);
+    while tick.tick().await {
         let tokens = node.online_tokens();
         for chunk in tokens.chunks(1000) {
             if let Err(e) = node.db.touch(chunk.to_vec()).await {

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use chat_tls::dev::{ensure, Leaf};
-use chat_tls::{names, Secret, TlsIdentity};
+use chat_tls::dev::{ensure, ROLES};
+use chat_tls::{Secret, TlsIdentity};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -141,20 +141,7 @@ async fn first_answer(server: SocketAddr, line: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_over_mutual_tls_with_a_token_and_a_clear_refusal() {
     let dir = tempfile::tempdir().unwrap();
-    let (ids, _) = ensure(
-        &dir.path().join("tls"),
-        &[
-            Leaf {
-                stem: "dbproxy",
-                names: &[names::DBPROXY],
-            },
-            Leaf {
-                stem: "server",
-                names: &[names::SERVER],
-            },
-        ],
-    )
-    .unwrap();
+    let (ids, _) = ensure(&dir.path().join("tls"), &ROLES).unwrap();
     let db = dbproxy(dir.path(), ids["dbproxy"].clone()).await;
 
     let good = chat_server(&db, ids["server"].clone(), TOKEN).await;

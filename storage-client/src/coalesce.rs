@@ -81,6 +81,9 @@ impl<I: Item, O: Send + 'static> Coalescer<I, O> {
         }
         let tx = self.tx.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
+            // Owned by its channel rather than a tracker: it answers every
+            // queued call and ends once this coalescer (and so its client)
+            // is dropped, which is what the client's owner waits for.
             tokio::spawn(run(rx, self.send.clone()));
             tx
         });

@@ -20,6 +20,23 @@ pub struct Leaf<'a> {
     pub names: &'a [&'a str],
 }
 
+/// The stack's three roles, one certificate each, stems `server`, `proxy`
+/// and `dbproxy` (what `chat up` and `chat certs` make).
+pub const ROLES: [Leaf<'static>; 3] = [
+    Leaf {
+        stem: "server",
+        names: &[crate::names::SERVER],
+    },
+    Leaf {
+        stem: "proxy",
+        names: &[crate::names::PROXY],
+    },
+    Leaf {
+        stem: "dbproxy",
+        names: &[crate::names::DBPROXY],
+    },
+];
+
 /// The identities for `leaves` under `dir`, made if any file is missing.
 /// Returns them by stem, and whether they were made now.
 pub fn ensure(

@@ -24,6 +24,11 @@ impl Secret {
         self.0.is_empty()
     }
 
+    /// Its length in bytes, for a minimum-length rule.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// Whether `candidate` equals this secret; the time taken depends on the
     /// lengths only, not on where the first differing byte is.
     pub fn matches(&self, candidate: &[u8]) -> bool {
@@ -48,6 +53,18 @@ impl Secret {
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .map(|l| Secret(l.to_owned()))
             .collect())
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Secret {
+        Secret::new(value)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Secret {
+        Secret(value)
     }
 }
 

@@ -421,13 +421,9 @@ impl Topology {
 
     /// Runs the health loop until `stop`.
     pub(crate) async fn run_health(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tick.tick() => self.probe_all().await,
-            }
+        let mut tick = chat_admin::tick::Ticker::new(interval, stop);
+        while tick.tick().await {
+            self.probe_all().await;
         }
     }
 

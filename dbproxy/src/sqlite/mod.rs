@@ -90,13 +90,8 @@ impl SqliteBackend {
 /// not (see `schema::open_writer`).
 async fn checkpoint_loop(conn: Connection, stop: CancellationToken) {
     let mut conn = Some(conn);
-    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
+    let mut tick = chat_admin::tick::Ticker::new(CHECKPOINT_EVERY, stop);
+    while tick.tick().await {
         let Some(c) = conn.take() else { return };
         match tokio::task::spawn_blocking(move || {
             let r = schema::checkpoint(&c);

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chat_admin::backoff::Backoff;
 use chat_tls::{ReadHalf, Stream, WriteHalf};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
@@ -28,8 +29,10 @@ pub async fn dial_loop(
     stop: CancellationToken,
 ) {
     let cfg = cluster.config.clone();
-    let timeout = Duration::from_millis(cfg.peer_timeout_ms);
-    let mut backoff = Duration::from_millis(100);
+    let timeout = cfg.peer_timeout();
+    // Jittered, so that after a restart every server does not redial its
+    // peers in the same instant.
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let attempt = tokio::select! {
             r = tokio::time::timeout(timeout, handshake(&cluster, &node)) => r,
@@ -37,7 +40,7 @@ pub async fn dial_loop(
         };
         match attempt {
             Ok(Ok((rd, wr))) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 let (tx, rx) = mpsc::channel(cfg.peer_queue);
                 let conn = stop.child_token();
                 cluster.link_up(&node, tx, conn.clone());
@@ -49,10 +52,9 @@ pub async fn dial_loop(
             Err(_) => tracing::debug!(peer = %node, "linking to chat server timed out"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
             _ = stop.cancelled() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -70,7 +72,7 @@ async fn handshake(
         None => Stream::Plain(tcp),
     };
     let (rd, mut wr) = stream.into_split();
-    let (me, secret) = (&cluster.me, &cluster.config.secret);
+    let (me, secret) = (&cluster.me, cluster.config.secret.expose());
     wr.write_all(format!("{HELLO} {me} {secret}\n").as_bytes())
         .await?;
     wr.flush().await?;
@@ -102,14 +104,13 @@ async fn run_link(
     conn: CancellationToken,
 ) {
     let cfg = &cluster.config;
-    let heartbeat = Duration::from_millis(cfg.heartbeat_ms);
-    let silence = Duration::from_millis(cfg.peer_timeout_ms);
+    let heartbeat = cfg.heartbeat();
+    let silence = cfg.peer_timeout();
     let mut sink = FramedWrite::new(wr, wire::codec());
     let mut frames = FramedRead::new(rd, wire::codec());
     let metrics = cluster.metrics.clone();
     let writer = async {
-        let mut tick = tokio::time::interval(heartbeat);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = chat_admin::tick::interval(heartbeat);
         loop {
             let q = tokio::select! {
                 q = rx.recv() => q,
@@ -173,7 +174,7 @@ pub async fn serve(
     rd: ReadHalf,
     mut wr: WriteHalf,
 ) {
-    let silence = Duration::from_millis(cluster.config.peer_timeout_ms);
+    let silence = cluster.config.peer_timeout();
     let mut words = hello.split(' ');
     let (Some(HELLO), Some(id), Some(secret), None) =
         (words.next(), words.next(), words.next(), words.next())
@@ -182,7 +183,7 @@ pub async fn serve(
         let _ = answer(&mut wr, b"ERR BAD_ARGS PEER <id> <secret>\n", true, silence).await;
         return;
     };
-    if !cluster.config.is_clustered() || !wire::same_secret(secret, &cluster.config.secret) {
+    if !cluster.config.is_clustered() || !cluster.config.secret.matches(secret.as_bytes()) {
         refused(&cluster, "auth", id);
         let line = b"ERR AUTH_FAILED peer links need the cluster secret\n";
         let _ = answer(&mut wr, line, true, silence).await;
@@ -206,7 +207,7 @@ pub async fn serve(
 
     // Answers to requests and heartbeats; as deep as the requests' queue.
     let (tx, rx) = mpsc::channel::<PeerMsg>(cluster.config.peer_queue);
-    let heartbeat = Duration::from_millis(cluster.config.heartbeat_ms);
+    let heartbeat = cluster.config.heartbeat();
     let writer = write_answers(FramedWrite::new(wr, wire::codec()), rx, heartbeat, silence);
     let frames = FramedRead::new(rd, wire::codec());
     let reader = read_incoming(&cluster, &*handler, &node, frames, tx);
@@ -230,8 +231,7 @@ async fn write_answers(
     heartbeat: Duration,
     silence: Duration,
 ) {
-    let mut tick = tokio::time::interval(heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = chat_admin::tick::interval(heartbeat);
     loop {
         let m = tokio::select! {
             m = rx.recv() => match m {
@@ -281,7 +281,7 @@ async fn read_incoming(
     mut frames: FramedRead<impl AsyncRead + Unpin, LengthDelimitedCodec>,
     reply: Reply,
 ) {
-    let silence = Duration::from_millis(cluster.config.peer_timeout_ms);
+    let silence = cluster.config.peer_timeout();
     while let Some(msg) = next_frame(&mut frames, silence, node).await {
         match msg {
             // Waits while the room's queue is full: backpressure on the link.

@@ -3,36 +3,37 @@
 //! reports ring changes to the handler and expires unanswered requests.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
+use chat_admin::members::Members;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{link, Cluster, Handler};
 
 /// Keeps the membership, follows ring changes and expires requests until
-/// `stop`. Dial loops run on `tasks`.
+/// `stop`. Dial loops (and the DNS follower) run on `tasks`.
 pub async fn run(
     cluster: Arc<Cluster>,
     handler: Arc<dyn Handler>,
     tasks: TaskTracker,
     stop: CancellationToken,
 ) {
-    let cfg = cluster.config.clone();
-    let set_members = |list: &[String]| {
-        cluster.set_members(list, |node, stop| {
-            let dial = link::dial_loop(cluster.clone(), handler.clone(), node, stop);
-            tasks.spawn(dial);
-        })
-    };
-    if cfg.dns_name.is_none() {
-        set_members(&cfg.peers);
+    match cluster.config.members() {
+        Members::Static(peers) => set_members(&cluster, &handler, &tasks, &peers),
+        Members::Dns(dns) => {
+            let (cluster, handler, spawner) = (cluster.clone(), handler.clone(), tasks.clone());
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                dns.follow(stop, |found| {
+                    let list: Vec<String> = found.iter().map(|a| a.to_string()).collect();
+                    set_members(&cluster, &handler, &spawner, &list);
+                })
+                .await
+            });
+        }
     }
     let mut ring = cluster.subscribe();
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.heartbeat_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let dns_every = Duration::from_secs(cfg.dns_refresh_secs);
-    let mut dns_next = Instant::now();
+    let mut tick = chat_admin::tick::interval(cluster.config.heartbeat());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -46,40 +47,20 @@ pub async fn run(
             _ = tick.tick() => {
                 cluster.expire_requests();
                 cluster.observe_queues();
-                let Some(name) = cfg.dns_name.as_deref() else { continue };
-                if Instant::now() < dns_next {
-                    continue;
-                }
-                dns_next = Instant::now() + dns_every;
-                let found = tokio::select! {
-                    r = resolve(name, cfg.dns_port) => r,
-                    _ = stop.cancelled() => return,
-                };
-                if let Some(list) = found {
-                    set_members(&list);
-                }
             }
         }
     }
 }
 
-/// The chat servers `name` lists, sorted; `None` (logged) when the lookup
-/// failed or found none, so the last list stays.
-async fn resolve(name: &str, port: u16) -> Option<Vec<String>> {
-    match tokio::net::lookup_host((name, port)).await {
-        Ok(addrs) => {
-            let mut list: Vec<String> = addrs.map(|a| a.to_string()).collect();
-            list.sort();
-            list.dedup();
-            if list.is_empty() {
-                tracing::warn!(%name, "DNS returned no chat servers; keeping the last list");
-                return None;
-            }
-            Some(list)
-        }
-        Err(e) => {
-            tracing::warn!(%name, error = %e, "DNS lookup failed; keeping the last list");
-            None
-        }
-    }
+/// Makes `list` the cluster's members; each new peer gets a dial loop.
+fn set_members(
+    cluster: &Arc<Cluster>,
+    handler: &Arc<dyn Handler>,
+    tasks: &TaskTracker,
+    list: &[String],
+) {
+    cluster.set_members(list, |node, stop| {
+        let dial = link::dial_loop(cluster.clone(), handler.clone(), node, stop);
+        tasks.spawn(dial);
+    })
 }

@@ -30,7 +30,7 @@ pub mod wire;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chat_ring::Ring;
 use futures::future::BoxFuture;
@@ -351,7 +351,7 @@ impl Cluster {
             msg: PeerMsg::Publish(msg),
             fanout_started: None,
         };
-        let patience = Duration::from_millis(self.config.peer_timeout_ms);
+        let patience = self.config.peer_timeout();
         match tokio::time::timeout(patience, tx.send(q)).await {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(_)) => {}
@@ -375,7 +375,7 @@ impl Cluster {
             self.requests.forget(req);
             return None;
         }
-        let patience = Duration::from_millis(self.config.request_timeout_ms);
+        let patience = self.config.request_timeout();
         let answer = tokio::time::timeout(patience, rx).await;
         self.requests.forget(req);
         answer.ok()?.ok()
@@ -383,7 +383,7 @@ impl Cluster {
 
     /// Answers requests that waited longer than `request_timeout_ms`.
     fn expire_requests(&self) {
-        let limit = Duration::from_millis(self.config.request_timeout_ms);
+        let limit = self.config.request_timeout();
         self.requests.expire(limit);
     }
 

@@ -210,15 +210,6 @@ fn decode_deliver(mut frame: Bytes) -> Result<PeerMsg, WireError> {
     })
 }
 
-/// Constant-time comparison of two secrets.
-pub fn same_secret(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,12 +286,5 @@ mod tests {
         assert!(PeerMsg::decode(cut).is_err(), "lengths beyond the bytes");
         assert!(PeerMsg::decode(Bytes::from_static(b"D\0\0")).is_err());
         assert!(PeerMsg::decode(Bytes::from_static(b"D\0\0\0\x09{}")).is_err());
-    }
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret("abcdefgh", "abcdefgh"));
-        assert!(!same_secret("abcdefgh", "abcdefgx"));
-        assert!(!same_secret("abc", "abcd"));
     }
 }

@@ -54,7 +54,7 @@ impl Session {
     /// [`Session::reply`] for any queue item (a welcome's pending DMs).
     /// A client kicked as slow is counted once, when its session closes.
     async fn reply_out(&self, out: Out) -> bool {
-        let idle = Duration::from_secs(self.node.config.idle_timeout_secs);
+        let idle = self.node.config.idle_timeout();
         self.handle.send_wait(out, idle).await
     }
 

@@ -10,7 +10,7 @@ mod rate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use chat_protocol::{PartReason, ServerLine};
@@ -43,7 +43,7 @@ pub async fn run(
     };
     let reason = match live.refused.take() {
         None => {
-            let idle = Duration::from_secs(live.session.node.config.idle_timeout_secs);
+            let idle = live.session.node.config.idle_timeout();
             live.session.command_loop(&mut live.frames, idle).await
         }
         Some(line) => {
@@ -146,7 +146,7 @@ async fn close(
     ) {
         // MSG/DM already read get their answers before BYE (or before the
         // close a proxy waits for when it moves the client elsewhere).
-        let grace = Duration::from_secs(node.config.shutdown_grace_secs);
+        let grace = node.config.shutdown_grace();
         let all = node.config.max_inflight_per_conn as u32;
         let _ = timeout(grace, session.inflight.acquire_many(all)).await;
     }

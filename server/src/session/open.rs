@@ -44,7 +44,7 @@ pub struct Opened {
 pub async fn open(node: &Arc<Node>, tcp: TcpStream, peer: SocketAddr) -> Option<Opened> {
     let _ = tcp.set_nodelay(true);
     // One time limit for the TLS handshake (if any) and the first line.
-    let limit = Duration::from_secs(node.config.first_line_timeout_secs);
+    let limit = node.config.first_line_timeout();
     let deadline = tokio::time::Instant::now() + limit;
     let accepted = match &node.tls {
         Some(tls) => {
