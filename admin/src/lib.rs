@@ -52,6 +52,8 @@ pub enum Readiness {
     Ready = 1,
     StorageUnavailable = 2,
     Draining = 3,
+    /// A proxy with no chat server to route to.
+    NoServer = 4,
 }
 
 impl Readiness {
@@ -62,6 +64,7 @@ impl Readiness {
             Readiness::Ready => "ready\n",
             Readiness::StorageUnavailable => "not ready: storage unavailable\n",
             Readiness::Draining => "not ready: draining\n",
+            Readiness::NoServer => "not ready: no chat server\n",
         }
     }
 
@@ -70,6 +73,7 @@ impl Readiness {
             1 => Readiness::Ready,
             2 => Readiness::StorageUnavailable,
             3 => Readiness::Draining,
+            4 => Readiness::NoServer,
             _ => Readiness::Starting,
         }
     }
@@ -85,6 +89,18 @@ pub struct Health {
 impl Health {
     pub fn set(&self, state: Readiness) {
         self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Sets `state` unless the tier is already draining: draining is final,
+    /// so a task that follows some condition cannot make a draining tier
+    /// look ready again.
+    pub fn follow(&self, state: Readiness) {
+        let draining = Readiness::Draining as u8;
+        let _ = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+                (now != draining).then_some(state as u8)
+            });
     }
 
     pub fn state(&self) -> Readiness {

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use chat_admin::accept::{Accepted, Acceptor};
 use chat_admin::members::Members;
-use chat_admin::Health;
+use chat_admin::{Health, Readiness};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -88,7 +88,11 @@ pub async fn run(
         metrics,
         shutdown,
     });
-    health.set_ready(true);
+    tasks.spawn(follow_ring(
+        ctx.upstreams.subscribe(),
+        health.clone(),
+        background.clone(),
+    ));
     tracing::info!(%addr, "chat proxy listening");
     serve(&ctx, acceptor, &health).await;
     background.cancel();
@@ -135,6 +139,29 @@ async fn follow_upstreams(
         ));
     }
     upstreams
+}
+
+/// Keeps `/readyz` following the ring until `stop`: ready while there is a
+/// chat server to route to (panic routing included), `no chat server`
+/// otherwise, so a load balancer sends new clients to a proxy that can
+/// place them. Clients that still arrive get `ERR UNAVAILABLE`.
+async fn follow_ring(
+    mut ring: tokio::sync::watch::Receiver<Arc<upstreams::Snapshot>>,
+    health: Health,
+    stop: CancellationToken,
+) {
+    loop {
+        let routable = !ring.borrow_and_update().ring.is_empty();
+        health.follow(if routable {
+            Readiness::Ready
+        } else {
+            Readiness::NoServer
+        });
+        tokio::select! {
+            changed = ring.changed() => if changed.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 /// Accepts clients until shutdown, then (not ready any more) drains them

@@ -290,6 +290,48 @@ async fn no_ready_server_answers_unavailable() {
     c.expect_eof().await;
 }
 
+/// The proxy's own `/readyz`: status code and body.
+async fn proxy_readyz(proxy: &Proxy) -> (String, String) {
+    let mut admin = Client::connect(&proxy.admin).await;
+    admin.send(b"GET /readyz HTTP/1.0\r\n\r\n").await;
+    let status = admin.line().await;
+    // Headers end with an empty line ("\r" here); the body is one line.
+    while admin.line().await != "\r" {}
+    (status, admin.line().await)
+}
+
+#[tokio::test]
+async fn ready_only_while_a_chat_server_is() {
+    let s = FakeServer::start(false).await;
+    let proxy = Proxy::start(&[&s], |c| {
+        c.health_interval_ms = Duration::from_millis(50);
+        c.eject_after_failures = 1;
+    })
+    .await;
+    let unready = || async {
+        let (status, body) = proxy_readyz(&proxy).await;
+        status.contains(" 503 ") && body == "not ready: no chat server"
+    };
+    assert!(
+        poll_until(Duration::from_secs(3), unready).await,
+        "a proxy without a chat server to route to says so"
+    );
+    s.health.set_ready(true);
+    let ready = || async {
+        let (status, body) = proxy_readyz(&proxy).await;
+        status.contains(" 200 ") && body == "ready"
+    };
+    assert!(
+        poll_until(Duration::from_secs(3), ready).await,
+        "ready once the server is"
+    );
+    s.health.set_ready(false);
+    assert!(
+        poll_until(Duration::from_secs(3), unready).await,
+        "not ready again once the server is ejected"
+    );
+}
+
 #[tokio::test]
 async fn servers_from_dns_and_admin_endpoint() {
     let s = FakeServer::start(true).await;
