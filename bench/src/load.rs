@@ -124,7 +124,7 @@ async fn connect_phase(
 ) -> Connected {
     let c = &shared.counters;
     let settled = || Counters::get(&c.connected) + Counters::get(&c.connect_failed);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = chat_admin::tick::interval(Duration::from_secs(1));
     tick.tick().await;
     while (settled() as usize) < clients && connect_start.elapsed() < CONNECT_PHASE_CAP {
         tokio::select! {
@@ -167,7 +167,7 @@ async fn send_phase(
     let cpu_before = stats::CpuSample::take(&o.server_pids);
     shared.go.cancel();
     let run_start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = chat_admin::tick::interval(Duration::from_secs(1));
     tick.tick().await;
     let (mut last_acked, mut last_delivered) = (0, 0);
     while run_start.elapsed() < duration && !shutdown.is_cancelled() {

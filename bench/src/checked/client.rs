@@ -226,7 +226,7 @@ impl Client {
         // Cleared only after a whole line was handled: `read_line` inside
         // `select!` may be cancelled with part of a line already in it.
         let mut line = String::new();
-        let mut gap_check = tokio::time::interval(GAP_CHECK);
+        let mut gap_check = chat_admin::tick::interval(GAP_CHECK);
         let pace = Duration::from_secs_f64(1.0 / self.run.rate.max(0.01));
         // Each client starts at its own phase, so that sends are spread over
         // time rather than arriving in bursts (a short fault would otherwise
@@ -376,7 +376,7 @@ impl Client {
         send(&mut write, &joins).await?;
         let deadline = Instant::now() + SWEEP_CAP;
         let mut joins_answered = 0;
-        let mut tick = tokio::time::interval(GAP_CHECK);
+        let mut tick = chat_admin::tick::interval(GAP_CHECK);
         loop {
             if joins_answered >= self.rooms.len() && self.state.caught_up() {
                 break;
