@@ -314,9 +314,12 @@ async fn next_frame(
 ) -> Option<PeerMsg> {
     let frame = match tokio::time::timeout(silence, frames.next()).await {
         Ok(Some(Ok(f))) => f,
-        // A peer that stops or restarts closes its links without a TLS
-        // close_notify: a closed link, not a bad frame.
-        Ok(Some(Err(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+        // A peer that stops, restarts or is cut off ends its links with a
+        // reset or without a TLS close_notify: a lost link, not a bad frame.
+        Ok(Some(Err(e))) if link_lost(&e) => {
+            tracing::debug!(peer = %node, error = %e, "chat server link lost");
+            return None;
+        }
         Ok(Some(Err(e))) => {
             tracing::warn!(peer = %node, error = %e, "bad frame from chat server");
             return None;
@@ -358,5 +361,31 @@ fn refused(cluster: &Cluster, reason: &'static str, what: &str) {
             suppressed,
             "refused a chat server link (PEER handshake)"
         );
+    }
+}
+
+/// Whether a read error means the connection went away (rather than that
+/// the peer sent something that is not a frame).
+fn link_lost(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | TimedOut
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::link_lost;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn a_reset_is_a_lost_link_and_garbage_is_not() {
+        assert!(link_lost(&Error::from(ErrorKind::ConnectionReset)));
+        assert!(link_lost(&Error::from(ErrorKind::UnexpectedEof)));
+        assert!(!link_lost(&Error::new(
+            ErrorKind::InvalidData,
+            "frame too large"
+        )));
     }
 }
