@@ -202,6 +202,46 @@ impl ClusterConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
+
+    fn validate(&self) -> Result<(), Error> {
+        let c = self;
+        if !c.advertise.is_empty() && !is_host_port(&c.advertise) {
+            return bad("cluster.advertise", "must be host:port");
+        }
+        for (i, p) in c.peers.iter().enumerate() {
+            if !is_host_port(p) {
+                return bad(&format!("cluster.peers[{i}]"), "must be host:port");
+            }
+        }
+        if c.dns_name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+            return bad("cluster.dns_name", "must not be empty");
+        }
+        if c.is_clustered() && c.secret.len() < 16 {
+            return bad(
+                "cluster.secret",
+                "set a shared secret of at least 16 characters when peers are configured",
+            );
+        }
+        let cluster_positive = [
+            ("cluster.dns_refresh_secs", c.dns_refresh_secs),
+            ("cluster.vnodes", c.vnodes.into()),
+            ("cluster.heartbeat_ms", c.heartbeat_ms),
+            ("cluster.peer_queue", c.peer_queue as u64),
+            ("cluster.request_timeout_ms", c.request_timeout_ms),
+        ];
+        for (key, v) in cluster_positive {
+            if v == 0 {
+                return bad(key, "must be greater than 0");
+            }
+        }
+        if c.peer_timeout_ms < 2 * c.heartbeat_ms {
+            return bad(
+                "cluster.peer_timeout_ms",
+                "must be at least 2 × heartbeat_ms",
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -349,48 +389,6 @@ impl Config {
                     "must be an address or address/prefix (10.0.0.0/8, fd00::/8)",
                 );
             }
-        }
-        Ok(())
-    }
-}
-
-impl ClusterConfig {
-    fn validate(&self) -> Result<(), Error> {
-        let c = self;
-        if !c.advertise.is_empty() && !is_host_port(&c.advertise) {
-            return bad("cluster.advertise", "must be host:port");
-        }
-        for (i, p) in c.peers.iter().enumerate() {
-            if !is_host_port(p) {
-                return bad(&format!("cluster.peers[{i}]"), "must be host:port");
-            }
-        }
-        if c.dns_name.as_deref().is_some_and(|n| n.trim().is_empty()) {
-            return bad("cluster.dns_name", "must not be empty");
-        }
-        if c.is_clustered() && c.secret.len() < 16 {
-            return bad(
-                "cluster.secret",
-                "set a shared secret of at least 16 characters when peers are configured",
-            );
-        }
-        let cluster_positive = [
-            ("cluster.dns_refresh_secs", c.dns_refresh_secs),
-            ("cluster.vnodes", c.vnodes.into()),
-            ("cluster.heartbeat_ms", c.heartbeat_ms),
-            ("cluster.peer_queue", c.peer_queue as u64),
-            ("cluster.request_timeout_ms", c.request_timeout_ms),
-        ];
-        for (key, v) in cluster_positive {
-            if v == 0 {
-                return bad(key, "must be greater than 0");
-            }
-        }
-        if c.peer_timeout_ms < 2 * c.heartbeat_ms {
-            return bad(
-                "cluster.peer_timeout_ms",
-                "must be at least 2 × heartbeat_ms",
-            );
         }
         Ok(())
     }
